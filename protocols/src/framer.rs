@@ -1,0 +1,418 @@
+//! Finds Meitrack frames in a byte buffer.
+//!
+//! ```text
+//! $$ <flag> <len> , <imei> , <cmd> [, <payload>] * <cs> \r\n
+//! ```
+//! `<len>` counts the bytes from the first `,` through the final `\n`. Binary payloads (CCE,
+//! CCC) may contain any byte, so the framer trusts `<len>` and only then checks that the
+//! declared end really is `*XX\r\n` and that the checksum matches. It never copies: a
+//! [`Frame`] borrows the caller's buffer, and the caller removes `frame.len()` bytes (or
+//! `skip` bytes after a rejection) before scanning again. That makes the framer behave
+//! identically whether bytes arrive whole, byte by byte or in random chunks.
+
+use crate::checksum::{checksum, hex_value};
+use crate::error::FrameError;
+
+/// Default cap on one frame: the largest real frames (photo chunks, full CCE batches) stay
+/// under ~1.1 KB.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 2048;
+
+/// Which side sent the frames being scanned; selects the start marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Tracker → server frames, starting `$$`.
+    DeviceToServer,
+    /// Server → tracker frames (replies, commands), starting `@@`.
+    ServerToDevice,
+}
+
+impl Direction {
+    /// The start-marker byte (written twice).
+    pub fn marker(self) -> u8 {
+        match self {
+            Direction::DeviceToServer => b'$',
+            Direction::ServerToDevice => b'@',
+        }
+    }
+}
+
+/// One checked frame, borrowing the scanned buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    raw: &'a [u8],
+    imei_start: usize,
+    imei_end: usize,
+    payload_start: usize,
+    payload_end: usize,
+}
+
+impl<'a> Frame<'a> {
+    /// The whole frame, from the first marker byte through `\n`.
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    /// Number of bytes the frame occupies in the buffer (consume this many).
+    #[allow(clippy::len_without_is_empty)] // a frame is never empty
+    pub fn len(&self) -> usize {
+        self.raw.len()
+    }
+
+    /// The data identifier / sequence flag; replies reuse it.
+    pub fn flag(&self) -> u8 {
+        self.raw[2]
+    }
+
+    /// The IMEI as sent (14 or 15 ASCII digits; checked by the framer).
+    pub fn imei(&self) -> &'a str {
+        // The framer checked these bytes are ASCII digits.
+        std::str::from_utf8(&self.raw[self.imei_start..self.imei_end]).unwrap_or("")
+    }
+
+    /// The three-character command (`AAA`, `CCE`, …).
+    pub fn command(&self) -> [u8; 3] {
+        let c = self.imei_end + 1;
+        [self.raw[c], self.raw[c + 1], self.raw[c + 2]]
+    }
+
+    /// The command as text (`"AAA"`).
+    pub fn command_str(&self) -> &'a str {
+        let c = self.imei_end + 1;
+        std::str::from_utf8(&self.raw[c..c + 3]).unwrap_or("???")
+    }
+
+    /// Payload bytes between `<cmd>,` and `*` (empty when the command has none).
+    pub fn payload(&self) -> &'a [u8] {
+        &self.raw[self.payload_start..self.payload_end]
+    }
+
+    /// Offset of the payload's first byte within the frame, for error reporting.
+    pub fn payload_offset(&self) -> usize {
+        self.payload_start
+    }
+}
+
+/// What [`Framer::scan`] found at the start of a buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scan<'a> {
+    /// A complete, checked frame at offset 0; consume `frame.len()` bytes.
+    Frame(Frame<'a>),
+    /// The buffer holds the beginning of a frame (or nothing); read more bytes.
+    /// `needed` is the number of missing bytes when the length is already known.
+    Incomplete { needed: Option<usize> },
+    /// The bytes at offset 0 are not (the start of) a valid frame: drop `skip` bytes
+    /// (always ≥ 1) and scan again.
+    Reject { error: FrameError, skip: usize },
+}
+
+/// Frame scanner with its limits. Cheap to copy; holds no buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Framer {
+    marker: u8,
+    max_frame_bytes: usize,
+    max_len_digits: usize,
+}
+
+impl Default for Framer {
+    fn default() -> Self {
+        Framer::new(Direction::DeviceToServer, DEFAULT_MAX_FRAME_BYTES)
+    }
+}
+
+/// Smallest possible `<len>`: `,` + 14-digit IMEI + `,` + 3-byte command + `*XX\r\n`.
+const MIN_DECLARED_LEN: usize = 1 + 14 + 1 + 3 + 5;
+
+impl Framer {
+    /// A framer for `direction` refusing frames longer than `max_frame_bytes` in total.
+    pub fn new(direction: Direction, max_frame_bytes: usize) -> Self {
+        let max_len_digits = max_frame_bytes.max(1).ilog10() as usize + 1;
+        Framer {
+            marker: direction.marker(),
+            max_frame_bytes,
+            max_len_digits,
+        }
+    }
+
+    /// The cap on one frame, in bytes.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+
+    /// Look at the start of `buf`.
+    pub fn scan<'a>(&self, buf: &'a [u8]) -> Scan<'a> {
+        let m = self.marker;
+        // 1. Anything before the next marker pair is junk.
+        if buf.len() < 2 || buf[0] != m || buf[1] != m {
+            return self.skip_junk(buf);
+        }
+        // 2. Flag: one printable byte that is not a separator.
+        let Some(&flag) = buf.get(2) else {
+            return Scan::Incomplete { needed: None };
+        };
+        if !(0x21..=0x7e).contains(&flag) || flag == b',' || flag == b'*' {
+            return header_error(2, "flag");
+        }
+        // 3. Length digits up to the first comma.
+        let mut declared = 0usize;
+        let mut i = 3;
+        loop {
+            let Some(&b) = buf.get(i) else {
+                return if i - 3 > self.max_len_digits {
+                    header_error(i, "length")
+                } else {
+                    Scan::Incomplete { needed: None }
+                };
+            };
+            match b {
+                b'0'..=b'9' if i - 3 < self.max_len_digits + 1 => {
+                    declared = declared * 10 + usize::from(b - b'0');
+                    i += 1;
+                }
+                b',' if i > 3 => break,
+                _ => return header_error(i, "length"),
+            }
+        }
+        let comma = i;
+        let total = comma + declared;
+        if total > self.max_frame_bytes {
+            return Scan::Reject {
+                error: FrameError::Oversized {
+                    offset: 3,
+                    declared,
+                    max: self.max_frame_bytes,
+                },
+                skip: 1,
+            };
+        }
+        if declared < MIN_DECLARED_LEN {
+            return header_error(3, "length");
+        }
+        if buf.len() < total {
+            return Scan::Incomplete {
+                needed: Some(total - buf.len()),
+            };
+        }
+        let raw = &buf[..total];
+        // 4. The declared end must be `*XX\r\n`.
+        let star = total - 5;
+        let (Some(hi), Some(lo)) = (hex_value(raw[total - 4]), hex_value(raw[total - 3])) else {
+            return length_error(star);
+        };
+        if raw[star] != b'*' || raw[total - 2] != b'\r' || raw[total - 1] != b'\n' {
+            return length_error(star);
+        }
+        // From here on the frame's boundaries are consistent, so a rejection skips it whole.
+        let declared_cs = hi << 4 | lo;
+        let computed = checksum(&raw[..=star]);
+        if declared_cs != computed {
+            return Scan::Reject {
+                error: FrameError::Checksum {
+                    offset: total - 4,
+                    declared: declared_cs,
+                    computed,
+                },
+                skip: total,
+            };
+        }
+        // 5. IMEI: 14-15 digits up to the next comma.
+        let imei_start = comma + 1;
+        let imei_len = raw[imei_start..star]
+            .iter()
+            .position(|&b| b == b',')
+            .unwrap_or(star - imei_start);
+        let imei_end = imei_start + imei_len;
+        if !(14..=15).contains(&imei_len)
+            || !raw[imei_start..imei_end].iter().all(u8::is_ascii_digit)
+            || imei_end == star
+        {
+            return Scan::Reject {
+                error: FrameError::Imei { offset: imei_start },
+                skip: total,
+            };
+        }
+        // 6. Command: three alphanumerics, then `,payload` or directly `*`.
+        let cmd = imei_end + 1;
+        let cmd_ok = cmd + 3 <= star
+            && raw[cmd..cmd + 3].iter().all(u8::is_ascii_alphanumeric)
+            && (cmd + 3 == star || raw[cmd + 3] == b',');
+        if !cmd_ok {
+            return Scan::Reject {
+                error: FrameError::Command { offset: cmd },
+                skip: total,
+            };
+        }
+        let payload_start = if cmd + 3 == star { star } else { cmd + 4 };
+        Scan::Frame(Frame {
+            raw,
+            imei_start,
+            imei_end,
+            payload_start,
+            payload_end: star,
+        })
+    }
+
+    /// Report the junk before the next marker pair (or the whole buffer, keeping a trailing
+    /// lone marker byte that may start the next frame).
+    fn skip_junk(&self, buf: &[u8]) -> Scan<'static> {
+        let m = self.marker;
+        let next = buf.windows(2).position(|w| w[0] == m && w[1] == m);
+        let skip = match next {
+            Some(p) => p,
+            None if buf.last() == Some(&m) => buf.len() - 1,
+            None => buf.len(),
+        };
+        if skip == 0 {
+            Scan::Incomplete { needed: None }
+        } else {
+            Scan::Reject {
+                error: FrameError::Junk {
+                    offset: 0,
+                    len: skip,
+                },
+                skip,
+            }
+        }
+    }
+}
+
+fn header_error(offset: usize, field: &'static str) -> Scan<'static> {
+    Scan::Reject {
+        error: FrameError::Header { offset, field },
+        skip: 1,
+    }
+}
+
+fn length_error(offset: usize) -> Scan<'static> {
+    // The length field lied, so where this frame really ends is unknown: step past the
+    // marker and let the junk scan find the next one.
+    Scan::Reject {
+        error: FrameError::Length { offset },
+        skip: 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AAC: &[u8] = b"$$z27,861451040910625,AAC,1*D3\r\n";
+
+    fn framer() -> Framer {
+        Framer::default()
+    }
+
+    #[test]
+    fn whole_frame() {
+        let Scan::Frame(f) = framer().scan(AAC) else {
+            panic!("expected a frame")
+        };
+        assert_eq!(f.len(), AAC.len());
+        assert_eq!(f.flag(), b'z');
+        assert_eq!(f.imei(), "861451040910625");
+        assert_eq!(&f.command(), b"AAC");
+        assert_eq!(f.payload(), b"1");
+    }
+
+    #[test]
+    fn every_prefix_is_incomplete() {
+        for n in 0..AAC.len() {
+            assert!(
+                matches!(framer().scan(&AAC[..n]), Scan::Incomplete { .. }),
+                "prefix of {n} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn junk_is_skipped_up_to_marker() {
+        let mut buf = b"xx$yy".to_vec();
+        buf.extend_from_slice(AAC);
+        match framer().scan(&buf) {
+            Scan::Reject {
+                error: FrameError::Junk { len: 5, .. },
+                skip: 5,
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(framer().scan(&buf[5..]), Scan::Frame(_)));
+    }
+
+    #[test]
+    fn lone_trailing_marker_is_kept() {
+        match framer().scan(b"abc$") {
+            Scan::Reject { skip: 3, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(framer().scan(b"$"), Scan::Incomplete { needed: None });
+    }
+
+    #[test]
+    fn bad_checksum_skips_whole_frame() {
+        let mut f = AAC.to_vec();
+        f[28] = b'4';
+        match framer().scan(&f) {
+            Scan::Reject {
+                error: FrameError::Checksum { .. },
+                skip,
+            } => assert_eq!(skip, f.len()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_length_is_length_error() {
+        let f = b"$$z26,861451040910625,AAC,1*D3\r\n";
+        match framer().scan(f) {
+            Scan::Reject {
+                error: FrameError::Length { .. },
+                skip: 1,
+            } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_is_fatal() {
+        let f = b"$$z9999,8614";
+        match framer().scan(f) {
+            Scan::Reject { error, .. } => assert!(error.is_fatal()),
+            other => panic!("{other:?}"),
+        }
+        // Too many digits before any comma is refused without waiting for more bytes.
+        assert!(matches!(
+            framer().scan(b"$$z000000000"),
+            Scan::Reject { .. }
+        ));
+    }
+
+    #[test]
+    fn lowercase_checksum_is_accepted() {
+        let f = b"$$z27,861451040910625,AAC,1*d3\r\n";
+        assert!(matches!(framer().scan(f), Scan::Frame(_)));
+    }
+
+    #[test]
+    fn bad_imei_is_rejected() {
+        let body = b"$$z27,86145104091062X,AAC,1*";
+        let mut f = body.to_vec();
+        f.extend_from_slice(&crate::checksum::hex_digits(checksum(body)));
+        f.extend_from_slice(b"\r\n");
+        assert!(matches!(
+            framer().scan(&f),
+            Scan::Reject {
+                error: FrameError::Imei { offset: 6 },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn server_frames_use_at_marker() {
+        let f = b"@@A25,123456789012345,A10*58\r\n";
+        let Scan::Frame(frame) = Framer::new(Direction::ServerToDevice, 2048).scan(f) else {
+            panic!()
+        };
+        assert_eq!(frame.payload(), b"");
+        assert_eq!(frame.command_str(), "A10");
+    }
+}
