@@ -3,4 +3,3 @@
 //! holds the gateway's roles, one module each.
 
 pub mod cli;
-pub mod json;

@@ -112,10 +112,12 @@ pub(crate) fn decode(payload: &[u8], leading_field: bool) -> Result<Fix<'_>, Dec
 
     let field = f.required("datetime")?;
     let [y, mo, d, h, mi, s] = parse(field, "datetime", "yymmddHHMMSS", text::datetime)?;
-    fix.time = Some(civil_utc(y, mo, d, h, mi, s).ok_or(DecodeError::OutOfRange {
-        field: "datetime",
-        offset: field.0,
-    })?);
+    fix.time = Some(
+        civil_utc(y, mo, d, h, mi, s).ok_or(DecodeError::OutOfRange {
+            field: "datetime",
+            offset: field.0,
+        })?,
+    );
 
     let field = f.required("gps_status")?;
     fix.valid = Some(match field.1 {
@@ -138,7 +140,11 @@ pub(crate) fn decode(payload: &[u8], leading_field: bool) -> Result<Fix<'_>, Dec
 
     let field = f.required("course")?;
     let v = parse(field, "course", "decimal", |b| text::fixed(b, 0))?;
-    fix.course_deg = Some(small(non_negative(v, "course", field.0)?, "course", field.0)?);
+    fix.course_deg = Some(small(
+        non_negative(v, "course", field.0)?,
+        "course",
+        field.0,
+    )?);
 
     let field = f.required("hdop")?;
     let v = parse(field, "hdop", "decimal", |b| text::fixed(b, 1))?;
@@ -184,7 +190,12 @@ fn non_negative(v: i64, field: &'static str, offset: usize) -> Result<u64, Decod
 /// UTC instant of a two-digit-year civil time (years 2000–2099).
 pub(crate) fn civil_utc(y: u8, mo: u8, d: u8, h: u8, mi: u8, s: u8) -> Option<Timestamp> {
     // The fallible constructors reject Feb 30, hour 24, …; nothing here can panic.
-    let day = jiff::civil::Date::new(2000 + i16::from(y), i8::try_from(mo).ok()?, i8::try_from(d).ok()?).ok()?;
+    let day = jiff::civil::Date::new(
+        2000 + i16::from(y),
+        i8::try_from(mo).ok()?,
+        i8::try_from(d).ok()?,
+    )
+    .ok()?;
     let time = jiff::civil::Time::new(
         i8::try_from(h).ok()?,
         i8::try_from(mi).ok()?,
@@ -192,7 +203,9 @@ pub(crate) fn civil_utc(y: u8, mo: u8, d: u8, h: u8, mi: u8, s: u8) -> Option<Ti
         0,
     )
     .ok()?;
-    jiff::tz::Offset::UTC.to_timestamp(day.to_datetime(time)).ok()
+    jiff::tz::Offset::UTC
+        .to_timestamp(day.to_datetime(time))
+        .ok()
 }
 
 /// `MCC|MNC|LAC|CI`: MCC, MNC decimal; LAC, CI hex; empty parts read as 0. An empty field

@@ -87,6 +87,9 @@ fn record<'a>(r: &mut Cursor<'a>) -> Result<Fix<'a>, DecodeError> {
     fix.analog.battery_mv = Some(u32::from(r.u16("ccc.battery")?) * 10);
     fix.analog.power_raw = Some(u32::from(r.u16("ccc.power")?));
     let geofence = r.u32("ccc.geofence")?;
-    fix.push_extra(ExtraKey::Named("geofence"), ExtraValue::Int(i64::from(geofence)));
+    fix.push_extra(
+        ExtraKey::Named("geofence"),
+        ExtraValue::Int(i64::from(geofence)),
+    );
     Ok(fix)
 }

@@ -25,7 +25,10 @@ pub(crate) fn hex_value(b: u8) -> Option<u8> {
 #[inline]
 pub(crate) fn hex_digits(value: u8) -> [u8; 2] {
     const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    [DIGITS[usize::from(value >> 4)], DIGITS[usize::from(value & 0x0f)]]
+    [
+        DIGITS[usize::from(value >> 4)],
+        DIGITS[usize::from(value & 0x0f)],
+    ]
 }
 
 #[cfg(test)]

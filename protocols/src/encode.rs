@@ -33,8 +33,16 @@ pub fn frame(
         return Err(EncodeError::Command);
     }
     // `,imei,cmd` + (`,params`) + `*XX\r\n`
-    let declared =
-        1 + imei.len() + 1 + 3 + if params.is_empty() { 0 } else { 1 + params.len() } + 5;
+    let declared = 1
+        + imei.len()
+        + 1
+        + 3
+        + if params.is_empty() {
+            0
+        } else {
+            1 + params.len()
+        }
+        + 5;
     let digits = declared.checked_ilog10().unwrap_or(0) as usize + 1;
     if declared + 3 + digits > 9999 || digits > 4 {
         return Err(EncodeError::TooLong {
@@ -87,7 +95,9 @@ pub enum Command<'a> {
 
 /// True for bytes allowed inside one text parameter.
 fn plain_param(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| (0x20..=0x7e).contains(&b) && b != b',' && b != b'*')
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) && b != b',' && b != b'*')
 }
 
 impl Command<'_> {
@@ -108,9 +118,10 @@ impl Command<'_> {
             Command::SendSms { phone, text } => {
                 let phone_ok = !phone.is_empty()
                     && phone.len() <= 20
-                    && phone.bytes().enumerate().all(|(i, b)| {
-                        b.is_ascii_digit() || (i == 0 && b == b'+')
-                    });
+                    && phone
+                        .bytes()
+                        .enumerate()
+                        .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'+'));
                 if !phone_ok {
                     return Err(EncodeError::Param { field: "phone" });
                 }
@@ -150,7 +161,10 @@ fn missing(field: &'static str) -> EncodeError {
 fn write_fixed(out: &mut Vec<u8>, value: i64, scale: u32) {
     let div = 10i64.pow(scale);
     let sign = if value < 0 { "-" } else { "" };
-    let (int, frac) = (value.unsigned_abs() / div as u64, value.unsigned_abs() % div as u64);
+    let (int, frac) = (
+        value.unsigned_abs() / div as u64,
+        value.unsigned_abs() % div as u64,
+    );
     let _ = write!(out, "{sign}{int}.{frac:0width$}", width = scale as usize);
 }
 
@@ -360,8 +374,12 @@ pub fn ccc_payload(
         ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        out.extend_from_slice(&fits::<u32, _>(fix.mileage_m.unwrap_or(0), "mileage_m")?.to_le_bytes());
-        out.extend_from_slice(&fits::<u32, _>(fix.runtime_s.unwrap_or(0), "runtime_s")?.to_le_bytes());
+        out.extend_from_slice(
+            &fits::<u32, _>(fix.mileage_m.unwrap_or(0), "mileage_m")?.to_le_bytes(),
+        );
+        out.extend_from_slice(
+            &fits::<u32, _>(fix.runtime_s.unwrap_or(0), "runtime_s")?.to_le_bytes(),
+        );
         for v in [
             cell.mcc,
             cell.mnc,
@@ -423,10 +441,7 @@ mod tests {
     fn envelope_breaking_params_are_refused() {
         let mut out = Vec::new();
         for text in ["a,b", "a*b", "a\r\n", ""] {
-            let c = Command::SendSms {
-                phone: "123",
-                text,
-            };
+            let c = Command::SendSms { phone: "123", text };
             assert_eq!(
                 c.encode(b'A', "123456789012345", &mut out),
                 Err(EncodeError::Param { field: "text" })
@@ -451,7 +466,7 @@ mod tests {
             .unwrap();
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("@@z27,861451040910625,AAC,1*"), "{s}");
-        let cs = checksum(s.split_once('*').unwrap().0.as_bytes()) ;
+        let cs = checksum(s.split_once('*').unwrap().0.as_bytes());
         let cs = cs.wrapping_add(b'*');
         assert!(s.ends_with(&format!("{cs:02X}\r\n")), "{s}");
     }

@@ -30,7 +30,9 @@ pub enum FrameError {
     #[error("no `*XX\\r\\n` at the declared frame end (offset {offset})")]
     Length { offset: usize },
     /// The checksum digits do not match the byte sum.
-    #[error("checksum mismatch at offset {offset}: frame says {declared:02X}, bytes sum to {computed:02X}")]
+    #[error(
+        "checksum mismatch at offset {offset}: frame says {declared:02X}, bytes sum to {computed:02X}"
+    )]
     Checksum {
         offset: usize,
         declared: u8,

@@ -25,7 +25,8 @@ fn extra_value(v: &ExtraValue<'_>) -> Value {
         ExtraValue::Text(t) => json!(t),
         ExtraValue::Bytes(b) => json!(hex_string(b)),
         ExtraValue::Cell { cell, signal_dbm } => {
-            let mut m = json!({"mcc": cell.mcc, "mnc": cell.mnc, "lac": cell.lac, "cell_id": cell.cell_id});
+            let mut m =
+                json!({"mcc": cell.mcc, "mnc": cell.mnc, "lac": cell.lac, "cell_id": cell.cell_id});
             if let (Some(s), Some(o)) = (signal_dbm, m.as_object_mut()) {
                 o.insert("signal_dbm".into(), json!(s));
             }
@@ -55,12 +56,16 @@ pub fn fix_json(imei: &str, kind: &str, fix: &Fix<'_>) -> Value {
     put("event", fix.event.map(|v| json!(v)));
     put(
         "time",
-        fix.time.map(|t| json!(t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())),
+        fix.time
+            .map(|t| json!(t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())),
     );
     put("valid", fix.valid.map(|v| json!(v)));
     put("lat", fix.lat_e6.map(|v| scaled(i64::from(v), 6)));
     put("lon", fix.lon_e6.map(|v| scaled(i64::from(v), 6)));
-    put("speed_kmh", fix.speed_kmh_x10.map(|v| scaled(i64::from(v), 1)));
+    put(
+        "speed_kmh",
+        fix.speed_kmh_x10.map(|v| scaled(i64::from(v), 1)),
+    );
     put("course_deg", fix.course_deg.map(|v| json!(v)));
     put("altitude_m", fix.altitude_m.map(|v| json!(v)));
     put("satellites", fix.satellites.map(|v| json!(v)));

@@ -12,8 +12,8 @@
 
 mod aaa;
 mod binary;
-mod cce;
 mod ccc;
+mod cce;
 mod checksum;
 mod decode;
 pub mod encode;

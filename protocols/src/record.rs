@@ -198,10 +198,7 @@ impl MessageKind {
     pub fn has_position(self) -> bool {
         matches!(
             self,
-            MessageKind::Aaa
-                | MessageKind::Aff
-                | MessageKind::Cce
-                | MessageKind::Ccc
+            MessageKind::Aaa | MessageKind::Aff | MessageKind::Cce | MessageKind::Ccc
         )
     }
 }

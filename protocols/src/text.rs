@@ -26,12 +26,8 @@ pub(crate) fn unsigned(field: &[u8]) -> Option<u64> {
 /// Signed decimal with an optional fraction, as fixed point with `scale` decimals.
 /// Extra decimals are rounded half away from zero (`"1.25"` at scale 1 → 13).
 pub(crate) fn fixed(field: &[u8], scale: u32) -> Option<i64> {
-    let r: Res<'_, _> = all_consuming((
-        opt(char('-')),
-        digit1,
-        opt(preceded(char('.'), digit0)),
-    ))
-    .parse(field);
+    let r: Res<'_, _> =
+        all_consuming((opt(char('-')), digit1, opt(preceded(char('.'), digit0)))).parse(field);
     let (_, (neg, int, frac)) = r.ok()?;
     let frac = frac.unwrap_or(b"");
     let mut value = i64::try_from(digits_value(int)?).ok()?;
