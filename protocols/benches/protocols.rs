@@ -9,10 +9,8 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use jiff::Timestamp;
-use trackgate_protocols::encode::{self, aaa_payload, cce_payload, ccc_payload};
-use trackgate_protocols::{
-    Analog, Cell, Direction, Fix, Framer, Reply, Scan, checksum, decode,
-};
+use trackgate_protocols::encode::{self, aaa_payload, ccc_payload, cce_payload};
+use trackgate_protocols::{Analog, Cell, Direction, Fix, Framer, Reply, Scan, checksum, decode};
 
 const IMEI: &str = "350000000000001"; // fake
 
@@ -31,7 +29,12 @@ fn fix(i: u32) -> Fix<'static> {
         gsm_signal: Some(24),
         mileage_m: Some(48_204 + u64::from(i)),
         runtime_s: Some(1_234_567),
-        cell: Some(Cell { mcc: 505, mnc: 1, lac: 0x2f1c, cell_id: 0x1b3e }),
+        cell: Some(Cell {
+            mcc: 505,
+            mnc: 1,
+            lac: 0x2f1c,
+            cell_id: 0x1b3e,
+        }),
         inputs: Some(2),
         outputs: Some(0),
         analog: Analog {
@@ -46,7 +49,15 @@ fn fix(i: u32) -> Fix<'static> {
 
 fn report(cmd: &[u8; 3], payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    encode::frame(Direction::DeviceToServer, b'A', IMEI, cmd, payload, &mut out).unwrap();
+    encode::frame(
+        Direction::DeviceToServer,
+        b'A',
+        IMEI,
+        cmd,
+        payload,
+        &mut out,
+    )
+    .unwrap();
     out
 }
 
@@ -128,9 +139,11 @@ fn replies(c: &mut Criterion) {
     g.bench_function("ccc_reply", |b| {
         b.iter(|| {
             out.clear();
-            Reply::Ccc { records: black_box(16) }
-                .encode(b'A', IMEI, &mut out)
-                .unwrap();
+            Reply::Ccc {
+                records: black_box(16),
+            }
+            .encode(b'A', IMEI, &mut out)
+            .unwrap();
             out.len()
         })
     });

@@ -462,10 +462,10 @@ mod tests {
     fn aac_reply_matches_device_expectation() {
         let mut out = Vec::new();
         crate::Reply::Aac
-            .encode(b'z', "861451040910625", &mut out)
+            .encode(b'z', "350000000000099", &mut out)
             .unwrap();
         let s = String::from_utf8(out).unwrap();
-        assert!(s.starts_with("@@z27,861451040910625,AAC,1*"), "{s}");
+        assert!(s.starts_with("@@z27,350000000000099,AAC,1*"), "{s}");
         let cs = checksum(s.split_once('*').unwrap().0.as_bytes());
         let cs = cs.wrapping_add(b'*');
         assert!(s.ends_with(&format!("{cs:02X}\r\n")), "{s}");

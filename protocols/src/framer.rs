@@ -295,7 +295,7 @@ fn length_error(offset: usize) -> Scan<'static> {
 mod tests {
     use super::*;
 
-    const AAC: &[u8] = b"$$z27,861451040910625,AAC,1*D3\r\n";
+    const AAC: &[u8] = b"$$z27,350000000000099,AAC,1*B9\r\n";
 
     fn framer() -> Framer {
         Framer::default()
@@ -308,7 +308,7 @@ mod tests {
         };
         assert_eq!(f.len(), AAC.len());
         assert_eq!(f.flag(), b'z');
-        assert_eq!(f.imei(), "861451040910625");
+        assert_eq!(f.imei(), "350000000000099");
         assert_eq!(&f.command(), b"AAC");
         assert_eq!(f.payload(), b"1");
     }
@@ -361,7 +361,7 @@ mod tests {
 
     #[test]
     fn wrong_length_is_length_error() {
-        let f = b"$$z26,861451040910625,AAC,1*D3\r\n";
+        let f = b"$$z26,350000000000099,AAC,1*B9\r\n";
         match framer().scan(f) {
             Scan::Reject {
                 error: FrameError::Length { .. },
@@ -387,7 +387,7 @@ mod tests {
 
     #[test]
     fn lowercase_checksum_is_accepted() {
-        let f = b"$$z27,861451040910625,AAC,1*d3\r\n";
+        let f = b"$$z27,350000000000099,AAC,1*b9\r\n";
         assert!(matches!(framer().scan(f), Scan::Frame(_)));
     }
 
