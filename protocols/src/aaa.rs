@@ -292,10 +292,15 @@ fn analog((offset, bytes): (usize, &[u8])) -> Result<Analog, DecodeError> {
 /// (field number and text) rather than failing the whole report.
 fn tail<'a>(f: &mut Fields<'a>, fix: &mut Fix<'a>) -> Result<(), DecodeError> {
     let mut protocol = 0u64;
-    let mut n: u8 = 17;
+    let mut n: u16 = 17;
     while let Some(field) = f.next() {
         let (_, bytes) = field;
-        let text = text_value(field, "tail")?;
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            // Not text: keep the bytes rather than lose the report over a vendor field.
+            fix.push_extra(ExtraKey::AaaField(n), ExtraValue::Bytes(bytes));
+            n = n.saturating_add(1);
+            continue;
+        };
         if !bytes.is_empty() {
             let modelled = match n {
                 17 => {
@@ -472,10 +477,19 @@ mod tests {
     }
 
     #[test]
-    fn non_utf8_tail_is_typed_error() {
+    fn non_utf8_tail_field_is_kept_as_bytes() {
         let mut p = b"35,1.0,2.0,170215154043,A,1,2,3,4,5,6,7,8,1|2|3|4,0000,,".to_vec();
         p.push(0xff);
-        let e = decode(&p, false).unwrap_err();
-        assert!(matches!(e, DecodeError::NonUtf8 { .. }));
+        let fix = decode(&p, false).unwrap();
+        assert_eq!(
+            fix.extra(ExtraKey::AaaField(17)),
+            Some(&ExtraValue::Bytes(&[0xff]))
+        );
+    }
+
+    #[test]
+    fn non_utf8_core_field_is_typed_error() {
+        let p = b"35,1.0,2.0,170215154043,\xff,1,2,3,4,5,6,7,8,1|2|3|4,0000,";
+        assert!(decode(p, false).is_err());
     }
 }

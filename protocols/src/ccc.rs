@@ -13,7 +13,14 @@ use crate::record::{Cell, EPOCH_2000_UNIX_S, ExtraKey, ExtraValue, Fix};
 /// Size of the record layout this decoder knows.
 pub(crate) const RECORD_BYTES: usize = 52;
 
-pub(crate) fn decode<'a>(payload: &'a [u8], fixes: &mut Vec<Fix<'a>>) -> Result<u32, DecodeError> {
+/// Decode the payload: good records go to `fixes`, bad ones to `rejected` (a bad record
+/// is skipped by the record size; see `cce::decode` for why). Returns (records still
+/// cached, records in the batch).
+pub(crate) fn decode<'a>(
+    payload: &'a [u8],
+    fixes: &mut Vec<Fix<'a>>,
+    rejected: &mut Vec<DecodeError>,
+) -> Result<(u32, u32), DecodeError> {
     let mut c = Cursor::new(payload, 0);
     let _version = c.u16("ccc.protocol_version")?;
     let size_at = c.offset();
@@ -33,13 +40,17 @@ pub(crate) fn decode<'a>(payload: &'a [u8], fixes: &mut Vec<Fix<'a>>) -> Result<
             expected: "a whole number of records",
         });
     }
-    fixes.reserve(c.remaining() / size);
+    let count = c.remaining() / size;
+    fixes.reserve(count);
     while c.remaining() > 0 {
         let at = c.offset();
         let body = c.bytes(size, "ccc.record")?;
-        fixes.push(record(&mut Cursor::new(body, at))?);
+        match record(&mut Cursor::new(body, at)) {
+            Ok(fix) => fixes.push(fix),
+            Err(e) => rejected.push(e),
+        }
     }
-    Ok(cached)
+    Ok((cached, u32::try_from(count).unwrap_or(u32::MAX)))
 }
 
 fn record<'a>(r: &mut Cursor<'a>) -> Result<Fix<'a>, DecodeError> {

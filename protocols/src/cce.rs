@@ -14,25 +14,50 @@ use crate::binary::Cursor;
 use crate::error::DecodeError;
 use crate::record::{Cell, EPOCH_2000_UNIX_S, ExtraKey, ExtraValue, Fix};
 
-/// Decode the payload into `fixes`; returns the number of records still cached.
-pub(crate) fn decode<'a>(payload: &'a [u8], fixes: &mut Vec<Fix<'a>>) -> Result<u32, DecodeError> {
+/// Decode the payload: good packets go to `fixes`, bad ones to `rejected`.
+///
+/// Only a broken batch header fails the whole message. A packet whose content does not
+/// decode is skipped by its own length and reported, so one bad record cannot make the
+/// batch unconfirmable (the device would resend it, and everything cached behind it,
+/// forever). A packet whose length runs past the payload ends the batch: nothing after
+/// it can be located. Returns (records still cached, packets the header declares).
+pub(crate) fn decode<'a>(
+    payload: &'a [u8],
+    fixes: &mut Vec<Fix<'a>>,
+    rejected: &mut Vec<DecodeError>,
+) -> Result<(u32, u32), DecodeError> {
     let mut c = Cursor::new(payload, 0);
     let cached = c.u32("cce.cached_records")?;
     let count = c.u16("cce.packet_count")?;
     // Each packet takes at least 2 + 2 + 4 bytes: never reserve more than the bytes allow.
     fixes.reserve(usize::from(count).min(c.remaining() / 8));
     for _ in 0..count {
-        let len = c.u16("cce.packet_length")?;
-        let at = c.offset();
-        let body = c.bytes(usize::from(len), "cce.packet")?;
-        let mut p = Cursor::new(body, at);
-        let fix = packet(&mut p).map_err(|e| match e {
-            DecodeError::Truncated { field, offset } => DecodeError::Overrun { field, offset },
-            other => other,
-        })?;
-        fixes.push(fix);
+        let body = c
+            .u16("cce.packet_length")
+            .and_then(|len| c.bytes(usize::from(len), "cce.packet"));
+        let (body, at) = match body {
+            Ok(body) => (body, c.offset() - body.len()),
+            Err(e) => {
+                rejected.push(e);
+                return Ok((cached, u32::from(count)));
+            }
+        };
+        match packet(&mut Cursor::new(body, at)) {
+            Ok(fix) => fixes.push(fix),
+            Err(DecodeError::Truncated { field, offset }) => {
+                rejected.push(DecodeError::Overrun { field, offset })
+            }
+            Err(e) => rejected.push(e),
+        }
     }
-    Ok(cached)
+    if c.remaining() > 0 {
+        rejected.push(DecodeError::Syntax {
+            field: "cce.trailing",
+            offset: c.offset(),
+            expected: "end of payload after the declared packets",
+        });
+    }
+    Ok((cached, u32::from(count)))
 }
 
 fn param_id(p: &mut Cursor<'_>, field: &'static str) -> Result<u16, DecodeError> {
@@ -90,7 +115,7 @@ fn one_byte(fix: &mut Fix<'_>, id: u16, v: u8) {
         0x15 => fix.inputs = Some(v),
         0x47 => named(fix, "lock_state", i64::from(v)),
         0x97 => named(fix, "throttle_pct", i64::from(v)),
-        0x9D => named(fix, "fuel_pct", i64::from(v)),
+        0x9D => named(fix, "fuel_level_pct", i64::from(v)),
         0xFE69 => named(fix, "battery_pct", i64::from(v)),
         _ => fix.push_extra(ExtraKey::CceParam(id), ExtraValue::Int(i64::from(v))),
     }
@@ -237,11 +262,9 @@ fn variable<'a>(fix: &mut Fix<'a>, id: u16, b: &'a [u8]) {
             for k in 0..3u8 {
                 let (present, level) = (b[usize::from(k) * 2], b[usize::from(k) * 2 + 1]);
                 if present > 0 {
-                    let key = if k == 0 {
-                        ExtraKey::Named("battery_pct")
-                    } else {
-                        ExtraKey::Indexed("battery_pct", k + 1)
-                    };
+                    // Named apart from 0xFE69's `battery_pct` (the device's own battery):
+                    // a packet may carry both.
+                    let key = ExtraKey::Indexed("pack_pct", k + 1);
                     fix.push_extra(key, ExtraValue::Int(i64::from(level)));
                 }
             }

@@ -11,17 +11,32 @@ pub fn decode<'a>(frame: &Frame<'a>) -> Result<Message<'a>, DecodeError> {
     let payload = frame.payload();
     let shift = |e: DecodeError| e.shifted(frame.payload_offset());
     let mut fixes = Vec::new();
+    let mut rejected = Vec::new();
     let mut cached_records = None;
+    let mut records = 0;
     match kind {
-        MessageKind::Aaa => fixes.push(aaa::decode(payload, false).map_err(shift)?),
-        MessageKind::Aff => fixes.push(aaa::decode(payload, true).map_err(shift)?),
-        MessageKind::Cce => cached_records = Some(cce::decode(payload, &mut fixes).map_err(shift)?),
-        MessageKind::Ccc => cached_records = Some(ccc::decode(payload, &mut fixes).map_err(shift)?),
+        MessageKind::Aaa | MessageKind::Aff => {
+            fixes.push(aaa::decode(payload, kind == MessageKind::Aff).map_err(shift)?);
+            records = 1;
+        }
+        MessageKind::Cce => {
+            let (cached, n) = cce::decode(payload, &mut fixes, &mut rejected).map_err(shift)?;
+            (cached_records, records) = (Some(cached), n);
+        }
+        MessageKind::Ccc => {
+            let (cached, n) = ccc::decode(payload, &mut fixes, &mut rejected).map_err(shift)?;
+            (cached_records, records) = (Some(cached), n);
+        }
         _ => {}
     }
+    rejected
+        .iter_mut()
+        .for_each(|e| *e = e.shifted(frame.payload_offset()));
     Ok(Message {
         kind,
         fixes,
+        records,
+        rejected,
         cached_records,
     })
 }
@@ -93,7 +108,9 @@ impl DigitBuf {
 /// The reply `message` calls for, if any. CCE batches are confirmed only when
 /// `confirm_cce` is set (the protocol notes §5 explain why it is a switch).
 pub fn expected_reply(message: &Message<'_>, confirm_cce: bool) -> Option<Reply> {
-    let records = u32::try_from(message.fixes.len()).unwrap_or(u32::MAX);
+    // The device counts the records it sent, including any we could not decode or chose
+    // not to store: confirming fewer would make it resend the batch.
+    let records = message.records;
     match message.kind {
         MessageKind::Ccc => Some(Reply::Ccc { records }),
         MessageKind::Cce if confirm_cce => Some(Reply::Cce { records }),

@@ -17,6 +17,10 @@ use crate::error::FrameError;
 /// under ~1.1 KB.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 2048;
 
+/// Upper bound on any configured cap (1 MiB): keeps the length arithmetic far from
+/// overflow and a hostile length from pinning memory.
+pub const MAX_FRAME_BYTES_LIMIT: usize = 1 << 20;
+
 /// Which side sent the frames being scanned; selects the start marker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -111,6 +115,7 @@ pub struct Framer {
     marker: u8,
     max_frame_bytes: usize,
     max_len_digits: usize,
+    early_resync: bool,
 }
 
 impl Default for Framer {
@@ -123,14 +128,32 @@ impl Default for Framer {
 const MIN_DECLARED_LEN: usize = 1 + 14 + 1 + 3 + 5;
 
 impl Framer {
-    /// A framer for `direction` refusing frames longer than `max_frame_bytes` in total.
+    /// A framer for `direction` refusing frames longer than `max_frame_bytes` in total
+    /// (clamped to [`MAX_FRAME_BYTES_LIMIT`]).
     pub fn new(direction: Direction, max_frame_bytes: usize) -> Self {
-        let max_len_digits = max_frame_bytes.max(1).ilog10() as usize + 1;
+        let max_frame_bytes = max_frame_bytes.clamp(1, MAX_FRAME_BYTES_LIMIT);
+        let max_len_digits = max_frame_bytes.ilog10() as usize + 1;
         Framer {
             marker: direction.marker(),
             max_frame_bytes,
             max_len_digits,
+            early_resync: false,
         }
+    }
+
+    /// Give up on a frame whose declared length has not arrived yet as soon as the bytes
+    /// show the length is wrong: the buffer already ends in a complete `*XX\r\n` trailer
+    /// with a matching checksum (a device that overstates its length), or a complete,
+    /// valid frame starts after the header (a corrupted header). Such a frame is rejected
+    /// as a `length` error at once instead of waiting for bytes that may never come:
+    /// on a live connection the device is waiting for its ACK and sends nothing more.
+    ///
+    /// Off by default because it changes the outcome at the *end* of an input (a short
+    /// frame at the end of a file is `length`, not `incomplete`); anywhere else in a
+    /// stream the result is the same, only earlier. The gateway turns it on.
+    pub fn with_early_resync(mut self, on: bool) -> Self {
+        self.early_resync = on;
+        self
     }
 
     /// The cap on one frame, in bytes.
@@ -167,6 +190,12 @@ impl Framer {
                 b'0'..=b'9' if i - 3 < self.max_len_digits + 1 => {
                     declared = declared * 10 + usize::from(b - b'0');
                     i += 1;
+                    // More digits only make it larger: say "too long" as soon as it is
+                    // certain, so the verdict does not depend on whether the comma has
+                    // arrived yet.
+                    if i + declared > self.max_frame_bytes {
+                        return oversized(declared, self.max_frame_bytes);
+                    }
                 }
                 b',' if i > 3 => break,
                 _ => return header_error(i, "length"),
@@ -175,19 +204,15 @@ impl Framer {
         let comma = i;
         let total = comma + declared;
         if total > self.max_frame_bytes {
-            return Scan::Reject {
-                error: FrameError::Oversized {
-                    offset: 3,
-                    declared,
-                    max: self.max_frame_bytes,
-                },
-                skip: 1,
-            };
+            return oversized(declared, self.max_frame_bytes);
         }
         if declared < MIN_DECLARED_LEN {
             return header_error(3, "length");
         }
         if buf.len() < total {
+            if self.early_resync && self.length_is_wrong(buf, comma) {
+                return length_error(3);
+            }
             return Scan::Incomplete {
                 needed: Some(total - buf.len()),
             };
@@ -251,6 +276,34 @@ impl Framer {
         })
     }
 
+    /// For a frame still waiting for bytes: do the bytes already prove its length wrong?
+    fn length_is_wrong(&self, buf: &[u8], comma: usize) -> bool {
+        // (a) A complete trailer with a matching checksum ends the buffer.
+        let n = buf.len();
+        if n >= comma + MIN_DECLARED_LEN && buf[n - 2..] == *b"\r\n" && buf[n - 5] == b'*' {
+            if let (Some(hi), Some(lo)) = (hex_value(buf[n - 4]), hex_value(buf[n - 3])) {
+                if checksum(&buf[..n - 4]) == (hi << 4 | lo) {
+                    return true;
+                }
+            }
+        }
+        // (b) A complete valid frame starts at a later marker.
+        let m = self.marker;
+        let plain = Framer {
+            early_resync: false,
+            ..*self
+        };
+        let mut from = 1;
+        while let Some(p) = buf[from..].windows(2).position(|w| w[0] == m && w[1] == m) {
+            let at = from + p;
+            if let Scan::Frame(_) = plain.scan(&buf[at..]) {
+                return true;
+            }
+            from = at + 1;
+        }
+        false
+    }
+
     /// Report the junk before the next marker pair (or the whole buffer, keeping a trailing
     /// lone marker byte that may start the next frame).
     fn skip_junk(&self, buf: &[u8]) -> Scan<'static> {
@@ -278,6 +331,17 @@ impl Framer {
 fn header_error(offset: usize, field: &'static str) -> Scan<'static> {
     Scan::Reject {
         error: FrameError::Header { offset, field },
+        skip: 1,
+    }
+}
+
+fn oversized(declared: usize, max: usize) -> Scan<'static> {
+    Scan::Reject {
+        error: FrameError::Oversized {
+            offset: 3,
+            declared,
+            max,
+        },
         skip: 1,
     }
 }
@@ -414,5 +478,63 @@ mod tests {
         };
         assert_eq!(frame.payload(), b"");
         assert_eq!(frame.command_str(), "A10");
+    }
+
+    fn aac() -> Vec<u8> {
+        AAC.to_vec()
+    }
+
+    #[test]
+    fn early_resync_drops_a_corrupt_header_before_a_good_frame() {
+        let mut buf = b"$$A999,".to_vec();
+        buf.extend_from_slice(&aac());
+        assert!(matches!(
+            framer().scan(&buf),
+            Scan::Incomplete { needed: Some(_) }
+        ));
+        let early = framer().with_early_resync(true);
+        match early.scan(&buf) {
+            Scan::Reject { error, skip: 1 } => assert_eq!(error.kind(), "length"),
+            other => panic!("expected a length rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn early_resync_rejects_an_overstated_length_when_the_trailer_is_there() {
+        // AAC declares 27; claim 28 and fix the checksum for the new header.
+        let mut f = b"$$z28,350000000000099,AAC,1*".to_vec();
+        let cs = checksum(&f);
+        f.extend_from_slice(format!("{cs:02X}\r\n").as_bytes());
+        assert!(matches!(framer().scan(&f), Scan::Incomplete { .. }));
+        let early = framer().with_early_resync(true);
+        assert!(matches!(early.scan(&f), Scan::Reject { skip: 1, .. }));
+        // A genuine prefix of a good frame is still just incomplete.
+        for n in 0..AAC.len() {
+            assert!(
+                matches!(early.scan(&AAC[..n]), Scan::Incomplete { .. }),
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_is_reported_before_the_comma_arrives() {
+        let f = Framer::new(Direction::DeviceToServer, 100);
+        for input in [&b"$$A123"[..], b"$$A123,", b"$$A1234"] {
+            match f.scan(input) {
+                Scan::Reject { error, skip: 1 } => assert!(error.is_fatal(), "{input:?}"),
+                other => panic!("{input:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn huge_caps_are_clamped_not_overflowing() {
+        let f = Framer::new(Direction::DeviceToServer, usize::MAX);
+        assert_eq!(f.max_frame_bytes(), MAX_FRAME_BYTES_LIMIT);
+        assert!(matches!(
+            f.scan(b"$$A999999999999999999999,"),
+            Scan::Reject { .. }
+        ));
     }
 }

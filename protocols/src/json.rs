@@ -150,7 +150,14 @@ pub fn decode_stream(framer: &Framer, input: &[u8]) -> (Vec<Value>, bool) {
             Scan::Frame(frame) => {
                 pending_junk = None;
                 match decode(&frame) {
-                    Ok(msg) => out.extend(message_json(frame.imei(), frame.command_str(), &msg)),
+                    Ok(msg) => {
+                        out.extend(message_json(frame.imei(), frame.command_str(), &msg));
+                        // Records of a batch that did not decode: the good ones are above.
+                        for e in &msg.rejected {
+                            failed = true;
+                            out.push(decode_error_json(e, pos));
+                        }
+                    }
                     Err(e) => {
                         failed = true;
                         out.push(decode_error_json(&e, pos));

@@ -7,6 +7,8 @@
 
 use jiff::Timestamp;
 
+use crate::error::DecodeError;
+
 /// Seconds from the Unix epoch to 2000-01-01T00:00:00Z, the epoch of binary timestamps.
 pub const EPOCH_2000_UNIX_S: i64 = 946_684_800;
 
@@ -55,7 +57,7 @@ pub enum ExtraKey {
     /// A CCE parameter id this crate does not model, kept raw.
     CceParam(u16),
     /// An AAA tail field (1-based position in the payload) this crate does not model.
-    AaaField(u8),
+    AaaField(u16),
 }
 
 impl std::fmt::Display for ExtraKey {
@@ -210,6 +212,13 @@ pub struct Message<'a> {
     /// Position records, in the order the device sent them (empty for messages without
     /// position).
     pub fixes: Vec<Fix<'a>>,
+    /// Records the message carries as the device counts them (1 for AAA, the declared
+    /// packet count for CCE, the record count for CCC, 0 without position). Replies
+    /// confirm this number, whatever happened to the individual records.
+    pub records: u32,
+    /// Records of a batch that did not decode (skipped; the rest of the batch is in
+    /// `fixes`). Offsets are from the frame start.
+    pub rejected: Vec<DecodeError>,
     /// Records still in the device's cache, as a batch header declares (CCE, CCC).
     pub cached_records: Option<u32>,
 }

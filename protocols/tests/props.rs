@@ -311,3 +311,46 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// One bad record must not make a batch unconfirmable: the good records decode in
+    /// order, the bad ones are reported, and the reply confirms the whole batch.
+    #[test]
+    fn bad_records_are_skipped_not_fatal(
+        mut fixes in proptest::collection::vec(cce_fix(), 1..8),
+        bad in proptest::collection::vec(any::<bool>(), 8),
+        ccc in any::<bool>(),
+    ) {
+        for (f, &b) in fixes.iter_mut().zip(&bad) {
+            if b {
+                f.lat_e6 = Some(i32::MIN); // out of range: the record cannot be stored
+            }
+            if ccc {
+                f.altitude_m = f.altitude_m.map(|a| a.abs());
+                f.event = f.event.map(|e| e & 0xff);
+            }
+        }
+        let mut payload = Vec::new();
+        let raw = if ccc {
+            encode::ccc_payload(&fixes, 3, &mut payload).expect("encodable");
+            device_frame(b"CCC", &payload)
+        } else {
+            encode::cce_payload(&fixes, 3, &mut payload).expect("encodable");
+            device_frame(b"CCE", &payload)
+        };
+        let msg = decode(&one_frame(&raw, Direction::DeviceToServer)).expect("batch header is fine");
+        let good: Vec<_> = fixes.iter().filter(|f| f.lat_e6 != Some(i32::MIN)).collect();
+        prop_assert_eq!(msg.fixes.len(), good.len());
+        prop_assert_eq!(msg.rejected.len(), fixes.len() - good.len());
+        prop_assert_eq!(msg.records as usize, fixes.len());
+        for (got, sent) in msg.fixes.iter().zip(good) {
+            prop_assert_eq!(got.time, sent.time);
+        }
+        let reply = expected_reply(&msg, true).expect("batches are confirmed");
+        let n = fixes.len() as u32;
+        let want = if ccc { Reply::Ccc { records: n } } else { Reply::Cce { records: n } };
+        prop_assert_eq!(reply, want);
+    }
+}
