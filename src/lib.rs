@@ -3,3 +3,13 @@
 //! holds the gateway's roles, one module each.
 
 pub mod cli;
+pub mod config;
+pub mod pseudonym;
+pub mod storage;
+pub mod metrics;
+pub mod sink;
+pub mod connection;
+pub mod retention;
+pub mod api;
+pub mod listener;
+pub mod gateway;

@@ -95,15 +95,23 @@ pub fn fix_json(imei: &str, kind: &str, fix: &Fix<'_>) -> Value {
     put("rtc_v", a.rtc_mv.map(millivolts));
     put("mcu_v", a.mcu_mv.map(millivolts));
     put("gps_v", a.gps_mv.map(millivolts));
-    if !fix.extras.is_empty() {
-        let extra: Map<String, Value> = fix
-            .extras
-            .iter()
-            .map(|e| (e.key.to_string(), extra_value(&e.value)))
-            .collect();
-        m.insert("extra".into(), Value::Object(extra));
+    if let Some(extra) = extras_json(fix) {
+        m.insert("extra".into(), extra);
     }
     Value::Object(m)
+}
+
+/// The fix's extras as one JSON object (`None` when it has none).
+pub fn extras_json(fix: &Fix<'_>) -> Option<Value> {
+    if fix.extras.is_empty() {
+        return None;
+    }
+    let extra: Map<String, Value> = fix
+        .extras
+        .iter()
+        .map(|e| (e.key.to_string(), extra_value(&e.value)))
+        .collect();
+    Some(Value::Object(extra))
 }
 
 /// The JSON lines for one decoded message: one per fix, or one `"position": false` line.

@@ -4,9 +4,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod config_cmd;
 mod decode;
+mod keys;
+mod serve;
 
+pub use config_cmd::ConfigCommand;
 pub use decode::DecodeArgs;
+pub use keys::KeysCommand;
+pub use serve::ServeArgs;
 
 /// trackgate: privacy-first ingest gateway for Meitrack GPS trackers.
 #[derive(Debug, Parser)]
@@ -19,13 +25,24 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
     /// Decode Meitrack frames to JSON Lines (one object per fix).
     Decode(DecodeArgs),
+    /// Configuration file tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Pseudonymization key file tools.
+    #[command(subcommand)]
+    Keys(KeysCommand),
 }
 
 /// Run a parsed command line; the exit code is the process's.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Serve(args) => serve::run(&args),
         Command::Decode(args) => decode::run(&args),
+        Command::Config(cmd) => config_cmd::run(&cmd),
+        Command::Keys(cmd) => keys::run(&cmd),
     }
 }

@@ -1,0 +1,41 @@
+//! HTTP endpoints: `/metrics` (Prometheus), `/healthz` (the process is up), `/readyz`
+//! (Redis answers: a load balancer should only send devices to a ready gateway).
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+#[derive(Clone)]
+struct ApiState {
+    redis: redis::aio::ConnectionManager,
+    prometheus: Option<PrometheusHandle>,
+}
+
+/// The router; serve it with `axum::serve`.
+pub fn router(redis: redis::aio::ConnectionManager, prometheus: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(ApiState { redis, prometheus })
+}
+
+async fn metrics(State(s): State<ApiState>) -> (StatusCode, String) {
+    match &s.prometheus {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n".into()),
+    }
+}
+
+async fn readyz(State(mut s): State<ApiState>) -> (StatusCode, &'static str) {
+    let cmd = redis::cmd("PING");
+    let ping = cmd.query_async::<String>(&mut s.redis);
+    match tokio::time::timeout(Duration::from_secs(1), ping).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "redis unreachable\n"),
+    }
+}

@@ -1,0 +1,68 @@
+//! `trackgate serve --config FILE`: run the gateway until SIGTERM/Ctrl-C.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+
+use crate::config::Config;
+use crate::gateway::{Gateway, termination_signal};
+use crate::pseudonym::KeyRing;
+
+/// Arguments of `trackgate serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML).
+    #[arg(long, short, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+pub(super) fn run(args: &ServeArgs) -> ExitCode {
+    init_logging();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("trackgate serve: {}: {e}", args.config.display());
+            return ExitCode::from(2);
+        }
+    };
+    let keys = match KeyRing::load(&config.keys.key_file) {
+        Ok(k) => Arc::new(k),
+        Err(e) => {
+            eprintln!("trackgate serve: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trackgate serve: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let gateway = match Gateway::start(config, keys).await {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("trackgate serve: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        termination_signal().await;
+        gateway.shutdown();
+        gateway.wait().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// `tracing` to stderr; `RUST_LOG` filters (default `info`).
+pub(crate) fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}

@@ -1,0 +1,411 @@
+//! Gateway configuration: one TOML file, every limit a named field with its unit in the
+//! name, unknown fields refused (a typo must not silently fall back to a default).
+//!
+//! Secrets can come from the environment instead of the file: `TRACKGATE_REDIS_URL`,
+//! `TRACKGATE_REDIS_PASSWORD`, `TRACKGATE_KEY_FILE`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Ninety days, the product's default retention.
+pub const DEFAULT_TTL_S: u64 = 90 * 24 * 3600;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Tracker listeners; at least one. Plain TCP unless `tls` is set.
+    pub listeners: Vec<ListenerConfig>,
+    pub limits: Limits,
+    pub protocol: ProtocolConfig,
+    pub redis: RedisConfig,
+    pub retention: RetentionConfig,
+    pub keys: KeysConfig,
+    pub http: HttpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listeners: vec![ListenerConfig {
+                bind: SocketAddr::from(([0, 0, 0, 0], 5020)),
+                tls: None,
+            }],
+            limits: Limits::default(),
+            protocol: ProtocolConfig::default(),
+            redis: RedisConfig::default(),
+            retention: RetentionConfig::default(),
+            keys: KeysConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// One tracker listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to bind, e.g. `0.0.0.0:5020`. Port 0 picks a free port (tests).
+    pub bind: SocketAddr,
+    /// Serve TLS (1.2+) with this certificate instead of plain TCP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// PEM certificate chain and private key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+/// Per-connection and process limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open tracker connections across all listeners; the excess is accepted and closed
+    /// at once (counted), so devices back off instead of hanging in the backlog.
+    pub max_connections: usize,
+    /// Time for the TLS handshake plus the first frame of a new connection.
+    pub handshake_timeout_s: u64,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_s: u64,
+    /// Largest frame accepted, in bytes (at most 1 MiB).
+    pub max_frame_bytes: usize,
+    /// Rejected frames in a row before the connection is closed.
+    pub max_consecutive_bad_frames: u32,
+    /// Frames read from one connection but not yet written to Redis; reading pauses
+    /// when reached.
+    pub max_inflight_frames: usize,
+    /// Initial read buffer of a connection; grows only while a large frame arrives.
+    pub read_buffer_bytes: usize,
+    /// Longest pause of the accept loop after an accept error (e.g. out of fds).
+    pub accept_backoff_max_ms: u64,
+    /// Time to send one reply before the connection is given up.
+    pub write_timeout_s: u64,
+    /// On SIGTERM/Ctrl-C: time to finish writing and acknowledging what was received.
+    pub shutdown_grace_s: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            handshake_timeout_s: 20,
+            idle_timeout_s: 900,
+            max_frame_bytes: trackgate_protocols::DEFAULT_MAX_FRAME_BYTES,
+            max_consecutive_bad_frames: 8,
+            max_inflight_frames: 16,
+            read_buffer_bytes: 1024,
+            accept_backoff_max_ms: 1000,
+            write_timeout_s: 10,
+            shutdown_grace_s: 30,
+        }
+    }
+}
+
+/// Protocol behaviour.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtocolConfig {
+    /// Answer CCE batches with `CCE,<n>` once written (protocol notes §5).
+    pub confirm_cce: bool,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig { confirm_cce: true }
+    }
+}
+
+/// Redis and the write path.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; env `TRACKGATE_REDIS_URL` overrides.
+    pub url: String,
+    /// Env `TRACKGATE_REDIS_PASSWORD` overrides. Never logged.
+    #[serde(skip_serializing)]
+    pub password: Option<String>,
+    /// Writer tasks; a device always goes to the same writer, so its fixes stay in order.
+    pub writers: usize,
+    /// Write jobs (one decoded frame each) queued per writer; connections stop reading
+    /// when their writer's queue is full.
+    pub queue_depth_jobs: usize,
+    /// Fixes per Redis pipeline.
+    pub batch_max_fixes: usize,
+    /// Longest wait for a batch to fill before it is written anyway.
+    pub batch_max_delay_ms: u64,
+    /// Time for Redis to answer one pipeline before it is retried.
+    pub response_timeout_ms: u64,
+    /// Time to (re)connect.
+    pub connect_timeout_ms: u64,
+    /// Backoff between retries of a failed pipeline: starts here, doubles, capped below.
+    pub retry_backoff_initial_ms: u64,
+    pub retry_backoff_max_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            password: None,
+            writers: 2,
+            queue_depth_jobs: 1024,
+            batch_max_fixes: 512,
+            batch_max_delay_ms: 2,
+            response_timeout_ms: 2000,
+            connect_timeout_ms: 2000,
+            retry_backoff_initial_ms: 50,
+            retry_backoff_max_ms: 2000,
+        }
+    }
+}
+
+/// Hard retention of location history (DESIGN §6).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Default lifetime of a fix.
+    pub ttl_s: u64,
+    /// The sweeper trims every stream to the TTL this often; data is physically gone by
+    /// TTL + this interval.
+    pub sweep_interval_s: u64,
+    /// Per-customer lifetimes (customer id → seconds), agreed with that customer.
+    pub customer_ttl_s: BTreeMap<String, u64>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            ttl_s: DEFAULT_TTL_S,
+            sweep_interval_s: 3600,
+            customer_ttl_s: BTreeMap::new(),
+        }
+    }
+}
+
+/// Pseudonymization keys.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Key file written by `trackgate keys generate`; env `TRACKGATE_KEY_FILE` overrides.
+    pub key_file: PathBuf,
+}
+
+/// Metrics and health endpoints.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Serves `/metrics`, `/healthz`, `/readyz`; absent disables it.
+    pub bind: Option<SocketAddr>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        }
+    }
+}
+
+/// A configuration problem, with the path of the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("`{field}`: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Read, apply environment overrides, validate.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config = Config::parse(&text)?;
+        config.apply_env(|k| std::env::var(k).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parse TOML (no env, no validation). Errors name the line and the field.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Take secrets from the environment (`get` is `std::env::var` outside tests).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = get("TRACKGATE_REDIS_URL") {
+            self.redis.url = url;
+        }
+        if let Some(pw) = get("TRACKGATE_REDIS_PASSWORD") {
+            self.redis.password = Some(pw);
+        }
+        if let Some(f) = get("TRACKGATE_KEY_FILE") {
+            self.keys.key_file = PathBuf::from(f);
+        }
+    }
+
+    /// Check what types cannot: non-zero limits, files that must exist.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(invalid("listeners", "at least one listener is needed"));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if let Some(tls) = &l.tls {
+                for (name, p) in [("cert_path", &tls.cert_path), ("key_path", &tls.key_path)] {
+                    if !p.is_file() {
+                        return Err(invalid(
+                            format!("listeners[{i}].tls.{name}"),
+                            format!("{} is not a readable file", p.display()),
+                        ));
+                    }
+                }
+            }
+        }
+        let l = &self.limits;
+        let r = &self.redis;
+        let positive = [
+            ("limits.max_connections", l.max_connections as u64),
+            ("limits.handshake_timeout_s", l.handshake_timeout_s),
+            ("limits.idle_timeout_s", l.idle_timeout_s),
+            ("limits.max_consecutive_bad_frames", u64::from(l.max_consecutive_bad_frames)),
+            ("limits.max_inflight_frames", l.max_inflight_frames as u64),
+            ("limits.read_buffer_bytes", l.read_buffer_bytes as u64),
+            ("limits.write_timeout_s", l.write_timeout_s),
+            ("redis.writers", r.writers as u64),
+            ("redis.queue_depth_jobs", r.queue_depth_jobs as u64),
+            ("redis.batch_max_fixes", r.batch_max_fixes as u64),
+            ("redis.response_timeout_ms", r.response_timeout_ms),
+            ("redis.connect_timeout_ms", r.connect_timeout_ms),
+            ("redis.retry_backoff_initial_ms", r.retry_backoff_initial_ms),
+            ("redis.retry_backoff_max_ms", r.retry_backoff_max_ms),
+            ("retention.ttl_s", self.retention.ttl_s),
+            ("retention.sweep_interval_s", self.retention.sweep_interval_s),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if !(64..=trackgate_protocols::MAX_FRAME_BYTES_LIMIT).contains(&l.max_frame_bytes) {
+            return Err(invalid(
+                "limits.max_frame_bytes",
+                format!(
+                    "must be between 64 and {}",
+                    trackgate_protocols::MAX_FRAME_BYTES_LIMIT
+                ),
+            ));
+        }
+        for (customer, ttl) in &self.retention.customer_ttl_s {
+            if *ttl == 0 {
+                return Err(invalid(
+                    format!("retention.customer_ttl_s.{customer}"),
+                    "must be greater than 0",
+                ));
+            }
+        }
+        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
+            return Err(invalid("redis.url", "must start with redis:// or rediss://"));
+        }
+        if self.keys.key_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "keys.key_file",
+                "required (or env TRACKGATE_KEY_FILE); create one with `trackgate keys generate`",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.idle_timeout_s)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.handshake_timeout_s)
+    }
+
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.retention.ttl_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[listeners]]
+        bind = "127.0.0.1:0"
+
+        [keys]
+        key_file = "/tmp/keys.toml"
+    "#;
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.retention.ttl_s, DEFAULT_TTL_S);
+        assert_eq!(c.limits.max_frame_bytes, 2048);
+        assert!(c.protocol.confirm_cce);
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_name() {
+        let e = Config::parse("[limits]\nidle_timeout = 5\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("idle_timeout"), "{msg}");
+    }
+
+    #[test]
+    fn zero_limit_names_the_field() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.redis.batch_max_fixes = 0;
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("redis.batch_max_fixes"), "{msg}");
+    }
+
+    #[test]
+    fn env_overrides_secrets() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.apply_env(|k| match k {
+            "TRACKGATE_REDIS_PASSWORD" => Some("s3cret".into()),
+            "TRACKGATE_KEY_FILE" => Some("/run/keys".into()),
+            _ => None,
+        });
+        assert_eq!(c.redis.password.as_deref(), Some("s3cret"));
+        assert_eq!(c.keys.key_file, PathBuf::from("/run/keys"));
+        let shown = toml::to_string(&c).unwrap();
+        assert!(!shown.contains("s3cret"), "passwords are never serialized");
+    }
+
+    #[test]
+    fn missing_tls_file_points_at_the_field() {
+        let text = format!(
+            "{MINIMAL}\n[[listeners]]\nbind = \"127.0.0.1:0\"\ntls = {{ cert_path = \"/nonexistent.pem\", key_path = \"/nonexistent.key\" }}\n"
+        );
+        let msg = Config::parse(&text).unwrap().validate().unwrap_err().to_string();
+        assert!(msg.contains("listeners[1].tls.cert_path"), "{msg}");
+    }
+}

@@ -1,0 +1,451 @@
+//! One tracker connection: frames in, fixes to the write queue, replies out in order once
+//! Redis has confirmed what they cover.
+//!
+//! A single task owns the socket. It reads frames through [`MeitrackCodec`] (a tokio-util
+//! `Decoder` over the protocols framer) and keeps the replies it owes in a
+//! `FuturesOrdered`, each waiting for its write job, so the device gets its
+//! confirmations in the order it sent the frames, and never before the data is stored.
+//! Reading pauses when `max_inflight_frames` replies are outstanding or the write queue is
+//! full: a slow Redis slows the devices instead of filling memory.
+//!
+//! The connection is bound to the first IMEI it sends; the IMEI lives only in this task
+//! (for the reply frames) and leaves it only as a pseudonym.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio_util::codec::{Decoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+use trackgate_protocols::{FrameError, Framer, Message, Scan, decode, expected_reply};
+
+use crate::config::Config;
+use crate::metrics as m;
+use crate::pseudonym::{Imei, KeyRing, Pseudonym};
+use crate::retention::Retention;
+use crate::sink::{Sink, WriteJob};
+use crate::storage::StoredFix;
+
+/// What the codec yields.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A complete frame whose length, checksum, IMEI and command checked out.
+    Frame(Bytes),
+    /// A frame the framer rejected (the bytes are already skipped).
+    Rejected(FrameError),
+    /// The peer closed with this many bytes of an unfinished frame buffered.
+    Truncated(usize),
+}
+
+/// Codec failure: the connection cannot continue.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("fatal framing error: {0}")]
+    Fatal(FrameError),
+}
+
+/// tokio-util `Decoder` over [`Framer`]: no copies (a frame is split off the read buffer),
+/// junk skipped and counted.
+#[derive(Debug)]
+pub struct MeitrackCodec {
+    framer: Framer,
+}
+
+impl MeitrackCodec {
+    pub fn new(framer: Framer) -> Self {
+        MeitrackCodec { framer }
+    }
+}
+
+impl Decoder for MeitrackCodec {
+    type Item = Inbound;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, CodecError> {
+        loop {
+            match self.framer.scan(src) {
+                Scan::Frame(f) => {
+                    let n = f.len();
+                    return Ok(Some(Inbound::Frame(src.split_to(n).freeze())));
+                }
+                Scan::Incomplete { needed } => {
+                    if let Some(n) = needed {
+                        src.reserve(n);
+                    }
+                    return Ok(None);
+                }
+                Scan::Reject {
+                    error: FrameError::Junk { .. },
+                    skip,
+                } => {
+                    metrics::counter!(m::JUNK_BYTES).increment(skip as u64);
+                    src.advance(skip);
+                }
+                Scan::Reject { error, skip } => {
+                    src.advance(skip);
+                    if error.is_fatal() {
+                        return Err(CodecError::Fatal(error));
+                    }
+                    return Ok(Some(Inbound::Rejected(error)));
+                }
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, CodecError> {
+        match self.decode(src)? {
+            Some(item) => Ok(Some(item)),
+            None if src.is_empty() => Ok(None),
+            None => {
+                let n = src.len();
+                src.clear();
+                Ok(Some(Inbound::Truncated(n)))
+            }
+        }
+    }
+}
+
+/// Everything a connection needs from the gateway.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub keys: Arc<KeyRing>,
+    pub sink: Sink,
+    pub retention: Retention,
+    pub framer: Framer,
+    /// Fired at shutdown: stop reading, finish what was read.
+    pub shutdown: CancellationToken,
+}
+
+/// A reply waiting for its write job.
+type PendingAck = Pin<Box<dyn Future<Output = AckReady> + Send>>;
+
+struct AckReady {
+    stored: bool,
+    reply: Option<Vec<u8>>,
+    kind: &'static str,
+    read_at: Instant,
+}
+
+struct Device {
+    imei: Imei,
+    pseudonym: Pseudonym,
+}
+
+/// Why a connection ended (metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Eof,
+    HandshakeTimeout,
+    IdleTimeout,
+    BadFrames,
+    FatalFrame,
+    Io,
+    WriteTimeout,
+    Shutdown,
+    QueueClosed,
+}
+
+impl CloseReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Eof => "eof",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::BadFrames => "bad_frames",
+            CloseReason::FatalFrame => "fatal_frame",
+            CloseReason::Io => "io_error",
+            CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::QueueClosed => "queue_closed",
+        }
+    }
+}
+
+/// Serve one connection until it closes. `handshake_deadline` bounds the time to the
+/// first frame (the TLS handshake, if any, already spent part of it).
+pub async fn serve<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>, handshake_deadline: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = &shared.config.limits;
+    let codec = MeitrackCodec::new(shared.framer);
+    let mut framed = FramedRead::with_capacity(stream, codec, limits.read_buffer_bytes);
+    let mut conn = Conn {
+        shared: shared.clone(),
+        device: None,
+        bad_in_row: 0,
+    };
+    let mut pending: FuturesOrdered<PendingAck> = FuturesOrdered::new();
+    let idle = Duration::from_secs(limits.idle_timeout_s);
+    let write_timeout = Duration::from_secs(limits.write_timeout_s);
+    let mut deadline = tokio::time::Instant::from_std(handshake_deadline);
+    let mut reading = true;
+
+    let reason = loop {
+        if !reading && pending.is_empty() {
+            break CloseReason::Shutdown;
+        }
+        tokio::select! {
+            biased;
+            Some(ack) = pending.next(), if !pending.is_empty() => {
+                if let Some(reason) = send_ack(framed.get_mut(), ack, write_timeout).await {
+                    break reason;
+                }
+            }
+            () = shared.shutdown.cancelled(), if reading => {
+                reading = false;
+            }
+            item = tokio::time::timeout_at(deadline, framed.next()),
+                if reading && pending.len() < limits.max_inflight_frames =>
+            {
+                let item = match item {
+                    Err(_) if conn.device.is_none() => break CloseReason::HandshakeTimeout,
+                    Err(_) => break CloseReason::IdleTimeout,
+                    Ok(None) => break CloseReason::Eof,
+                    Ok(Some(Err(CodecError::Io(_)))) => break CloseReason::Io,
+                    Ok(Some(Err(CodecError::Fatal(e)))) => {
+                        conn.frame_error(e.kind(), &e.to_string());
+                        break CloseReason::FatalFrame;
+                    }
+                    Ok(Some(Ok(item))) => item,
+                };
+                match item {
+                    Inbound::Frame(raw) => {
+                        deadline = tokio::time::Instant::now() + idle;
+                        match conn.frame(raw).await {
+                            Ok(Some(ack)) => pending.push_back(ack),
+                            Ok(None) => {}
+                            Err(reason) => break reason,
+                        }
+                    }
+                    Inbound::Rejected(e) => conn.frame_error(e.kind(), &e.to_string()),
+                    Inbound::Truncated(n) => {
+                        conn.frame_error("incomplete", &format!("connection closed {n} bytes into a frame"));
+                    }
+                }
+                if conn.bad_in_row > limits.max_consecutive_bad_frames {
+                    break CloseReason::BadFrames;
+                }
+            }
+        }
+    };
+
+    // Whatever was read is still written and, if the device is listening, confirmed.
+    while let Some(ack) = pending.next().await {
+        if send_ack(framed.get_mut(), ack, write_timeout).await.is_some() {
+            break;
+        }
+    }
+    let _ = framed.get_mut().shutdown().await;
+    metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
+    match &conn.device {
+        Some(d) => tracing::debug!(%peer, device = %d.pseudonym, reason = reason.label(), "connection closed"),
+        None => tracing::debug!(%peer, reason = reason.label(), "connection closed before a valid frame"),
+    }
+}
+
+/// Write one reply; `Some(reason)` if the connection must close.
+async fn send_ack<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    ack: AckReady,
+    write_timeout: Duration,
+) -> Option<CloseReason> {
+    if !ack.stored {
+        // The write was abandoned (shutdown grace over): no confirmation, ever.
+        return None;
+    }
+    let reply = ack.reply?;
+    match tokio::time::timeout(write_timeout, stream.write_all(&reply)).await {
+        Ok(Ok(())) => {
+            metrics::counter!(m::ACKS_SENT, "type" => ack.kind).increment(1);
+            metrics::histogram!(m::ACK_SECONDS).record(ack.read_at.elapsed().as_secs_f64());
+            None
+        }
+        Ok(Err(_)) => Some(CloseReason::Io),
+        Err(_) => Some(CloseReason::WriteTimeout),
+    }
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    device: Option<Device>,
+    bad_in_row: u32,
+}
+
+impl Conn {
+    fn frame_error(&mut self, kind: &'static str, detail: &str) {
+        self.bad_in_row += 1;
+        metrics::counter!(m::FRAME_ERRORS, "kind" => kind).increment(1);
+        // No IMEI here: frame errors carry offsets and field names only.
+        match &self.device {
+            Some(d) => tracing::warn!(device = %d.pseudonym, kind, detail, "frame rejected"),
+            None => tracing::warn!(kind, detail, "frame rejected before the device identified itself"),
+        }
+    }
+
+    /// Handle one checked frame; returns the reply to wait for, if any.
+    async fn frame(&mut self, raw: Bytes) -> Result<Option<PendingAck>, CloseReason> {
+        let read_at = Instant::now();
+        let received_ms = jiff::Timestamp::now().as_millisecond();
+        let Scan::Frame(frame) = self.shared.framer.scan(&raw) else {
+            // The codec already checked this exact slice; a mismatch is a bug, not input.
+            self.frame_error("framing", "frame did not re-scan");
+            return Ok(None);
+        };
+        let kind = frame.command_str();
+        // Bind the connection to its first IMEI; refuse any other on it.
+        let pseudonym = match &self.device {
+            Some(d) if d.imei.expose() == frame.imei() => d.pseudonym.clone(),
+            Some(_) => {
+                self.frame_error("imei_mismatch", "frame from another IMEI on a bound connection");
+                return Ok(None);
+            }
+            None => {
+                let Some(imei) = Imei::new(frame.imei()) else {
+                    self.frame_error("imei", "IMEI not 14-15 digits");
+                    return Ok(None);
+                };
+                let pseudonym = self.shared.keys.pseudonym(&imei);
+                tracing::debug!(device = %pseudonym, "device identified");
+                self.device = Some(Device {
+                    imei,
+                    pseudonym: pseudonym.clone(),
+                });
+                pseudonym
+            }
+        };
+        let msg = match decode(&frame) {
+            Ok(msg) => msg,
+            Err(e) => {
+                metrics::counter!(m::FRAMES, "type" => type_label(kind), "outcome" => "decode_error").increment(1);
+                self.frame_error("decode", &e.to_string());
+                return Ok(None);
+            }
+        };
+        self.bad_in_row = 0;
+        metrics::counter!(m::FRAMES, "type" => type_label(kind), "outcome" => "ok").increment(1);
+        for e in &msg.rejected {
+            metrics::counter!(m::RECORDS_REJECTED).increment(1);
+            tracing::warn!(device = %pseudonym, command = kind, detail = %e, "record in batch skipped");
+        }
+        let fixes = self.stored_fixes(&msg, &pseudonym);
+        let reply = expected_reply(&msg, self.shared.config.protocol.confirm_cce).and_then(|r| {
+            let mut out = Vec::with_capacity(48);
+            r.encode(frame.flag(), frame.imei(), &mut out).ok().map(|()| out)
+        });
+        let label = type_label(kind);
+        if fixes.is_empty() {
+            if reply.is_none() {
+                return Ok(None);
+            }
+            let ready = AckReady {
+                stored: true,
+                reply,
+                kind: label,
+                read_at,
+            };
+            return Ok(Some(Box::pin(async move { ready })));
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        let job = WriteJob {
+            ttl: self.shared.retention.ttl_for(&pseudonym),
+            device: pseudonym,
+            fixes,
+            received_ms,
+            done: Some(done_tx),
+        };
+        if self.shared.sink.submit(job).await.is_err() {
+            return Err(CloseReason::QueueClosed);
+        }
+        Ok(Some(Box::pin(async move {
+            AckReady {
+                stored: done_rx.await.is_ok(),
+                reply,
+                kind: label,
+                read_at,
+            }
+        })))
+    }
+
+    /// The message's fixes laid out for storage, minus those already past retention.
+    fn stored_fixes(&self, msg: &Message<'_>, device: &Pseudonym) -> Vec<StoredFix> {
+        let ttl = self.shared.retention.ttl_for(device);
+        let now_s = jiff::Timestamp::now().as_second();
+        let mut out = Vec::with_capacity(msg.fixes.len());
+        for fix in &msg.fixes {
+            metrics::counter!(m::FIXES_RECEIVED).increment(1);
+            let stored = StoredFix::from_fix(msg.kind, fix);
+            if self.shared.retention.expired_at_ingest(stored.fix_time_s, ttl, now_s) {
+                metrics::counter!(m::FIXES_EXPIRED_AT_INGEST).increment(1);
+                continue;
+            }
+            out.push(stored);
+        }
+        out
+    }
+}
+
+/// Bounded metric label for a command (device-chosen strings must not mint series).
+fn type_label(cmd: &str) -> &'static str {
+    match cmd {
+        "AAA" => "AAA",
+        "AFF" => "AFF",
+        "CCE" => "CCE",
+        "CCC" => "CCC",
+        "AAC" => "AAC",
+        "D00" => "D00",
+        "D03" => "D03",
+        "D82" => "D82",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AAC: &[u8] = b"$$z27,350000000000099,AAC,1*B9\r\n";
+
+    fn codec() -> MeitrackCodec {
+        MeitrackCodec::new(Framer::default().with_early_resync(true))
+    }
+
+    #[test]
+    fn codec_skips_junk_and_splits_frames() {
+        let mut buf = BytesMut::from(&b"noise"[..]);
+        buf.extend_from_slice(AAC);
+        buf.extend_from_slice(&AAC[..10]);
+        let mut c = codec();
+        match c.decode(&mut buf).unwrap() {
+            Some(Inbound::Frame(f)) => assert_eq!(&f[..], AAC),
+            other => panic!("{other:?}"),
+        }
+        assert!(c.decode(&mut buf).unwrap().is_none());
+        assert_eq!(buf.len(), 10, "the partial frame stays buffered");
+        match c.decode_eof(&mut buf).unwrap() {
+            Some(Inbound::Truncated(10)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn codec_reports_rejections_and_fatal_lengths() {
+        let mut bad = AAC.to_vec();
+        bad[27] = b'0'; // checksum digit
+        let mut buf = BytesMut::from(&bad[..]);
+        let mut c = codec();
+        assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Rejected(_)))));
+        let mut buf = BytesMut::from(&b"$$A99999,"[..]);
+        assert!(matches!(c.decode(&mut buf), Err(CodecError::Fatal(_))));
+    }
+}

@@ -1,0 +1,219 @@
+//! Wiring and lifecycle of `trackgate serve`: bind listeners, start writers, sweeper and
+//! HTTP endpoints, and shut down in the order that loses nothing.
+//!
+//! Shutdown (SIGTERM, Ctrl-C, or [`Gateway::shutdown`]):
+//! 1. listeners stop accepting;
+//! 2. connections stop reading, wait until what they read is written, send the replies
+//!    they owe, and close;
+//! 3. the write queues drain and writers exit.
+//!
+//! All of it within `shutdown_grace_s`; whatever is still unwritten then is abandoned
+//! *unacknowledged* (counted and logged), so devices keep it and send it again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trackgate_protocols::{Direction, Framer};
+
+use crate::config::Config;
+use crate::connection::Shared;
+use crate::pseudonym::KeyRing;
+use crate::retention::{self, Retention};
+use crate::{api, listener, metrics, sink};
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] listener::TlsError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Bound tracker listener addresses, in configuration order.
+    pub tracker_addrs: Vec<SocketAddr>,
+    /// Bound metrics/health address.
+    pub http_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Bind everything and start serving.
+    pub async fn start(config: Config, keys: Arc<KeyRing>) -> Result<Gateway, StartError> {
+        let prometheus = metrics::install();
+        let config = Arc::new(config);
+        let conn = sink::connect(&config.redis)?;
+        let abort = CancellationToken::new();
+        let writers = sink::start(conn.clone(), &config.redis, abort.clone());
+        let shutdown = CancellationToken::new();
+        let framer = Framer::new(Direction::DeviceToServer, config.limits.max_frame_bytes)
+            .with_early_resync(true);
+        let retention = Retention::new(&config.retention);
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            keys,
+            sink: writers.sink.clone(),
+            retention: retention.clone(),
+            framer,
+            shutdown: shutdown.clone(),
+        });
+        drop(writers.sink);
+
+        let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+        let tracker = TaskTracker::new();
+        let mut tracker_addrs = Vec::new();
+        let mut accept_loops = Vec::new();
+        for l in &config.listeners {
+            let tls = l.tls.as_ref().map(listener::tls_acceptor).transpose()?;
+            let bound = TcpListener::bind(l.bind)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: l.bind,
+                    source,
+                })?;
+            let addr = bound.local_addr().unwrap_or(l.bind);
+            tracing::info!(%addr, tls = tls.is_some(), "listening for trackers");
+            tracker_addrs.push(addr);
+            accept_loops.push(tokio::spawn(listener::run(
+                bound,
+                tls,
+                shared.clone(),
+                permits.clone(),
+                tracker.clone(),
+            )));
+        }
+
+        let mut http_addr = None;
+        let mut http_task = None;
+        if let Some(bind) = config.http.bind {
+            let bound = TcpListener::bind(bind)
+                .await
+                .map_err(|source| StartError::Bind { addr: bind, source })?;
+            http_addr = bound.local_addr().ok();
+            tracing::info!(addr = ?http_addr, "serving /metrics, /healthz, /readyz");
+            let app = api::router(conn.clone(), prometheus.clone());
+            let stop = shutdown.clone();
+            http_task = Some(tokio::spawn(async move {
+                let _ = axum::serve(bound, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+            }));
+        }
+
+        let sweeper = tokio::spawn(retention::run_sweeper(
+            conn.clone(),
+            retention,
+            Duration::from_secs(config.retention.sweep_interval_s),
+            shutdown.clone(),
+        ));
+        let upkeep = prometheus.map(|h| {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => h.run_upkeep(),
+                        () = stop.cancelled() => return,
+                    }
+                }
+            })
+        });
+
+        let grace = Duration::from_secs(config.limits.shutdown_grace_s);
+        let stop = shutdown.clone();
+        let done = tokio::spawn(async move {
+            stop.cancelled().await;
+            tracing::info!(grace_s = grace.as_secs(), "shutting down: finishing received data");
+            let deadline = tokio::time::Instant::now() + grace;
+            for a in accept_loops {
+                let _ = a.await;
+            }
+            tracker.close();
+            if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
+                tracing::error!("shutdown grace over with connections still waiting for Redis");
+            }
+            drop(shared); // last queue senders (with the connections'): writers drain and exit
+            let mut writers_left = writers.tasks;
+            let drained = tokio::time::timeout_at(deadline, async {
+                for w in &mut writers_left {
+                    let _ = w.await;
+                }
+            })
+            .await;
+            if drained.is_err() {
+                abort.cancel();
+                for w in writers_left {
+                    let _ = w.await;
+                }
+            }
+            let _ = sweeper.await;
+            if let Some(h) = http_task {
+                let _ = h.await;
+            }
+            if let Some(u) = upkeep {
+                let _ = u.await;
+            }
+            tracing::info!("gateway stopped");
+        });
+
+        Ok(Gateway {
+            tracker_addrs,
+            http_addr,
+            shutdown,
+            done,
+        })
+    }
+
+    /// Begin graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// A token that starts shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Wait until fully stopped (after [`Gateway::shutdown`]).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Resolve on SIGTERM or Ctrl-C.
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

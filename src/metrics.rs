@@ -1,0 +1,46 @@
+//! Metric names (DESIGN §8) and the Prometheus recorder. Labels never carry an IMEI or a
+//! pseudonym: per-device series would both leak and explode cardinality.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_OPEN: &str = "trackgate_connections_open";
+pub const CONNECTIONS_ACCEPTED: &str = "trackgate_connections_accepted_total";
+pub const CONNECTIONS_REJECTED: &str = "trackgate_connections_rejected_total";
+pub const CONNECTIONS_CLOSED: &str = "trackgate_connections_closed_total";
+pub const FRAMES: &str = "trackgate_frames_total";
+pub const FRAME_ERRORS: &str = "trackgate_frame_errors_total";
+pub const JUNK_BYTES: &str = "trackgate_junk_bytes_total";
+pub const RECORDS_REJECTED: &str = "trackgate_records_rejected_total";
+pub const FIXES_RECEIVED: &str = "trackgate_fixes_received_total";
+pub const FIXES_EXPIRED_AT_INGEST: &str = "trackgate_fixes_expired_at_ingest_total";
+pub const FIXES_WRITTEN: &str = "trackgate_fixes_written_total";
+pub const JOBS_UNWRITTEN: &str = "trackgate_jobs_unwritten_total";
+pub const QUEUE_DEPTH: &str = "trackgate_write_queue_depth";
+pub const REDIS_WRITE_SECONDS: &str = "trackgate_redis_write_seconds";
+pub const REDIS_WRITE_ERRORS: &str = "trackgate_redis_write_errors_total";
+pub const ACK_SECONDS: &str = "trackgate_ack_latency_seconds";
+pub const ACKS_SENT: &str = "trackgate_acks_sent_total";
+pub const RETENTION_TRIMMED: &str = "trackgate_retention_trimmed_total";
+pub const RETENTION_SWEEPS: &str = "trackgate_retention_sweeps_total";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Install the process-wide Prometheus recorder (once; later calls reuse it). `None` if
+/// another recorder was installed first (e.g. by an embedding program).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+                10.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}

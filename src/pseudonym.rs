@@ -1,0 +1,374 @@
+//! Keyed pseudonyms for IMEIs (DESIGN §4).
+//!
+//! `P = "p" + version + "_" + base32(HMAC-SHA256(key[version], "imei:" + imei))[..26]`
+//! (RFC 4648 alphabet, lower-cased). A plain hash would not do: the IMEI space is small
+//! enough to enumerate, so only a secret key makes the pseudonym one-way for someone who
+//! reads the database.
+//!
+//! The raw IMEI is wrapped in [`Imei`], whose `Debug` is redacted and which has no
+//! `Display`, so it cannot reach a log line or a panic message by accident.
+
+use std::fmt;
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use hmac::{Hmac, KeyInit, Mac};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// Length of the base32 part of a pseudonym (130 bits).
+const DIGEST_CHARS: usize = 26;
+
+/// A raw IMEI. Redacted in `Debug`, no `Display`: the only way out is [`Imei::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Imei(Box<str>);
+
+impl Imei {
+    /// Wrap 14–15 ASCII digits (the framer has checked them already).
+    pub fn new(digits: &str) -> Option<Imei> {
+        ((14..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| Imei(digits.into()))
+    }
+
+    /// The digits, for the two places that need them: the HMAC input and the reply
+    /// frame back to the same device.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Imei {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Imei(<redacted>)")
+    }
+}
+
+/// A device pseudonym, safe to store and log.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pseudonym(Arc<str>);
+
+impl Pseudonym {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Parse a stored pseudonym (`p<version>_<26 base32 chars>`).
+    pub fn parse(s: &str) -> Option<Pseudonym> {
+        let rest = s.strip_prefix('p')?;
+        let (version, digest) = rest.split_once('_')?;
+        let ok = !version.is_empty()
+            && version.bytes().all(|b| b.is_ascii_digit())
+            && digest.len() == DIGEST_CHARS
+            && digest
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
+        ok.then(|| Pseudonym(s.into()))
+    }
+
+    /// The key version it was made with.
+    pub fn key_version(&self) -> u32 {
+        self.0[1..]
+            .split_once('_')
+            .and_then(|(v, _)| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl fmt::Display for Pseudonym {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Pseudonym {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pseudonym({})", self.0)
+    }
+}
+
+/// One key as stored in the key file.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    version: u32,
+    /// New writes use the newest key whose `not_before` has passed.
+    not_before: Timestamp,
+    /// 32 random bytes, hex.
+    secret_hex: String,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    #[serde(default, rename = "key")]
+    keys: Vec<KeyEntry>,
+}
+
+struct Key {
+    version: u32,
+    not_before: Timestamp,
+    mac: Hmac<Sha256>,
+}
+
+/// Key file problems.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("key file {path}: {problem}")]
+    Invalid { path: String, problem: String },
+}
+
+/// The versioned keys. Cheap to share (`Arc` inside the gateway).
+pub struct KeyRing {
+    /// Sorted by version, ascending.
+    keys: Vec<Key>,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let versions: Vec<u32> = self.keys.iter().map(|k| k.version).collect();
+        f.debug_struct("KeyRing")
+            .field("versions", &versions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyRing {
+    /// Load a key file written by [`KeyRing::generate`] / [`KeyRing::rotate`].
+    pub fn load(path: &Path) -> Result<KeyRing, KeyError> {
+        let file = read_key_file(path)?;
+        KeyRing::from_entries(&file.keys).map_err(|problem| KeyError::Invalid {
+            path: path.display().to_string(),
+            problem,
+        })
+    }
+
+    fn from_entries(entries: &[KeyEntry]) -> Result<KeyRing, String> {
+        if entries.is_empty() {
+            return Err("no keys; run `trackgate keys generate`".into());
+        }
+        let mut keys = Vec::with_capacity(entries.len());
+        for e in entries {
+            let secret = hex::decode(&e.secret_hex)
+                .map_err(|_| format!("key version {}: secret_hex is not hex", e.version))?;
+            if secret.len() != 32 {
+                return Err(format!("key version {}: secret must be 32 bytes", e.version));
+            }
+            let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&secret)
+                .map_err(|_| format!("key version {}: unusable secret", e.version))?;
+            keys.push(Key {
+                version: e.version,
+                not_before: e.not_before,
+                mac,
+            });
+        }
+        keys.sort_by_key(|k| k.version);
+        if keys.windows(2).any(|w| w[0].version == w[1].version) {
+            return Err("duplicate key version".into());
+        }
+        Ok(KeyRing { keys })
+    }
+
+    /// A throwaway ring with one random key (demo, tests).
+    pub fn ephemeral() -> KeyRing {
+        let entry = new_entry(1, Timestamp::UNIX_EPOCH);
+        // A fresh entry is always valid.
+        KeyRing::from_entries(std::slice::from_ref(&entry)).unwrap_or(KeyRing { keys: vec![] })
+    }
+
+    /// Create a key file with one key, readable by the owner only. Refuses to overwrite.
+    pub fn generate(path: &Path) -> Result<(), KeyError> {
+        let file = KeyFile {
+            keys: vec![new_entry(1, Timestamp::now())],
+        };
+        write_key_file(path, &file, true)
+    }
+
+    /// Add a key one version above the newest, valid from `not_before` (default now).
+    /// Old keys stay: export and purge still need them for data written under them.
+    pub fn rotate(path: &Path, not_before: Option<Timestamp>) -> Result<u32, KeyError> {
+        let mut file = read_key_file(path)?;
+        let next = file.keys.iter().map(|k| k.version).max().unwrap_or(0) + 1;
+        file.keys
+            .push(new_entry(next, not_before.unwrap_or_else(Timestamp::now)));
+        write_key_file(path, &file, false)?;
+        Ok(next)
+    }
+
+    /// The key new writes use at `now`: the newest whose `not_before` has passed (the
+    /// oldest if none has, so a clock behind the file still works).
+    fn current_at(&self, now: Timestamp) -> Option<&Key> {
+        self.keys
+            .iter()
+            .rev()
+            .find(|k| k.not_before <= now)
+            .or(self.keys.first())
+    }
+
+    /// Pseudonym of `imei` under the current key.
+    pub fn pseudonym(&self, imei: &Imei) -> Pseudonym {
+        self.pseudonym_at(imei, Timestamp::now())
+    }
+
+    fn pseudonym_at(&self, imei: &Imei, now: Timestamp) -> Pseudonym {
+        match self.current_at(now) {
+            Some(k) => compute(k, imei),
+            // Unreachable for a loaded ring (it has ≥ 1 key); never fall back to a hash.
+            None => Pseudonym("p0_unkeyed".into()),
+        }
+    }
+
+    /// Pseudonyms of `imei` under every key (export and purge look under all of them,
+    /// so rotation never strands data).
+    pub fn all_pseudonyms(&self, imei: &Imei) -> Vec<Pseudonym> {
+        self.keys.iter().map(|k| compute(k, imei)).collect()
+    }
+
+    pub fn versions(&self) -> Vec<u32> {
+        self.keys.iter().map(|k| k.version).collect()
+    }
+}
+
+fn compute(key: &Key, imei: &Imei) -> Pseudonym {
+    let mut mac = key.mac.clone();
+    mac.update(b"imei:");
+    mac.update(imei.expose().as_bytes());
+    let digest = mac.finalize().into_bytes();
+    let mut b32 = data_encoding::BASE32_NOPAD.encode(&digest);
+    b32.truncate(DIGEST_CHARS);
+    b32.make_ascii_lowercase();
+    Pseudonym(format!("p{}_{b32}", key.version).into())
+}
+
+fn new_entry(version: u32, not_before: Timestamp) -> KeyEntry {
+    let secret: [u8; 32] = rand::random();
+    KeyEntry {
+        version,
+        not_before,
+        secret_hex: hex::encode(secret),
+    }
+}
+
+fn read_key_file(path: &Path) -> Result<KeyFile, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| KeyError::Invalid {
+        path: path.display().to_string(),
+        problem: e.to_string(),
+    })
+}
+
+fn write_key_file(path: &Path, file: &KeyFile, create_new: bool) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let text = toml::to_string(file).map_err(|e| KeyError::Invalid {
+        path: path.display().to_string(),
+        problem: e.to_string(),
+    })?;
+    let header = "# trackgate pseudonymization keys. SECRET: keep out of Redis, backups of\n\
+                  # Redis and version control. Losing it makes stored pseudonyms unlinkable.\n";
+    // Write a sibling and rename, so a crash never leaves a half-written key file.
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let mut tmp = tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new("."))).map_err(io)?;
+    tmp.write_all(header.as_bytes()).map_err(io)?;
+    tmp.write_all(text.as_bytes()).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    // NamedTempFile is created with mode 0600 on Unix.
+    if create_new {
+        tmp.persist_noclobber(path).map_err(|e| io(e.error))?;
+    } else {
+        tmp.persist(path).map_err(|e| io(e.error))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IMEI: &str = "350000000000001"; // fake
+
+    #[test]
+    fn pseudonym_has_the_documented_shape_and_is_stable() {
+        let ring = KeyRing::ephemeral();
+        let imei = Imei::new(IMEI).unwrap();
+        let p = ring.pseudonym(&imei);
+        assert_eq!(p, ring.pseudonym(&imei));
+        assert!(p.as_str().starts_with("p1_"), "{p}");
+        assert_eq!(p.as_str().len(), 3 + DIGEST_CHARS);
+        assert_eq!(Pseudonym::parse(p.as_str()), Some(p.clone()));
+        assert_eq!(p.key_version(), 1);
+        assert!(!p.as_str().contains(IMEI));
+    }
+
+    #[test]
+    fn known_answer() {
+        // HMAC-SHA256 with a fixed key: guards the construction against accidental change.
+        let entry = KeyEntry {
+            version: 3,
+            not_before: Timestamp::UNIX_EPOCH,
+            secret_hex: "00".repeat(32),
+        };
+        let ring = KeyRing::from_entries(&[entry]).unwrap();
+        let p = ring.pseudonym(&Imei::new(IMEI).unwrap());
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&[0u8; 32]).unwrap();
+        mac.update(format!("imei:{IMEI}").as_bytes());
+        let want = data_encoding::BASE32_NOPAD.encode(&mac.finalize().into_bytes())[..26]
+            .to_ascii_lowercase();
+        assert_eq!(p.as_str(), format!("p3_{want}"));
+    }
+
+    #[test]
+    fn imei_debug_is_redacted() {
+        let imei = Imei::new(IMEI).unwrap();
+        assert!(!format!("{imei:?}").contains(IMEI));
+        assert!(Imei::new("12345").is_none());
+        assert!(Imei::new("35000000000000x").is_none());
+    }
+
+    #[test]
+    fn generate_rotate_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        KeyRing::generate(&path).unwrap();
+        assert!(KeyRing::generate(&path).is_err(), "never overwrites a key file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "owner-only, got {mode:o}");
+        }
+        let imei = Imei::new(IMEI).unwrap();
+        let before = KeyRing::load(&path).unwrap().pseudonym(&imei);
+        let v = KeyRing::rotate(&path, Some(Timestamp::UNIX_EPOCH)).unwrap();
+        assert_eq!(v, 2);
+        let ring = KeyRing::load(&path).unwrap();
+        let after = ring.pseudonym(&imei);
+        assert_eq!(after.key_version(), 2);
+        assert_ne!(before, after);
+        let all = ring.all_pseudonyms(&imei);
+        assert!(all.contains(&before) && all.contains(&after));
+    }
+
+    #[test]
+    fn future_key_is_not_used_yet() {
+        let now = Timestamp::now();
+        let entries = [
+            new_entry(1, Timestamp::UNIX_EPOCH),
+            new_entry(2, now + jiff::SignedDuration::from_hours(1)),
+        ];
+        let ring = KeyRing::from_entries(&entries).unwrap();
+        let imei = Imei::new(IMEI).unwrap();
+        assert_eq!(ring.pseudonym_at(&imei, now).key_version(), 1);
+    }
+}

@@ -1,0 +1,161 @@
+//! Hard retention of location history (DESIGN §6).
+//!
+//! Three mechanisms, each covering the others' gaps:
+//! 1. **At ingest** a fix whose fix time is already older than the device's TTL is dropped
+//!    (counted), so late cached batches never extend history past its lifetime.
+//! 2. **On write** the append script trims the stream by `MINID ~ now − TTL` (once per
+//!    device per batch; approximate, cheap) and moves the key's expiry to now + TTL, so a
+//!    silent device's stream disappears whole.
+//! 3. **The sweeper** trims every stream exactly (`MINID now − TTL`) every
+//!    `sweep_interval_s`: an entry is physically gone by TTL + sweep interval at the latest.
+//!
+//! The entry ID (receive time) is what trimming compares; read paths additionally filter
+//! on both receive time and fix time, so nothing older than the TTL is ever returned.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::ConnectionLike;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RetentionConfig;
+use crate::metrics as m;
+use crate::pseudonym::Pseudonym;
+use crate::storage::{FIXES_PATTERN, meta_key, pseudonym_of_key};
+
+/// Meta hash field holding the device's TTL in ms (written by the append script).
+pub const META_TTL_MS: &str = "tt";
+
+/// The retention policy: a default and per-customer overrides.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    default_ttl: Duration,
+    /// Customer id → TTL. Applied once devices are assigned to customers (the registry,
+    /// issue 5); until then every device gets the default.
+    customer_ttl: BTreeMap<String, Duration>,
+}
+
+impl Retention {
+    pub fn new(config: &RetentionConfig) -> Self {
+        Retention {
+            default_ttl: Duration::from_secs(config.ttl_s),
+            customer_ttl: config
+                .customer_ttl_s
+                .iter()
+                .map(|(k, v)| (k.clone(), Duration::from_secs(*v)))
+                .collect(),
+        }
+    }
+
+    /// The hook every write path asks: how long may this device's fixes live?
+    pub fn ttl_for(&self, _device: &Pseudonym) -> Duration {
+        self.default_ttl
+    }
+
+    /// TTL for a device owned by `customer`.
+    pub fn ttl_for_customer(&self, customer: &str) -> Duration {
+        self.customer_ttl
+            .get(customer)
+            .copied()
+            .unwrap_or(self.default_ttl)
+    }
+
+    pub fn default_ttl(&self) -> Duration {
+        self.default_ttl
+    }
+
+    /// True if a fix taken at `fix_time_s` is already past `ttl` at `now_s`.
+    pub fn expired_at_ingest(&self, fix_time_s: Option<i64>, ttl: Duration, now_s: i64) -> bool {
+        let ttl_s = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        fix_time_s.is_some_and(|t| t < now_s.saturating_sub(ttl_s))
+    }
+}
+
+/// Sweep every `interval` until `stop` fires.
+pub async fn run_sweeper<C>(mut conn: C, retention: Retention, interval: Duration, stop: CancellationToken)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        match sweep_once(&mut conn, &retention).await {
+            Ok(trimmed) => {
+                metrics::counter!(m::RETENTION_SWEEPS).increment(1);
+                if trimmed > 0 {
+                    tracing::info!(trimmed, "retention sweep removed expired fixes");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "retention sweep failed; will retry next interval"),
+        }
+    }
+}
+
+/// Trim every fixes stream to its TTL exactly; returns the entries removed.
+pub async fn sweep_once<C: ConnectionLike + Send + Sync>(conn: &mut C, retention: &Retention) -> redis::RedisResult<u64> {
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let mut cursor: u64 = 0;
+    let mut trimmed = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(FIXES_PATTERN)
+            .arg("COUNT")
+            .arg(500)
+            .arg("TYPE")
+            .arg("stream")
+            .query_async(conn)
+            .await?;
+        for key in keys {
+            let ttl_ms = match pseudonym_of_key(&key) {
+                Some(p) => {
+                    let stored: Option<i64> = conn.hget(meta_key(&p), META_TTL_MS).await?;
+                    stored.unwrap_or(retention.ttl_for(&p).as_millis() as i64)
+                }
+                None => retention.default_ttl().as_millis() as i64,
+            };
+            let n: u64 = redis::cmd("XTRIM")
+                .arg(&key)
+                .arg("MINID")
+                .arg(now_ms - ttl_ms)
+                .query_async(conn)
+                .await?;
+            trimmed += n;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    metrics::counter!(m::RETENTION_TRIMMED).increment(trimmed);
+    Ok(trimmed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_at_ingest_uses_fix_time() {
+        let r = Retention::new(&RetentionConfig::default());
+        let ttl = Duration::from_secs(100);
+        assert!(r.expired_at_ingest(Some(899), ttl, 1000));
+        assert!(!r.expired_at_ingest(Some(900), ttl, 1000));
+        assert!(!r.expired_at_ingest(None, ttl, 1000), "no fix time: kept");
+    }
+
+    #[test]
+    fn customer_override() {
+        let mut c = RetentionConfig::default();
+        c.customer_ttl_s.insert("acme".into(), 3600);
+        let r = Retention::new(&c);
+        assert_eq!(r.ttl_for_customer("acme"), Duration::from_secs(3600));
+        assert_eq!(r.ttl_for_customer("other"), r.default_ttl());
+    }
+}

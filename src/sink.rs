@@ -1,0 +1,313 @@
+//! The Redis writer: a bounded queue per writer task, batched pipelined writes, and the
+//! completion signal that lets a connection acknowledge its device.
+//!
+//! * **Backpressure.** Each writer owns a bounded queue (`queue_depth_jobs`). A connection
+//!   awaits room before it reads its next frame, so a slow or paused Redis stops reading
+//!   from sockets instead of growing memory.
+//! * **Order.** A device always goes to the same writer (hash of its pseudonym), and a
+//!   writer finishes one batch before it starts the next, so a device's fixes reach its
+//!   stream in the order they were read.
+//! * **Nothing lost.** A batch that fails is retried with capped exponential backoff until
+//!   it succeeds or the process is told to give up (shutdown grace over). A job's `done`
+//!   fires only after Redis confirmed it; a job that is never written is never confirmed,
+//!   so the device keeps (and resends) its cached records.
+//! * **Exactly once per batch.** A pipeline that timed out may still run on the server
+//!   later. Each device's part of a batch is one script call tagged with the batch id; the
+//!   script skips a call whose id is already recorded as the device's last batch, so a
+//!   retry never duplicates fixes. The same script applies retention (trim + expiry, once
+//!   per device per batch) and refuses entries received before a purge cutoff.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionLike;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RedisConfig;
+use crate::metrics as m;
+use crate::pseudonym::Pseudonym;
+use crate::storage::{FieldValue, StoredFix, fixes_key, meta_key, tomb_key};
+
+/// One decoded frame's worth of fixes for one device.
+#[derive(Debug)]
+pub struct WriteJob {
+    pub device: Pseudonym,
+    pub fixes: Vec<StoredFix>,
+    /// When the gateway read the frame (Unix ms): purge cutoffs compare against it.
+    pub received_ms: i64,
+    /// The device's retention.
+    pub ttl: Duration,
+    /// Fired once every fix of the job is in Redis.
+    pub done: Option<oneshot::Sender<()>>,
+}
+
+/// The queue is gone: the gateway is shutting down.
+#[derive(Debug, thiserror::Error)]
+#[error("write queue closed")]
+pub struct SinkClosed;
+
+/// Handle for connections: routes jobs to writers. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    queues: Arc<[mpsc::Sender<WriteJob>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Sink {
+    /// Queue `job` on its device's writer, waiting while that queue is full.
+    pub async fn submit(&self, job: WriteJob) -> Result<(), SinkClosed> {
+        let mut h = self.hasher.build_hasher();
+        job.device.hash(&mut h);
+        let i = (h.finish() % self.queues.len() as u64) as usize;
+        self.queues[i].send(job).await.map_err(|_| SinkClosed)
+    }
+}
+
+/// Retention (trim, expiry) and the idempotent, purge-aware append, in one atomic step
+/// per device and batch. KEYS: fixes stream, meta hash, tombstone.
+/// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, then per entry:
+/// received ms, field count, field/value pairs.
+const APPEND_SCRIPT: &str = r#"
+if redis.call('HGET', KEYS[2], 'lb') == ARGV[1] then return -1 end
+local cut = tonumber(redis.call('GET', KEYS[3]) or '-1')
+local i = 6
+local written = 0
+while i <= #ARGV do
+  local recv = tonumber(ARGV[i])
+  local n = tonumber(ARGV[i + 1])
+  if recv > cut then
+    redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 2, i + 1 + n))
+    written = written + 1
+  end
+  i = i + 2 + n
+end
+if written > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+redis.call('HSET', KEYS[2], 'lb', ARGV[1], 'ls', ARGV[4], 'kv', ARGV[5], 'tt', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return written
+"#;
+
+/// Writer tasks and their queues.
+#[derive(Debug)]
+pub struct Writers {
+    pub sink: Sink,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Start `config.writers` writer tasks on clones of `conn`. They run until every [`Sink`]
+/// clone is dropped and their queues are drained, or until `abort` fires (then unwritten
+/// jobs are dropped unconfirmed).
+pub fn start<C>(conn: C, config: &RedisConfig, abort: CancellationToken) -> Writers
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let script = Arc::new(redis::Script::new(APPEND_SCRIPT));
+    let batch_seq = Arc::new(AtomicU64::new(0));
+    let instance: u32 = rand::random();
+    let mut queues = Vec::with_capacity(config.writers);
+    let mut tasks = Vec::with_capacity(config.writers);
+    for id in 0..config.writers {
+        let (tx, rx) = mpsc::channel(config.queue_depth_jobs);
+        queues.push(tx);
+        let w = Writer {
+            id,
+            conn: conn.clone(),
+            rx,
+            script: script.clone(),
+            batch_max_fixes: config.batch_max_fixes,
+            batch_max_delay: Duration::from_millis(config.batch_max_delay_ms),
+            backoff_initial: Duration::from_millis(config.retry_backoff_initial_ms),
+            backoff_max: Duration::from_millis(config.retry_backoff_max_ms),
+            batch_seq: batch_seq.clone(),
+            instance,
+            abort: abort.clone(),
+        };
+        tasks.push(tokio::spawn(w.run()));
+    }
+    Writers {
+        sink: Sink {
+            queues: queues.into(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        },
+        tasks,
+    }
+}
+
+struct Writer<C> {
+    id: usize,
+    conn: C,
+    rx: mpsc::Receiver<WriteJob>,
+    script: Arc<redis::Script>,
+    batch_max_fixes: usize,
+    batch_max_delay: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    batch_seq: Arc<AtomicU64>,
+    instance: u32,
+    abort: CancellationToken,
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
+    async fn run(mut self) {
+        let mut batch: Vec<WriteJob> = Vec::new();
+        loop {
+            let first = tokio::select! {
+                job = self.rx.recv() => job,
+                () = self.abort.cancelled() => None,
+            };
+            let Some(first) = first else { break };
+            let mut fixes = first.fixes.len();
+            batch.push(first);
+            let deadline = tokio::time::Instant::now() + self.batch_max_delay;
+            while fixes < self.batch_max_fixes {
+                // Take what is already queued without waiting; wait only up to the deadline.
+                let next = match self.rx.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                            Ok(job) => job,
+                            Err(_) => None,
+                        }
+                    }
+                };
+                let Some(job) = next else { break };
+                fixes += job.fixes.len();
+                batch.push(job);
+            }
+            metrics::gauge!(m::QUEUE_DEPTH, "writer" => self.id.to_string()).set(self.rx.len() as f64);
+            if !self.write_with_retry(&batch, fixes).await {
+                break; // aborted: the batch stays unconfirmed
+            }
+            for job in batch.drain(..) {
+                if let Some(done) = job.done {
+                    let _ = done.send(()); // the connection may have gone; that is fine
+                }
+            }
+        }
+        let left = batch.len() + self.rx.len();
+        if left > 0 {
+            tracing::error!(writer = self.id, jobs = left, "writer stopped with unwritten jobs; they were not acknowledged");
+            metrics::counter!(m::JOBS_UNWRITTEN).increment(left as u64);
+        }
+    }
+
+    /// Write until Redis confirms; false if aborted first.
+    async fn write_with_retry(&mut self, batch: &[WriteJob], fixes: usize) -> bool {
+        let seq = self.batch_seq.fetch_add(1, Ordering::Relaxed);
+        let batch_id = format!("{:08x}-{seq:x}", self.instance);
+        let mut backoff = self.backoff_initial;
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            let pipe = build_pipeline(&self.script, batch, &batch_id);
+            let result = pipe.query_async::<()>(&mut self.conn).await;
+            match result {
+                Ok(()) => {
+                    metrics::histogram!(m::REDIS_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+                    metrics::counter!(m::FIXES_WRITTEN).increment(fixes as u64);
+                    if attempt > 0 {
+                        tracing::info!(writer = self.id, attempts = attempt + 1, "redis write succeeded after retry");
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    metrics::counter!(m::REDIS_WRITE_ERRORS).increment(1);
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+                        // Redis restarted or flushed scripts: load it and go again at once.
+                        let mut conn = self.conn.clone();
+                        let _ = self.script.prepare_invoke().load_async(&mut conn).await;
+                        continue;
+                    }
+                    tracing::warn!(writer = self.id, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "redis write failed; keeping the batch");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.abort.cancelled() => return false,
+                    }
+                    backoff = (backoff * 2).min(self.backoff_max);
+                    // A restarted Redis has lost the script; loading it again is cheap.
+                    let mut conn = self.conn.clone();
+                    let _ = self.script.prepare_invoke().load_async(&mut conn).await;
+                }
+            }
+        }
+    }
+}
+
+/// One EVALSHA per device in the batch, in first-seen order.
+fn build_pipeline(script: &redis::Script, batch: &[WriteJob], batch_id: &str) -> redis::Pipeline {
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let mut by_device: HashMap<&Pseudonym, Vec<&WriteJob>> = HashMap::new();
+    let mut order: Vec<&Pseudonym> = Vec::new();
+    for job in batch {
+        by_device
+            .entry(&job.device)
+            .or_insert_with(|| {
+                order.push(&job.device);
+                Vec::new()
+            })
+            .push(job);
+    }
+    let mut pipe = redis::pipe();
+    for device in order {
+        let jobs = &by_device[device];
+        let ttl_ms = jobs
+            .iter()
+            .map(|j| j.ttl.as_millis() as i64)
+            .max()
+            .unwrap_or(0);
+        let cmd = pipe
+            .cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(3)
+            .arg(fixes_key(device))
+            .arg(meta_key(device))
+            .arg(tomb_key(device))
+            .arg(batch_id)
+            .arg(ttl_ms)
+            .arg(now_ms - ttl_ms)
+            .arg(now_ms)
+            .arg(device.key_version());
+        for job in jobs {
+            for fix in &job.fixes {
+                cmd.arg(job.received_ms).arg(fix.arg_count());
+                for (name, value) in &fix.fields {
+                    cmd.arg(*name);
+                    match value {
+                        FieldValue::Int(i) => cmd.arg(*i),
+                        FieldValue::Text(t) => cmd.arg(t.as_str()),
+                    };
+                }
+            }
+        }
+        cmd.ignore();
+    }
+    pipe
+}
+
+/// A Redis connection that (re)connects by itself, with the configured timeouts. Lazy:
+/// the gateway starts while Redis is down (`/readyz` says so) and writers retry.
+pub fn connect(config: &RedisConfig) -> redis::RedisResult<redis::aio::ConnectionManager> {
+    use redis::IntoConnectionInfo;
+    let mut info = config.url.as_str().into_connection_info()?;
+    if let Some(pw) = &config.password {
+        let settings = info.redis_settings().clone().set_password(pw);
+        info = info.set_redis_settings(settings);
+    }
+    let client = redis::Client::open(info)?;
+    let cm = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
+        .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+        .set_max_delay(Duration::from_millis(config.retry_backoff_max_ms))
+        .set_number_of_retries(2);
+    redis::aio::ConnectionManager::new_lazy_with_config(client, cm)
+}
