@@ -16,7 +16,10 @@ struct ApiState {
 }
 
 /// The router; serve it with `axum::serve`.
-pub fn router(redis: redis::aio::ConnectionManager, prometheus: Option<PrometheusHandle>) -> Router {
+pub fn router(
+    redis: redis::aio::ConnectionManager,
+    prometheus: Option<PrometheusHandle>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -27,7 +30,10 @@ pub fn router(redis: redis::aio::ConnectionManager, prometheus: Option<Prometheu
 async fn metrics(State(s): State<ApiState>) -> (StatusCode, String) {
     match &s.prometheus {
         Some(h) => (StatusCode::OK, h.render()),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n".into()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed\n".into(),
+        ),
     }
 }
 

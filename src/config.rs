@@ -289,7 +289,10 @@ impl Config {
             ("limits.max_connections", l.max_connections as u64),
             ("limits.handshake_timeout_s", l.handshake_timeout_s),
             ("limits.idle_timeout_s", l.idle_timeout_s),
-            ("limits.max_consecutive_bad_frames", u64::from(l.max_consecutive_bad_frames)),
+            (
+                "limits.max_consecutive_bad_frames",
+                u64::from(l.max_consecutive_bad_frames),
+            ),
             ("limits.max_inflight_frames", l.max_inflight_frames as u64),
             ("limits.read_buffer_bytes", l.read_buffer_bytes as u64),
             ("limits.write_timeout_s", l.write_timeout_s),
@@ -301,7 +304,10 @@ impl Config {
             ("redis.retry_backoff_initial_ms", r.retry_backoff_initial_ms),
             ("redis.retry_backoff_max_ms", r.retry_backoff_max_ms),
             ("retention.ttl_s", self.retention.ttl_s),
-            ("retention.sweep_interval_s", self.retention.sweep_interval_s),
+            (
+                "retention.sweep_interval_s",
+                self.retention.sweep_interval_s,
+            ),
         ];
         for (field, v) in positive {
             if v == 0 {
@@ -326,7 +332,10 @@ impl Config {
             }
         }
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
-            return Err(invalid("redis.url", "must start with redis:// or rediss://"));
+            return Err(invalid(
+                "redis.url",
+                "must start with redis:// or rediss://",
+            ));
         }
         if self.keys.key_file.as_os_str().is_empty() {
             return Err(invalid(
@@ -405,7 +414,11 @@ mod tests {
         let text = format!(
             "{MINIMAL}\n[[listeners]]\nbind = \"127.0.0.1:0\"\ntls = {{ cert_path = \"/nonexistent.pem\", key_path = \"/nonexistent.key\" }}\n"
         );
-        let msg = Config::parse(&text).unwrap().validate().unwrap_err().to_string();
+        let msg = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("listeners[1].tls.cert_path"), "{msg}");
     }
 }

@@ -242,15 +242,22 @@ where
 
     // Whatever was read is still written and, if the device is listening, confirmed.
     while let Some(ack) = pending.next().await {
-        if send_ack(framed.get_mut(), ack, write_timeout).await.is_some() {
+        if send_ack(framed.get_mut(), ack, write_timeout)
+            .await
+            .is_some()
+        {
             break;
         }
     }
     let _ = framed.get_mut().shutdown().await;
     metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
     match &conn.device {
-        Some(d) => tracing::debug!(%peer, device = %d.pseudonym, reason = reason.label(), "connection closed"),
-        None => tracing::debug!(%peer, reason = reason.label(), "connection closed before a valid frame"),
+        Some(d) => {
+            tracing::debug!(%peer, device = %d.pseudonym, reason = reason.label(), "connection closed")
+        }
+        None => {
+            tracing::debug!(%peer, reason = reason.label(), "connection closed before a valid frame")
+        }
     }
 }
 
@@ -289,7 +296,11 @@ impl Conn {
         // No IMEI here: frame errors carry offsets and field names only.
         match &self.device {
             Some(d) => tracing::warn!(device = %d.pseudonym, kind, detail, "frame rejected"),
-            None => tracing::warn!(kind, detail, "frame rejected before the device identified itself"),
+            None => tracing::warn!(
+                kind,
+                detail,
+                "frame rejected before the device identified itself"
+            ),
         }
     }
 
@@ -307,7 +318,10 @@ impl Conn {
         let pseudonym = match &self.device {
             Some(d) if d.imei.expose() == frame.imei() => d.pseudonym.clone(),
             Some(_) => {
-                self.frame_error("imei_mismatch", "frame from another IMEI on a bound connection");
+                self.frame_error(
+                    "imei_mismatch",
+                    "frame from another IMEI on a bound connection",
+                );
                 return Ok(None);
             }
             None => {
@@ -341,7 +355,9 @@ impl Conn {
         let fixes = self.stored_fixes(&msg, &pseudonym);
         let reply = expected_reply(&msg, self.shared.config.protocol.confirm_cce).and_then(|r| {
             let mut out = Vec::with_capacity(48);
-            r.encode(frame.flag(), frame.imei(), &mut out).ok().map(|()| out)
+            r.encode(frame.flag(), frame.imei(), &mut out)
+                .ok()
+                .map(|()| out)
         });
         let label = type_label(kind);
         if fixes.is_empty() {
@@ -385,7 +401,11 @@ impl Conn {
         for fix in &msg.fixes {
             metrics::counter!(m::FIXES_RECEIVED).increment(1);
             let stored = StoredFix::from_fix(msg.kind, fix);
-            if self.shared.retention.expired_at_ingest(stored.fix_time_s, ttl, now_s) {
+            if self
+                .shared
+                .retention
+                .expired_at_ingest(stored.fix_time_s, ttl, now_s)
+            {
                 metrics::counter!(m::FIXES_EXPIRED_AT_INGEST).increment(1);
                 continue;
             }

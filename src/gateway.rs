@@ -138,13 +138,19 @@ impl Gateway {
         let stop = shutdown.clone();
         let done = tokio::spawn(async move {
             stop.cancelled().await;
-            tracing::info!(grace_s = grace.as_secs(), "shutting down: finishing received data");
+            tracing::info!(
+                grace_s = grace.as_secs(),
+                "shutting down: finishing received data"
+            );
             let deadline = tokio::time::Instant::now() + grace;
             for a in accept_loops {
                 let _ = a.await;
             }
             tracker.close();
-            if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
+            if tokio::time::timeout_at(deadline, tracker.wait())
+                .await
+                .is_err()
+            {
                 tracing::error!("shutdown grace over with connections still waiting for Redis");
             }
             drop(shared); // last queue senders (with the connections'): writers drain and exit

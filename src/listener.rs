@@ -45,7 +45,8 @@ pub fn tls_acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     if certs.is_empty() {
         return Err(pem_err(&config.cert_path, &"no certificate in file"));
     }
-    let key = PrivateKeyDer::from_pem_file(&config.key_path).map_err(|e| pem_err(&config.key_path, &e))?;
+    let key = PrivateKeyDer::from_pem_file(&config.key_path)
+        .map_err(|e| pem_err(&config.key_path, &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?

@@ -33,8 +33,7 @@ pub fn install() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let buckets = [
-                0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
-                10.0,
+                0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
             ];
             PrometheusBuilder::new()
                 .set_buckets(&buckets)

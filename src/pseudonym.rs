@@ -158,7 +158,10 @@ impl KeyRing {
             let secret = hex::decode(&e.secret_hex)
                 .map_err(|_| format!("key version {}: secret_hex is not hex", e.version))?;
             if secret.len() != 32 {
-                return Err(format!("key version {}: secret must be 32 bytes", e.version));
+                return Err(format!(
+                    "key version {}: secret must be 32 bytes",
+                    e.version
+                ));
             }
             let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&secret)
                 .map_err(|_| format!("key version {}: unusable secret", e.version))?;
@@ -341,7 +344,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.toml");
         KeyRing::generate(&path).unwrap();
-        assert!(KeyRing::generate(&path).is_err(), "never overwrites a key file");
+        assert!(
+            KeyRing::generate(&path).is_err(),
+            "never overwrites a key file"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -73,8 +73,12 @@ impl Retention {
 }
 
 /// Sweep every `interval` until `stop` fires.
-pub async fn run_sweeper<C>(mut conn: C, retention: Retention, interval: Duration, stop: CancellationToken)
-where
+pub async fn run_sweeper<C>(
+    mut conn: C,
+    retention: Retention,
+    interval: Duration,
+    stop: CancellationToken,
+) where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     let mut tick = tokio::time::interval(interval);
@@ -91,13 +95,18 @@ where
                     tracing::info!(trimmed, "retention sweep removed expired fixes");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "retention sweep failed; will retry next interval"),
+            Err(e) => {
+                tracing::warn!(error = %e, "retention sweep failed; will retry next interval")
+            }
         }
     }
 }
 
 /// Trim every fixes stream to its TTL exactly; returns the entries removed.
-pub async fn sweep_once<C: ConnectionLike + Send + Sync>(conn: &mut C, retention: &Retention) -> redis::RedisResult<u64> {
+pub async fn sweep_once<C: ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    retention: &Retention,
+) -> redis::RedisResult<u64> {
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut cursor: u64 = 0;
     let mut trimmed = 0u64;

@@ -18,7 +18,7 @@
 //!   per device per batch) and refuses entries received before a purge cutoff.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -61,9 +61,7 @@ pub struct Sink {
 impl Sink {
     /// Queue `job` on its device's writer, waiting while that queue is full.
     pub async fn submit(&self, job: WriteJob) -> Result<(), SinkClosed> {
-        let mut h = self.hasher.build_hasher();
-        job.device.hash(&mut h);
-        let i = (h.finish() % self.queues.len() as u64) as usize;
+        let i = (self.hasher.hash_one(&job.device) % self.queues.len() as u64) as usize;
         self.queues[i].send(job).await.map_err(|_| SinkClosed)
     }
 }
@@ -173,17 +171,17 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
                     Ok(job) => Some(job),
                     Err(mpsc::error::TryRecvError::Disconnected) => None,
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                            Ok(job) => job,
-                            Err(_) => None,
-                        }
+                        tokio::time::timeout_at(deadline, self.rx.recv())
+                            .await
+                            .unwrap_or_default()
                     }
                 };
                 let Some(job) = next else { break };
                 fixes += job.fixes.len();
                 batch.push(job);
             }
-            metrics::gauge!(m::QUEUE_DEPTH, "writer" => self.id.to_string()).set(self.rx.len() as f64);
+            metrics::gauge!(m::QUEUE_DEPTH, "writer" => self.id.to_string())
+                .set(self.rx.len() as f64);
             if !self.write_with_retry(&batch, fixes).await {
                 break; // aborted: the batch stays unconfirmed
             }
@@ -195,7 +193,11 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
         }
         let left = batch.len() + self.rx.len();
         if left > 0 {
-            tracing::error!(writer = self.id, jobs = left, "writer stopped with unwritten jobs; they were not acknowledged");
+            tracing::error!(
+                writer = self.id,
+                jobs = left,
+                "writer stopped with unwritten jobs; they were not acknowledged"
+            );
             metrics::counter!(m::JOBS_UNWRITTEN).increment(left as u64);
         }
     }
@@ -212,10 +214,15 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
             let result = pipe.query_async::<()>(&mut self.conn).await;
             match result {
                 Ok(()) => {
-                    metrics::histogram!(m::REDIS_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+                    metrics::histogram!(m::REDIS_WRITE_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
                     metrics::counter!(m::FIXES_WRITTEN).increment(fixes as u64);
                     if attempt > 0 {
-                        tracing::info!(writer = self.id, attempts = attempt + 1, "redis write succeeded after retry");
+                        tracing::info!(
+                            writer = self.id,
+                            attempts = attempt + 1,
+                            "redis write succeeded after retry"
+                        );
                     }
                     return true;
                 }

@@ -155,11 +155,19 @@ mod tests {
         fix.push_extra(ExtraKey::Named("battery_pct"), ExtraValue::Int(96));
         let s = StoredFix::from_fix(MessageKind::Cce, &fix);
         assert_eq!(s.fix_time_s, Some(1_700_000_000));
-        let get = |k: &str| s.fields.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        let get = |k: &str| {
+            s.fields
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+        };
         assert_eq!(get("la"), Some(FieldValue::Int(-27_257_698)));
         assert_eq!(get("mcc"), Some(FieldValue::Int(505)));
         assert_eq!(get("ty"), Some(FieldValue::Text("CCE".into())));
-        assert_eq!(get("x"), Some(FieldValue::Text(r#"{"battery_pct":96}"#.into())));
+        assert_eq!(
+            get("x"),
+            Some(FieldValue::Text(r#"{"battery_pct":96}"#.into()))
+        );
         assert_eq!(get("sp"), None, "absent fields are not written");
     }
 }

@@ -28,7 +28,10 @@ pub(super) fn run(cmd: &KeysCommand) -> ExitCode {
             println!("{}: key version 1 written", file.display());
         }),
         KeysCommand::Rotate { file } => KeyRing::rotate(file, None).map(|v| {
-            println!("{}: key version {v} added; restart gateways to use it", file.display());
+            println!(
+                "{}: key version {v} added; restart gateways to use it",
+                file.display()
+            );
         }),
     };
     match result {

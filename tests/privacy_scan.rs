@@ -1,0 +1,146 @@
+//! The raw IMEI never reaches Redis (keys, values, or any command sent), the logs (at
+//! every level, including error paths), or the metrics.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use redis::AsyncCommands;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_imeis_appear_nowhere() {
+    let logs = Captured::default();
+    let sink = logs.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .init();
+
+    let redis = RedisServer::start();
+    // Record every command Redis receives.
+    let mut monitor = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "MONITOR"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("redis-cli on PATH");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (gw, _keys) = start_gateway(test_config(&redis)).await;
+    let imeis: Vec<String> = (0..4).map(|n| imei(500 + n)).collect();
+    let now = now_s();
+    for id in &imeis {
+        let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+        t.send(&aaa_frame(id, &fix_at(now, 0))).await;
+        t.send(&cce_frame(id, &[fix_at(now, 1), fix_at(now, 2)]))
+            .await;
+        assert!(t.reply(Duration::from_secs(10)).await.is_some());
+        // Error paths log too: a broken checksum, a foreign IMEI, an undecodable payload.
+        let mut bad = ccc_frame(id, &[fix_at(now, 3)]);
+        let n = bad.len();
+        bad[n - 3] = if bad[n - 3] == b'0' { b'1' } else { b'0' };
+        t.send(&bad).await;
+        t.send(&ccc_frame(&imei(999), &[fix_at(now, 4)])).await;
+        let mut junk_payload = Vec::new();
+        trackgate_protocols::encode::frame(
+            trackgate_protocols::Direction::DeviceToServer,
+            b'A',
+            id,
+            b"AAA",
+            b"not,a,report",
+            &mut junk_payload,
+        )
+        .unwrap();
+        t.send(&junk_payload).await;
+        t.send(&ccc_frame(id, &[fix_at(now, 5)])).await;
+        assert!(t.reply(Duration::from_secs(10)).await.is_some());
+    }
+    let metrics_text = {
+        let http = gw.http_addr.unwrap();
+        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    gw.shutdown();
+    gw.wait().await;
+
+    // Everything stored: every key, every field and value.
+    let mut conn = redis.conn().await;
+    let mut stored = String::new();
+    let keys: Vec<String> = conn.keys("*").await.unwrap();
+    assert!(!keys.is_empty());
+    for k in &keys {
+        stored.push_str(k);
+        stored.push('\n');
+        let kind: String = redis::cmd("TYPE")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let dump: redis::Value = match kind.as_str() {
+            "stream" => redis::cmd("XRANGE")
+                .arg(k)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "hash" => redis::cmd("HGETALL")
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "string" => redis::cmd("GET")
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            other => panic!("unexpected key type {other} for {k}"),
+        };
+        stored.push_str(&format!("{dump:?}\n"));
+    }
+    let _ = monitor.kill();
+    let monitored = {
+        let out = monitor.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+
+    assert!(monitored.contains("EVALSHA"), "MONITOR saw the writes");
+    assert!(logs.contains("frame rejected"), "error paths were logged");
+    assert!(metrics_text.contains("trackgate_frames_total"));
+    for id in imeis.iter().chain([&imei(999)]) {
+        for (what, text) in [
+            ("redis data", &stored),
+            ("redis commands", &monitored),
+            ("logs", &logs),
+            ("metrics", &metrics_text),
+        ] {
+            assert!(!text.contains(id.as_str()), "raw IMEI found in {what}");
+        }
+    }
+}

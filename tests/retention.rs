@@ -1,0 +1,94 @@
+//! Hard TTL (DESIGN §6) with a TTL of seconds: expired fixes are refused at ingest, an
+//! active device's stream is trimmed by the sweeper, a silent device's keys vanish.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use redis::AsyncCommands;
+use trackgate::storage::{fixes_key, meta_key};
+
+const TTL_S: u64 = 2;
+const SWEEP_S: u64 = 1;
+
+fn config(redis: &RedisServer) -> trackgate::config::Config {
+    let mut c = test_config(redis);
+    c.retention.ttl_s = TTL_S;
+    c.retention.sweep_interval_s = SWEEP_S;
+    c
+}
+
+fn id_ms(id: &str) -> i64 {
+    id.split_once('-').unwrap().0.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixes_older_than_the_ttl_are_dropped_at_ingest_but_confirmed() {
+    let redis = RedisServer::start();
+    let (gw, keys) = start_gateway(config(&redis)).await;
+    let id = imei(40);
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    let old = jiff::Timestamp::from_second(now_s().as_second() - 60).unwrap();
+    t.send(&cce_frame(&id, &[fix_at(old, 0), fix_at(now_s(), 1)]))
+        .await;
+    let reply = t.reply(Duration::from_secs(10)).await.expect("confirmed");
+    assert!(
+        reply.contains(",CCE,2*"),
+        "the device may delete both records: {reply}"
+    );
+    let mut conn = redis.conn().await;
+    assert_eq!(
+        stream_len(&mut conn, &pseudonym(&keys, &id)).await,
+        1,
+        "only the fresh fix"
+    );
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_stream_is_trimmed_and_silent_device_vanishes() {
+    let redis = RedisServer::start();
+    let (gw, keys) = start_gateway(config(&redis)).await;
+    let active = imei(41);
+    let silent = imei(42);
+    let mut a = Tracker::connect(gw.tracker_addrs[0]).await;
+    let mut s = Tracker::connect(gw.tracker_addrs[0]).await;
+    s.send(&ccc_frame(&silent, &[fix_at(now_s(), 0)])).await;
+    assert!(s.reply(Duration::from_secs(10)).await.is_some());
+    let mut conn = redis.conn().await;
+    let sp = pseudonym(&keys, &silent);
+    assert!(conn.exists::<_, bool>(fixes_key(&sp)).await.unwrap());
+
+    // The active device reports every 250 ms for TTL + 2 sweeps, so its key never expires.
+    let ap = pseudonym(&keys, &active);
+    let started = std::time::Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(TTL_S + 2 * SWEEP_S + 1) {
+        a.send(&ccc_frame(&active, &[fix_at(now_s(), i)])).await;
+        assert!(a.reply(Duration::from_secs(10)).await.is_some());
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Physically gone: no entry older than TTL + sweep interval is left in the raw stream.
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let entries: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(&ap)).await.unwrap();
+    assert!(!entries.ids.is_empty());
+    let oldest = id_ms(&entries.ids[0].id);
+    let bound = ((TTL_S + SWEEP_S) * 1000) as i64 + 300; // + scheduling slack
+    assert!(
+        now_ms - oldest <= bound,
+        "oldest entry is {} ms old",
+        now_ms - oldest
+    );
+    assert!(entries.ids.len() < i as usize, "older entries were removed");
+
+    // The silent device's keys expired whole.
+    assert!(!conn.exists::<_, bool>(fixes_key(&sp)).await.unwrap());
+    assert!(!conn.exists::<_, bool>(meta_key(&sp)).await.unwrap());
+    gw.shutdown();
+    gw.wait().await;
+}
