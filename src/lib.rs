@@ -8,6 +8,7 @@ pub mod config;
 pub mod connection;
 pub mod gateway;
 pub mod listener;
+pub mod loadgen;
 pub mod metrics;
 pub mod pseudonym;
 pub mod retention;

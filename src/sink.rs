@@ -93,6 +93,11 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return written
 "#;
 
+/// The append script (see [`APPEND_SCRIPT`]).
+pub fn append_script() -> redis::Script {
+    redis::Script::new(APPEND_SCRIPT)
+}
+
 /// Writer tasks and their queues.
 #[derive(Debug)]
 pub struct Writers {
@@ -107,7 +112,7 @@ pub fn start<C>(conn: C, config: &RedisConfig, abort: CancellationToken) -> Writ
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    let script = Arc::new(redis::Script::new(APPEND_SCRIPT));
+    let script = Arc::new(append_script());
     let batch_seq = Arc::new(AtomicU64::new(0));
     let instance: u32 = rand::random();
     let mut queues = Vec::with_capacity(config.writers);
@@ -250,8 +255,13 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
     }
 }
 
-/// One EVALSHA per device in the batch, in first-seen order.
-fn build_pipeline(script: &redis::Script, batch: &[WriteJob], batch_id: &str) -> redis::Pipeline {
+/// The Redis pipeline for one batch: one EVALSHA per device, in first-seen order.
+/// Public for the write-path benchmark.
+pub fn build_pipeline(
+    script: &redis::Script,
+    batch: &[WriteJob],
+    batch_id: &str,
+) -> redis::Pipeline {
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut by_device: HashMap<&Pseudonym, Vec<&WriteJob>> = HashMap::new();
     let mut order: Vec<&Pseudonym> = Vec::new();

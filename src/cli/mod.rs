@@ -6,11 +6,13 @@ use clap::{Parser, Subcommand};
 
 mod config_cmd;
 mod decode;
+mod demo;
 mod keys;
 mod serve;
 
 pub use config_cmd::ConfigCommand;
 pub use decode::DecodeArgs;
+pub use demo::DemoArgs;
 pub use keys::KeysCommand;
 pub use serve::ServeArgs;
 
@@ -27,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway.
     Serve(ServeArgs),
+    /// Run Redis, the gateway and a simulated fleet on this machine, with live stats.
+    Demo(DemoArgs),
     /// Decode Meitrack frames to JSON Lines (one object per fix).
     Decode(DecodeArgs),
     /// Configuration file tools.
@@ -41,6 +45,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve::run(&args),
+        Command::Demo(args) => demo::run(&args),
         Command::Decode(args) => decode::run(&args),
         Command::Config(cmd) => config_cmd::run(&cmd),
         Command::Keys(cmd) => keys::run(&cmd),

@@ -1,0 +1,106 @@
+//! Gateway hot paths besides decoding: the pseudonymizer (one HMAC per new connection,
+//! cached after), laying fixes out for storage, and encoding a write batch into the Redis
+//! pipeline bytes. Baselines in the same groups: a plain SHA-256 of the same input (the
+//! HMAC costs two compressions more), and a memcpy of the encoded bytes.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // bench set-up fails loudly
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use jiff::Timestamp;
+use redis::Pipeline;
+use sha2::Digest;
+use trackgate::pseudonym::{Imei, KeyRing};
+use trackgate::sink::{WriteJob, append_script, build_pipeline};
+use trackgate::storage::StoredFix;
+use trackgate_protocols::{Cell, Fix, MessageKind};
+
+fn fix(i: i32) -> Fix<'static> {
+    Fix {
+        event: Some(35),
+        time: Timestamp::from_second(1_700_000_000 + i64::from(i)).ok(),
+        valid: Some(true),
+        lat_e6: Some(48_137_154 + i),
+        lon_e6: Some(11_576_124 - i),
+        speed_kmh_x10: Some(420),
+        course_deg: Some(90),
+        altitude_m: Some(519),
+        satellites: Some(9),
+        hdop_x10: Some(9),
+        gsm_signal: Some(20),
+        mileage_m: Some(1_000_000),
+        runtime_s: Some(5000),
+        cell: Some(Cell {
+            mcc: 262,
+            mnc: 1,
+            lac: 0x1234,
+            cell_id: 0x5678,
+        }),
+        inputs: Some(1),
+        outputs: Some(0),
+        ..Fix::default()
+    }
+}
+
+fn pseudonymize(c: &mut Criterion) {
+    let ring = KeyRing::ephemeral();
+    let imei = Imei::new("350000000000001").unwrap();
+    let mut g = c.benchmark_group("pseudonym");
+    g.bench_function("sha256_baseline", |b| {
+        b.iter(|| sha2::Sha256::digest(black_box(b"imei:350000000000001")))
+    });
+    g.bench_function("hmac_pseudonym", |b| {
+        b.iter(|| ring.pseudonym(black_box(&imei)))
+    });
+    g.finish();
+}
+
+fn write_batch(c: &mut Criterion) {
+    let ring = KeyRing::ephemeral();
+    let script = append_script();
+    // 64 devices × 8 fixes: a typical batch under load.
+    let jobs: Vec<WriteJob> = (0..64)
+        .map(|d| {
+            let imei = Imei::new(&format!("3500000000{d:05}")).unwrap();
+            WriteJob {
+                device: ring.pseudonym(&imei),
+                fixes: (0..8)
+                    .map(|i| StoredFix::from_fix(MessageKind::Aaa, &fix(i)))
+                    .collect(),
+                received_ms: 1_700_000_000_000,
+                ttl: Duration::from_secs(90 * 86400),
+                done: None,
+            }
+        })
+        .collect();
+    let encoded = build_pipeline(&script, &jobs, "bench-1").get_packed_pipeline();
+    let mut g = c.benchmark_group("write_batch");
+    g.throughput(Throughput::Elements(64 * 8));
+    g.bench_function("memcpy_baseline", |b| {
+        b.iter(|| black_box(&encoded).clone())
+    });
+    g.bench_function("store_layout_512_fixes", |b| {
+        b.iter(|| {
+            (0..512)
+                .map(|i| StoredFix::from_fix(MessageKind::Aaa, black_box(&fix(i))))
+                .count()
+        })
+    });
+    g.bench_function("pipeline_encode_512_fixes", |b| {
+        b.iter(|| {
+            let p: Pipeline = build_pipeline(&script, black_box(&jobs), "bench-1");
+            p.get_packed_pipeline().len()
+        })
+    });
+    g.finish();
+    println!(
+        "encoded batch: {} bytes for 512 fixes ({} B/fix on the wire)",
+        encoded.len(),
+        encoded.len() / 512
+    );
+}
+
+criterion_group!(benches, pseudonymize, write_batch);
+criterion_main!(benches);

@@ -1,0 +1,273 @@
+//! `trackgate demo`: the whole product on one machine with one command.
+//!
+//! Starts its own `redis-server` child (free port, temp dir, no persistence), throwaway
+//! pseudonymization keys, the gateway, and a simulated fleet; prints live stats until
+//! Ctrl-C / SIGTERM or `--duration-s`. The Redis child is killed on every exit path: on
+//! return, on error, and on panic (the handle kills on drop).
+
+use std::net::TcpListener as StdListener;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ListenerConfig};
+use crate::gateway::{Gateway, termination_signal};
+use crate::loadgen::fleet::{self, FleetConfig, FleetStats};
+use crate::pseudonym::KeyRing;
+use crate::storage::FIXES_PATTERN;
+
+/// Arguments of `trackgate demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 200)]
+    pub devices: usize,
+    /// Seconds between two reports of one device.
+    #[arg(long, default_value_t = 1.0)]
+    pub report_interval_s: f64,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub duration_s: Option<u64>,
+    /// Seconds between two stats lines.
+    #[arg(long, default_value_t = 2)]
+    pub stats_interval_s: u64,
+    /// Serve metrics on this address (default: a free port on 127.0.0.1).
+    #[arg(long)]
+    pub http: Option<std::net::SocketAddr>,
+}
+
+pub(super) fn run(args: &DemoArgs) -> ExitCode {
+    super::serve::init_logging_quiet();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trackgate demo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(demo(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trackgate demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A redis-server child killed on drop.
+struct RedisChild {
+    child: tokio::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisChild {
+    async fn start() -> Result<RedisChild, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?
+            .port();
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--logfile", "redis.log"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    "redis-server not found on PATH. Install it: `sudo apt-get install redis-server` \
+                     (Debian/Ubuntu), `sudo dnf install redis` (Fedora) or `brew install redis` (macOS)"
+                        .to_string()
+                } else {
+                    format!("cannot start redis-server: {e}")
+                }
+            })?;
+        let r = RedisChild {
+            child,
+            port,
+            _dir: dir,
+        };
+        let client = redis::Client::open(r.url()).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+                {
+                    return Ok(r);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("redis-server did not come up within 10 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+async fn demo(args: &DemoArgs) -> Result<(), String> {
+    let redis = RedisChild::start().await?;
+    let mut config = Config {
+        listeners: vec![ListenerConfig {
+            bind: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+            tls: None,
+        }],
+        ..Config::default()
+    };
+    config.redis.url = redis.url();
+    config.http.bind = Some(args.http.unwrap_or_else(|| ([127, 0, 0, 1], 0).into()));
+    config.limits.shutdown_grace_s = 10;
+    config.keys.key_file = "(ephemeral)".into();
+    let keys = Arc::new(KeyRing::ephemeral());
+    let gateway = Gateway::start(config, keys)
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = gateway.tracker_addrs[0];
+    println!(
+        "trackgate demo: redis-server on port {}, gateway on {addr}, metrics on http://{}/metrics",
+        redis.port,
+        gateway.http_addr.map(|a| a.to_string()).unwrap_or_default()
+    );
+    println!(
+        "simulating {} devices reporting every {:.1} s; Ctrl-C to stop",
+        args.devices, args.report_interval_s
+    );
+
+    let stats = Arc::new(FleetStats::default());
+    let stop = CancellationToken::new();
+    let mut fleet_config = FleetConfig::new(addr, args.devices);
+    fleet_config.report_interval = Duration::from_secs_f64(args.report_interval_s.max(0.01));
+    let fleet = tokio::spawn(fleet::run(fleet_config, stats.clone(), stop.clone()));
+
+    let client = redis::Client::open(redis.url()).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    let baseline = used_memory(&mut conn).await.unwrap_or(0);
+    let started = Instant::now();
+    let deadline = args.duration_s.map(|s| started + Duration::from_secs(s));
+    let mut tick = tokio::time::interval(Duration::from_secs(args.stats_interval_s.max(1)));
+    tick.tick().await;
+    let mut last_stored = 0u64;
+    let mut last_at = Instant::now();
+    println!(
+        "{:>6} {:>9} {:>10} {:>8} {:>9} {:>9} {:>12}",
+        "t_s", "conns", "stored", "fixes/s", "ack_p50", "ack_p99", "redis_B/fix"
+    );
+    let signal = termination_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = &mut signal => break,
+        }
+        let stored = total_entries(&mut conn).await.unwrap_or(last_stored);
+        let now = Instant::now();
+        let rate = (stored.saturating_sub(last_stored)) as f64 / (now - last_at).as_secs_f64();
+        (last_stored, last_at) = (stored, now);
+        let mem = used_memory(&mut conn).await.unwrap_or(baseline);
+        let per_fix = if stored > 0 {
+            format!("{:.0}", mem.saturating_sub(baseline) as f64 / stored as f64)
+        } else {
+            "-".into()
+        };
+        let (p50, p99) = match stats.take_ack_percentiles() {
+            Some((a, b, _)) => (format!("{:.1}ms", ms(a)), format!("{:.1}ms", ms(b))),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:>6} {:>9} {:>10} {:>8.0} {:>9} {:>9} {:>12}",
+            started.elapsed().as_secs(),
+            stats.connected.load(Ordering::Relaxed),
+            stored,
+            rate,
+            p50,
+            p99,
+            per_fix
+        );
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    println!("stopping: fleet, then gateway (drains and acknowledges), then redis-server");
+    stop.cancel();
+    let _ = fleet.await;
+    gateway.shutdown();
+    gateway.wait().await;
+    let stored = total_entries(&mut conn).await.unwrap_or(last_stored);
+    println!(
+        "sent {} fixes in {} frames; {} stored; {} batches confirmed; {} ACK timeouts",
+        stats.fixes_sent.load(Ordering::Relaxed),
+        stats.frames_sent.load(Ordering::Relaxed),
+        stored,
+        stats.batches_confirmed.load(Ordering::Relaxed),
+        stats.ack_timeouts.load(Ordering::Relaxed),
+    );
+    redis.stop().await;
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> Option<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Entries across all fixes streams (SCAN + XLEN; fine for a demo-sized fleet).
+async fn total_entries(conn: &mut redis::aio::MultiplexedConnection) -> Option<u64> {
+    let mut cursor = 0u64;
+    let mut total = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(FIXES_PATTERN)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .ok()?;
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("XLEN").arg(k);
+        }
+        let lens: Vec<u64> = pipe.query_async(conn).await.ok()?;
+        total += lens.iter().sum::<u64>();
+        if next == 0 {
+            return Some(total);
+        }
+        cursor = next;
+    }
+}

@@ -1,0 +1,3 @@
+//! Load generation: the simulated fleet (shared with `trackgate demo`).
+
+pub mod fleet;
