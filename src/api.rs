@@ -1,5 +1,6 @@
 //! HTTP endpoints: `/metrics` (Prometheus), `/healthz` (the process is up), `/readyz`
-//! (Redis answers: a load balancer should only send devices to a ready gateway).
+//! (Redis answers and the gateway is not shutting down: a load balancer should only send
+//! devices to a ready gateway).
 
 use std::time::Duration;
 
@@ -8,23 +9,31 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 struct ApiState {
     redis: redis::aio::ConnectionManager,
     prometheus: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
 }
 
-/// The router; serve it with `axum::serve`.
+/// The router; serve it with `axum::serve`. `/readyz` turns 503 once `shutdown` fires,
+/// so a load balancer stops sending devices to a draining gateway.
 pub fn router(
     redis: redis::aio::ConnectionManager,
     prometheus: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
 ) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(ApiState { redis, prometheus })
+        .with_state(ApiState {
+            redis,
+            prometheus,
+            shutdown,
+        })
 }
 
 async fn metrics(State(s): State<ApiState>) -> (StatusCode, String) {
@@ -38,6 +47,9 @@ async fn metrics(State(s): State<ApiState>) -> (StatusCode, String) {
 }
 
 async fn readyz(State(mut s): State<ApiState>) -> (StatusCode, &'static str) {
+    if s.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
     let cmd = redis::cmd("PING");
     let ping = cmd.query_async::<String>(&mut s.redis);
     match tokio::time::timeout(Duration::from_secs(1), ping).await {

@@ -14,6 +14,14 @@ use serde::{Deserialize, Serialize};
 /// Ninety days, the product's default retention.
 pub const DEFAULT_TTL_S: u64 = 90 * 24 * 3600;
 
+/// Upper bound for `limits.max_frame_bytes`: real frames stay under ~1.1 KB, and the
+/// framer's early-resync check rescans a growing partial frame, so its cost grows with
+/// the square of this cap for a hostile byte-at-a-time sender.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024;
+
+/// Upper bound for TTLs (10 years): keeps millisecond arithmetic far from overflow.
+pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -75,7 +83,7 @@ pub struct Limits {
     pub handshake_timeout_s: u64,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout_s: u64,
-    /// Largest frame accepted, in bytes (at most 1 MiB).
+    /// Largest frame accepted, in bytes (at most 16 KiB).
     pub max_frame_bytes: usize,
     /// Rejected frames in a row before the connection is closed.
     pub max_consecutive_bad_frames: u32,
@@ -177,6 +185,7 @@ pub struct RetentionConfig {
     /// TTL + this interval.
     pub sweep_interval_s: u64,
     /// Per-customer lifetimes (customer id → seconds), agreed with that customer.
+    /// Refused until devices have owners (issue 5): ignoring it would be a silent breach.
     pub customer_ttl_s: BTreeMap<String, u64>,
 }
 
@@ -314,22 +323,25 @@ impl Config {
                 return Err(invalid(field, "must be greater than 0"));
             }
         }
-        if !(64..=trackgate_protocols::MAX_FRAME_BYTES_LIMIT).contains(&l.max_frame_bytes) {
+        if !(64..=MAX_FRAME_BYTES).contains(&l.max_frame_bytes) {
             return Err(invalid(
                 "limits.max_frame_bytes",
-                format!(
-                    "must be between 64 and {}",
-                    trackgate_protocols::MAX_FRAME_BYTES_LIMIT
-                ),
+                format!("must be between 64 and {MAX_FRAME_BYTES}"),
             ));
         }
-        for (customer, ttl) in &self.retention.customer_ttl_s {
-            if *ttl == 0 {
-                return Err(invalid(
-                    format!("retention.customer_ttl_s.{customer}"),
-                    "must be greater than 0",
-                ));
-            }
+        if self.retention.ttl_s > MAX_TTL_S {
+            return Err(invalid(
+                "retention.ttl_s",
+                format!("must be at most {MAX_TTL_S} (10 years)"),
+            ));
+        }
+        if let Some(customer) = self.retention.customer_ttl_s.keys().next() {
+            // Accepting it and applying the default would silently break an agreement.
+            return Err(invalid(
+                format!("retention.customer_ttl_s.{customer}"),
+                "per-customer retention needs device ownership (not available yet); \
+                 remove it or set retention.ttl_s",
+            ));
         }
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
             return Err(invalid(

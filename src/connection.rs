@@ -33,8 +33,7 @@ use crate::retention::Retention;
 use crate::sink::{Sink, WriteJob};
 use crate::storage::StoredFix;
 
-/// What the codec yields.
-#[derive(Debug)]
+/// What the codec yields. `Debug` never shows frame bytes (they hold the IMEI).
 pub enum Inbound {
     /// A complete frame whose length, checksum, IMEI and command checked out.
     Frame(Bytes),
@@ -42,6 +41,16 @@ pub enum Inbound {
     Rejected(FrameError),
     /// The peer closed with this many bytes of an unfinished frame buffered.
     Truncated(usize),
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Inbound::Frame(b) => write!(f, "Frame({} bytes)", b.len()),
+            Inbound::Rejected(e) => write!(f, "Rejected({e:?})"),
+            Inbound::Truncated(n) => write!(f, "Truncated({n})"),
+        }
+    }
 }
 
 /// Codec failure: the connection cannot continue.
@@ -201,9 +210,25 @@ where
                 if let Some(reason) = send_ack(framed.get_mut(), ack, write_timeout).await {
                     break reason;
                 }
+                // Time spent waiting for Redis (reading paused) is not the device's idleness.
+                deadline = deadline.max(tokio::time::Instant::now() + idle);
             }
             () = shared.shutdown.cancelled(), if reading => {
                 reading = false;
+                // Frames already read off the socket are received data: store and confirm
+                // them too, only stop reading more.
+                let mut codec = MeitrackCodec::new(shared.framer);
+                loop {
+                    match codec.decode(framed.read_buffer_mut()) {
+                        Ok(Some(Inbound::Frame(raw))) => match conn.frame(raw).await {
+                            Ok(Some(ack)) => pending.push_back(ack),
+                            Ok(None) => {}
+                            Err(_) => break,
+                        },
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => break,
+                    }
+                }
             }
             item = tokio::time::timeout_at(deadline, framed.next()),
                 if reading && pending.len() < limits.max_inflight_frames =>
@@ -221,8 +246,10 @@ where
                 };
                 match item {
                     Inbound::Frame(raw) => {
+                        let result = conn.frame(raw).await;
+                        // After the frame is queued: waiting for queue room is not idleness.
                         deadline = tokio::time::Instant::now() + idle;
-                        match conn.frame(raw).await {
+                        match result {
                             Ok(Some(ack)) => pending.push_back(ack),
                             Ok(None) => {}
                             Err(reason) => break reason,
@@ -233,21 +260,31 @@ where
                         conn.frame_error("incomplete", &format!("connection closed {n} bytes into a frame"));
                     }
                 }
-                if conn.bad_in_row > limits.max_consecutive_bad_frames {
+                if conn.bad_in_row >= limits.max_consecutive_bad_frames {
                     break CloseReason::BadFrames;
                 }
             }
         }
     };
 
-    // Whatever was read is still written and, if the device is listening, confirmed.
-    while let Some(ack) = pending.next().await {
-        if send_ack(framed.get_mut(), ack, write_timeout)
-            .await
-            .is_some()
-        {
-            break;
-        }
+    // Whatever was read is still written (the jobs are queued either way). Confirm it if
+    // the device can still hear us; a dead socket does not wait, so its connection slot is
+    // freed at once. Waiting is bounded by the idle timeout (shutdown by the grace period).
+    if !matches!(
+        reason,
+        CloseReason::Eof | CloseReason::Io | CloseReason::WriteTimeout
+    ) {
+        let drain = async {
+            while let Some(ack) = pending.next().await {
+                if send_ack(framed.get_mut(), ack, write_timeout)
+                    .await
+                    .is_some()
+                {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(idle, drain).await;
     }
     let _ = framed.get_mut().shutdown().await;
     metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
@@ -409,7 +446,10 @@ impl Conn {
                 metrics::counter!(m::FIXES_EXPIRED_AT_INGEST).increment(1);
                 continue;
             }
-            out.push(stored);
+            out.push(match &self.device {
+                Some(d) => stored.scrubbed(&d.imei),
+                None => stored,
+            });
         }
         out
     }

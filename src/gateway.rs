@@ -106,7 +106,12 @@ impl Gateway {
                 .map_err(|source| StartError::Bind { addr: bind, source })?;
             http_addr = bound.local_addr().ok();
             tracing::info!(addr = ?http_addr, "serving /metrics, /healthz, /readyz");
-            let app = api::router(conn.clone(), prometheus.clone());
+            // Its own connection: a readiness PING must not queue behind big pipelines.
+            let app = api::router(
+                sink::connect(&config.redis)?,
+                prometheus.clone(),
+                shutdown.clone(),
+            );
             let stop = shutdown.clone();
             http_task = Some(tokio::spawn(async move {
                 let _ = axum::serve(bound, app)
@@ -162,17 +167,29 @@ impl Gateway {
             })
             .await;
             if drained.is_err() {
+                tracing::error!(
+                    "shutdown grace over with writes pending; abandoning them unacknowledged"
+                );
                 abort.cancel();
-                for w in writers_left {
-                    let _ = w.await;
+                // Writers notice the abort at their next await; do not wait on Redis for it.
+                let settle = tokio::time::Instant::now() + Duration::from_secs(1);
+                for mut w in writers_left {
+                    if tokio::time::timeout_at(settle, &mut w).await.is_err() {
+                        tracing::error!("a writer did not stop; aborting it");
+                        w.abort();
+                    }
                 }
             }
-            let _ = sweeper.await;
-            if let Some(h) = http_task {
-                let _ = h.await;
-            }
-            if let Some(u) = upkeep {
-                let _ = u.await;
+            // Background tasks stop on the shutdown token; never wait past the deadline for
+            // them (a sweep of many keys, an HTTP client that never finishes its request).
+            let late = deadline.max(tokio::time::Instant::now());
+            let mut background = vec![sweeper];
+            background.extend(http_task);
+            background.extend(upkeep);
+            for mut t in background {
+                if tokio::time::timeout_at(late, &mut t).await.is_err() {
+                    t.abort();
+                }
             }
             tracing::info!("gateway stopped");
         });

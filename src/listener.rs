@@ -86,6 +86,8 @@ pub async fn run(
                 continue;
             }
         };
+        // Slots may have been freed while this loop waited in accept.
+        let permit = permit.or_else(|| permits.clone().try_acquire_owned().ok());
         let Some(permit) = permit else {
             metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "max_connections").increment(1);
             tracing::debug!(listener = label, %peer, "connection cap reached; closing new connection");

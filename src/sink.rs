@@ -187,11 +187,11 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
             }
             metrics::gauge!(m::QUEUE_DEPTH, "writer" => self.id.to_string())
                 .set(self.rx.len() as f64);
-            if !self.write_with_retry(&batch, fixes).await {
+            let Some(written) = self.write_with_retry(&batch).await else {
                 break; // aborted: the batch stays unconfirmed
-            }
-            for job in batch.drain(..) {
-                if let Some(done) = job.done {
+            };
+            for (job, ok) in batch.drain(..).zip(written) {
+                if let (true, Some(done)) = (ok, job.done) {
                     let _ = done.send(()); // the connection may have gone; that is fine
                 }
             }
@@ -207,52 +207,146 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
         }
     }
 
-    /// Write until Redis confirms; false if aborted first.
-    async fn write_with_retry(&mut self, batch: &[WriteJob], fixes: usize) -> bool {
+    /// Write until Redis confirms every device's part of the batch; `None` if aborted
+    /// first. Returns, per job, whether it was written. A device whose part keeps failing
+    /// with a permanent error (wrong key type, script error) is given up after
+    /// [`MAX_PERMANENT_FAILURES`] attempts, unacknowledged, so one broken key cannot stall
+    /// every other device on this writer.
+    async fn write_with_retry(&mut self, batch: &[WriteJob]) -> Option<Vec<bool>> {
         let seq = self.batch_seq.fetch_add(1, Ordering::Relaxed);
         let batch_id = format!("{:08x}-{seq:x}", self.instance);
+        let mut groups = group_by_device(batch);
+        let mut written = vec![false; batch.len()];
         let mut backoff = self.backoff_initial;
         let mut attempt = 0u32;
         loop {
             let started = Instant::now();
-            let pipe = build_pipeline(&self.script, batch, &batch_id);
-            let result = pipe.query_async::<()>(&mut self.conn).await;
+            let pending: Vec<&mut Group<'_>> = groups.iter_mut().filter(|g| !g.settled).collect();
+            if pending.is_empty() {
+                return Some(written);
+            }
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for g in &pending {
+                append_call(&mut pipe, &self.script, batch, g, &batch_id);
+            }
+            let result = pipe
+                .query_async::<Vec<redis::RedisResult<i64>>>(&mut self.conn)
+                .await;
+            attempt += 1;
+            let mut retry_reason: Option<String> = None;
             match result {
-                Ok(()) => {
+                Ok(results) => {
                     metrics::histogram!(m::REDIS_WRITE_SECONDS)
                         .record(started.elapsed().as_secs_f64());
-                    metrics::counter!(m::FIXES_WRITTEN).increment(fixes as u64);
-                    if attempt > 0 {
-                        tracing::info!(
-                            writer = self.id,
-                            attempts = attempt + 1,
-                            "redis write succeeded after retry"
-                        );
+                    for (g, r) in pending.into_iter().zip(results) {
+                        match r {
+                            Ok(n) => {
+                                g.settled = true;
+                                for &j in &g.jobs {
+                                    written[j] = true;
+                                }
+                                // -1: a replay of a batch already applied.
+                                metrics::counter!(m::FIXES_WRITTEN).increment(n.max(0) as u64);
+                            }
+                            Err(e) if is_transient(&e) => retry_reason = Some(e.to_string()),
+                            Err(e) => {
+                                g.permanent_failures += 1;
+                                if g.permanent_failures >= MAX_PERMANENT_FAILURES {
+                                    g.settled = true;
+                                    metrics::counter!(m::JOBS_UNWRITTEN)
+                                        .increment(g.jobs.len() as u64);
+                                    tracing::error!(
+                                        writer = self.id,
+                                        device = %g.device,
+                                        error = %e,
+                                        "giving up on this device's part of a batch; not acknowledged"
+                                    );
+                                } else {
+                                    retry_reason = Some(e.to_string());
+                                }
+                            }
+                        }
                     }
-                    return true;
                 }
-                Err(e) => {
-                    attempt += 1;
-                    metrics::counter!(m::REDIS_WRITE_ERRORS).increment(1);
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
-                        // Redis restarted or flushed scripts: load it and go again at once.
-                        let mut conn = self.conn.clone();
-                        let _ = self.script.prepare_invoke().load_async(&mut conn).await;
-                        continue;
-                    }
-                    tracing::warn!(writer = self.id, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "redis write failed; keeping the batch");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = self.abort.cancelled() => return false,
-                    }
-                    backoff = (backoff * 2).min(self.backoff_max);
-                    // A restarted Redis has lost the script; loading it again is cheap.
-                    let mut conn = self.conn.clone();
-                    let _ = self.script.prepare_invoke().load_async(&mut conn).await;
-                }
+                Err(e) => retry_reason = Some(e.to_string()),
             }
+            let Some(reason) = retry_reason else {
+                continue; // all settled (or given up): the loop head returns
+            };
+            metrics::counter!(m::REDIS_WRITE_ERRORS).increment(1);
+            tracing::warn!(
+                writer = self.id,
+                attempt,
+                error = %reason,
+                retry_in_ms = backoff.as_millis() as u64,
+                "redis write failed; keeping the batch"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = self.abort.cancelled() => return None,
+            }
+            backoff = (backoff * 2).min(self.backoff_max);
+            // A restarted Redis has lost the script; loading it again is cheap.
+            let mut conn = self.conn.clone();
+            let _ = self.script.prepare_invoke().load_async(&mut conn).await;
         }
     }
+}
+
+/// Attempts after which a device's part of a batch that fails with a permanent error
+/// (not a connection problem) is given up.
+pub const MAX_PERMANENT_FAILURES: u32 = 5;
+
+/// Errors worth retrying as they are: connection trouble, timeouts, and server states
+/// that pass (script cache lost, out of memory, loading, failover).
+fn is_transient(e: &redis::RedisError) -> bool {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        return true;
+    }
+    matches!(
+        e.code(),
+        Some(
+            "NOSCRIPT"
+                | "OOM"
+                | "BUSY"
+                | "LOADING"
+                | "TRYAGAIN"
+                | "MASTERDOWN"
+                | "READONLY"
+                | "CLUSTERDOWN"
+                | "MOVED"
+                | "ASK"
+                | "NOREPLICAS"
+        )
+    )
+}
+
+/// One device's share of a batch.
+struct Group<'a> {
+    device: &'a Pseudonym,
+    /// Indices into the batch, in order.
+    jobs: Vec<usize>,
+    settled: bool,
+    permanent_failures: u32,
+}
+
+fn group_by_device(batch: &[WriteJob]) -> Vec<Group<'_>> {
+    let mut index: HashMap<&Pseudonym, usize> = HashMap::new();
+    let mut groups: Vec<Group<'_>> = Vec::new();
+    for (j, job) in batch.iter().enumerate() {
+        let g = *index.entry(&job.device).or_insert_with(|| {
+            groups.push(Group {
+                device: &job.device,
+                jobs: Vec::new(),
+                settled: false,
+                permanent_failures: 0,
+            });
+            groups.len() - 1
+        });
+        groups[g].jobs.push(j);
+    }
+    groups
 }
 
 /// The Redis pipeline for one batch: one EVALSHA per device, in first-seen order.
@@ -262,53 +356,53 @@ pub fn build_pipeline(
     batch: &[WriteJob],
     batch_id: &str,
 ) -> redis::Pipeline {
-    let now_ms = jiff::Timestamp::now().as_millisecond();
-    let mut by_device: HashMap<&Pseudonym, Vec<&WriteJob>> = HashMap::new();
-    let mut order: Vec<&Pseudonym> = Vec::new();
-    for job in batch {
-        by_device
-            .entry(&job.device)
-            .or_insert_with(|| {
-                order.push(&job.device);
-                Vec::new()
-            })
-            .push(job);
-    }
     let mut pipe = redis::pipe();
-    for device in order {
-        let jobs = &by_device[device];
-        let ttl_ms = jobs
-            .iter()
-            .map(|j| j.ttl.as_millis() as i64)
-            .max()
-            .unwrap_or(0);
-        let cmd = pipe
-            .cmd("EVALSHA")
-            .arg(script.get_hash())
-            .arg(3)
-            .arg(fixes_key(device))
-            .arg(meta_key(device))
-            .arg(tomb_key(device))
-            .arg(batch_id)
-            .arg(ttl_ms)
-            .arg(now_ms - ttl_ms)
-            .arg(now_ms)
-            .arg(device.key_version());
-        for job in jobs {
-            for fix in &job.fixes {
-                cmd.arg(job.received_ms).arg(fix.arg_count());
-                for (name, value) in &fix.fields {
-                    cmd.arg(*name);
-                    match value {
-                        FieldValue::Int(i) => cmd.arg(*i),
-                        FieldValue::Text(t) => cmd.arg(t.as_str()),
-                    };
-                }
-            }
-        }
-        cmd.ignore();
+    for g in group_by_device(batch) {
+        append_call(&mut pipe, script, batch, &g, batch_id);
     }
     pipe
+}
+
+fn append_call(
+    pipe: &mut redis::Pipeline,
+    script: &redis::Script,
+    batch: &[WriteJob],
+    group: &Group<'_>,
+    batch_id: &str,
+) {
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let device = group.device;
+    let ttl_ms = group
+        .jobs
+        .iter()
+        .map(|&j| i64::try_from(batch[j].ttl.as_millis()).unwrap_or(i64::MAX))
+        .max()
+        .unwrap_or(0);
+    let cmd = pipe
+        .cmd("EVALSHA")
+        .arg(script.get_hash())
+        .arg(3)
+        .arg(fixes_key(device))
+        .arg(meta_key(device))
+        .arg(tomb_key(device))
+        .arg(batch_id)
+        .arg(ttl_ms)
+        .arg(now_ms.saturating_sub(ttl_ms))
+        .arg(now_ms)
+        .arg(device.key_version());
+    for &j in &group.jobs {
+        let job = &batch[j];
+        for fix in &job.fixes {
+            cmd.arg(job.received_ms).arg(fix.arg_count());
+            for (name, value) in &fix.fields {
+                cmd.arg(*name);
+                match value {
+                    FieldValue::Int(i) => cmd.arg(*i),
+                    FieldValue::Text(t) => cmd.arg(t.as_str()),
+                };
+            }
+        }
+    }
 }
 
 /// A Redis connection that (re)connects by itself, with the configured timeouts. Lazy:

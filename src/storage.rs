@@ -10,7 +10,7 @@
 
 use trackgate_protocols::{Fix, MessageKind};
 
-use crate::pseudonym::Pseudonym;
+use crate::pseudonym::{Imei, Pseudonym};
 
 /// `tg:{P}:fixes`, the device's location history.
 pub fn fixes_key(p: &Pseudonym) -> String {
@@ -70,7 +70,7 @@ fn kind_name(kind: MessageKind) -> &'static str {
 impl StoredFix {
     /// Lay out `fix` (from a message of `kind`) for storage.
     pub fn from_fix(kind: MessageKind, fix: &Fix<'_>) -> StoredFix {
-        let mut fields: Vec<(&'static str, FieldValue)> = Vec::with_capacity(28);
+        let mut fields: Vec<(&'static str, FieldValue)> = Vec::with_capacity(34);
         fields.push((F_TYPE, FieldValue::Text(kind_name(kind).into())));
         let fix_time_s = fix.time.map(|t| t.as_second());
         let a = &fix.analog;
@@ -117,6 +117,21 @@ impl StoredFix {
         StoredFix { fix_time_s, fields }
     }
 
+    /// Replace the device's own IMEI wherever a device-supplied text field repeats it
+    /// (some firmware echoes it in free-text parameters or file names): the raw IMEI must
+    /// not reach storage by that back door either.
+    pub fn scrubbed(mut self, imei: &Imei) -> StoredFix {
+        let digits = imei.expose();
+        for (_, v) in &mut self.fields {
+            if let FieldValue::Text(t) = v {
+                if t.contains(digits) {
+                    *t = t.replace(digits, "<imei>");
+                }
+            }
+        }
+        self
+    }
+
     /// Number of Redis arguments this entry adds after `XADD key *`.
     pub fn arg_count(&self) -> usize {
         self.fields.len() * 2
@@ -128,6 +143,20 @@ mod tests {
     use super::*;
     use jiff::Timestamp;
     use trackgate_protocols::{Cell, ExtraKey, ExtraValue};
+
+    #[test]
+    fn the_devices_imei_is_scrubbed_from_free_text() {
+        let imei = Imei::new("350000000000001").unwrap();
+        let mut fix = Fix::default();
+        fix.push_extra(
+            ExtraKey::Named("file_name"),
+            ExtraValue::Text("350000000000001_cam1.jpg"),
+        );
+        let s = StoredFix::from_fix(MessageKind::Cce, &fix).scrubbed(&imei);
+        let text = format!("{:?}", s.fields);
+        assert!(!text.contains("350000000000001"), "{text}");
+        assert!(text.contains("<imei>_cam1.jpg"), "{text}");
+    }
 
     #[test]
     fn keys_share_the_hash_tag() {

@@ -299,3 +299,107 @@ async fn health_endpoints_follow_redis() {
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_buffered_at_shutdown_are_still_stored() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.limits.max_inflight_frames = 1;
+    let (gw, keys) = start_gateway(config).await;
+    let id = imei(50);
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    let now = now_s();
+    t.send(&ccc_frame(&id, &[fix_at(now, 0)])).await;
+    assert!(t.reply(LONG).await.is_some());
+
+    redis.freeze();
+    // Five reports in one write: the gateway reads them in one go but, with one frame in
+    // flight at most, still holds four in its read buffer when shutdown starts.
+    let burst: Vec<u8> = (1..=5)
+        .flat_map(|i| aaa_frame(&id, &fix_at(now, i)))
+        .collect();
+    t.send(&burst).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.shutdown();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.thaw();
+    gw.wait().await;
+    let mut conn = redis.conn().await;
+    assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &id)).await, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_broken_device_key_does_not_stall_the_others() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.redis.writers = 1; // both devices share the writer
+    let (gw, keys) = start_gateway(config).await;
+    let broken = imei(51);
+    let healthy = imei(52);
+    let mut conn = redis.conn().await;
+    // A tombstone that is not a number: the append script fails for this device only.
+    let _: () = conn
+        .set(
+            trackgate::storage::tomb_key(&pseudonym(&keys, &broken)),
+            "not-a-number",
+        )
+        .await
+        .unwrap();
+    let now = now_s();
+    let mut b = Tracker::connect(gw.tracker_addrs[0]).await;
+    let mut h = Tracker::connect(gw.tracker_addrs[0]).await;
+    b.send(&ccc_frame(&broken, &[fix_at(now, 0)])).await;
+    h.send(&ccc_frame(&healthy, &[fix_at(now, 0)])).await;
+    assert!(
+        h.reply(LONG).await.is_some(),
+        "the healthy device is confirmed"
+    );
+    assert_eq!(
+        b.reply(Duration::from_secs(2)).await,
+        None,
+        "the broken one never is"
+    );
+    h.send(&ccc_frame(&healthy, &[fix_at(now, 1)])).await;
+    assert!(h.reply(LONG).await.is_some(), "and the writer keeps going");
+    assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &broken)).await, 0);
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_device_frees_its_slot_while_redis_is_down() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.limits.max_connections = 2;
+    let (gw, keys) = start_gateway(config).await;
+    let addr = gw.tracker_addrs[0];
+    let now = now_s();
+    redis.freeze();
+    for n in 0..2 {
+        let mut t = Tracker::connect(addr).await;
+        t.send(&cce_frame(&imei(60 + n), &[fix_at(now, 0)])).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(t); // the device gives up waiting and hangs up
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = Tracker::connect(addr).await;
+    assert!(
+        !third.closed_within(SHORT).await,
+        "not rejected: the slots were freed"
+    );
+    redis.thaw();
+    // What the departed devices sent is still written.
+    let mut conn = redis.conn().await;
+    for n in 0..2 {
+        let p = pseudonym(&keys, &imei(60 + n));
+        eventually(LONG, "fixes of a departed device written", || {
+            let mut conn = conn.clone();
+            let p = p.clone();
+            async move { stream_len(&mut conn, &p).await == 1 }
+        })
+        .await;
+    }
+    assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &imei(60))).await, 1);
+    gw.shutdown();
+    gw.wait().await;
+}

@@ -41,13 +41,26 @@ impl Direction {
 }
 
 /// One checked frame, borrowing the scanned buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// `Debug` shows the command and sizes but never the bytes: a frame carries the device's
+/// IMEI, which must not reach a log line through a `{:?}`.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Frame<'a> {
     raw: &'a [u8],
     imei_start: usize,
     imei_end: usize,
     payload_start: usize,
     payload_end: usize,
+}
+
+impl std::fmt::Debug for Frame<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("len", &self.raw.len())
+            .field("command", &self.command_str())
+            .field("payload_len", &(self.payload_end - self.payload_start))
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> Frame<'a> {
@@ -536,5 +549,15 @@ mod tests {
             f.scan(b"$$A999999999999999999999,"),
             Scan::Reject { .. }
         ));
+    }
+
+    #[test]
+    fn debug_never_shows_the_imei() {
+        let Scan::Frame(f) = framer().scan(AAC) else {
+            panic!("expected a frame")
+        };
+        let shown = format!("{f:?} {:?}", framer().scan(AAC));
+        assert!(!shown.contains("350000000000099"), "{shown}");
+        assert!(shown.contains("AAC"), "{shown}");
     }
 }
