@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetentionConfig;
 use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
-use crate::storage::{FIXES_PATTERN, meta_key, pseudonym_of_key};
+use crate::storage::{meta_key, pseudonym_of_key, scan_fixes_keys};
 
 /// Meta hash field holding the device's TTL in ms (written by the append script).
 pub const META_TTL_MS: &str = "tt";
@@ -116,16 +116,7 @@ pub async fn sweep_once<C: ConnectionLike + Send + Sync>(
     let mut cursor: u64 = 0;
     let mut trimmed = 0u64;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(FIXES_PATTERN)
-            .arg("COUNT")
-            .arg(500)
-            .arg("TYPE")
-            .arg("stream")
-            .query_async(conn)
-            .await?;
+        let (next, keys) = scan_fixes_keys(conn, cursor).await?;
         for key in keys {
             let ttl_ms = match pseudonym_of_key(&key) {
                 Some(p) => {

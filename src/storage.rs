@@ -30,6 +30,24 @@ pub fn tomb_key(p: &Pseudonym) -> String {
 /// Pattern matching every fixes stream (for the sweeper's SCAN).
 pub const FIXES_PATTERN: &str = "tg:{*}:fixes";
 
+/// One page of a SCAN over every fixes stream: (next cursor, keys); cursor 0 starts and
+/// a returned 0 ends. (Single node; a cluster scans each primary, issue 8.)
+pub async fn scan_fixes_keys<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    cursor: u64,
+) -> redis::RedisResult<(u64, Vec<String>)> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(FIXES_PATTERN)
+        .arg("COUNT")
+        .arg(500)
+        .arg("TYPE")
+        .arg("stream")
+        .query_async(conn)
+        .await
+}
+
 /// The pseudonym inside a `tg:{P}:…` key.
 pub fn pseudonym_of_key(key: &str) -> Option<Pseudonym> {
     let inner = key.strip_prefix("tg:{")?.split_once('}')?.0;

@@ -18,7 +18,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::gateway::{Gateway, termination_signal};
 use crate::loadgen::fleet::{self, FleetConfig, FleetStats};
 use crate::pseudonym::KeyRing;
-use crate::storage::FIXES_PATTERN;
+use crate::storage::scan_fixes_keys;
 
 /// Arguments of `trackgate demo`.
 #[derive(Debug, Args)]
@@ -250,15 +250,7 @@ async fn total_entries(conn: &mut redis::aio::MultiplexedConnection) -> Option<u
     let mut cursor = 0u64;
     let mut total = 0u64;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(FIXES_PATTERN)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .ok()?;
+        let (next, keys) = scan_fixes_keys(conn, cursor).await.ok()?;
         let mut pipe = redis::pipe();
         for k in &keys {
             pipe.cmd("XLEN").arg(k);

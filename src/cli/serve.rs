@@ -61,19 +61,18 @@ pub(super) fn run(args: &ServeArgs) -> ExitCode {
 
 /// `tracing` to stderr; `RUST_LOG` filters (default `info`).
 pub(crate) fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    init_logging_at("info");
 }
 
-/// Warnings and errors only (the demo prints its own stats on stdout).
+/// Warnings and errors only unless `RUST_LOG` says otherwise (the demo prints its own
+/// stats on stdout).
 pub(crate) fn init_logging_quiet() {
+    init_logging_at("warn");
+}
+
+fn init_logging_at(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
