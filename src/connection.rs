@@ -286,7 +286,8 @@ where
         };
         let _ = tokio::time::timeout(idle, drain).await;
     }
-    let _ = framed.get_mut().shutdown().await;
+    // Bounded: a TLS close_notify to a peer that stopped reading must not hold the slot.
+    let _ = tokio::time::timeout(write_timeout, framed.get_mut().shutdown()).await;
     metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
     match &conn.device {
         Some(d) => {
