@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::codec::{Decoder, FramedRead};
@@ -215,18 +215,15 @@ where
             }
             () = shared.shutdown.cancelled(), if reading => {
                 reading = false;
-                // Frames already read off the socket are received data: store and confirm
-                // them too, only stop reading more.
-                let mut codec = MeitrackCodec::new(shared.framer);
-                loop {
-                    match codec.decode(framed.read_buffer_mut()) {
-                        Ok(Some(Inbound::Frame(raw))) => match conn.frame(raw).await {
+                // Bytes the device already sent (in our buffer or the kernel's) are received
+                // data: store and confirm them too, without waiting for more.
+                while let Some(Some(Ok(item))) = framed.next().now_or_never() {
+                    if let Inbound::Frame(raw) = item {
+                        match conn.frame(raw).await {
                             Ok(Some(ack)) => pending.push_back(ack),
                             Ok(None) => {}
                             Err(_) => break,
-                        },
-                        Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => break,
+                        }
                     }
                 }
             }

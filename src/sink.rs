@@ -160,6 +160,10 @@ struct Writer<C> {
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
     async fn run(mut self) {
+        // Best effort: with the script cached the first batch needs no NOSCRIPT round.
+        let mut conn = self.conn.clone();
+        let load = self.script.prepare_invoke();
+        let _ = tokio::time::timeout(Duration::from_secs(1), load.load_async(&mut conn)).await;
         let mut batch: Vec<WriteJob> = Vec::new();
         loop {
             let first = tokio::select! {
