@@ -16,8 +16,6 @@ pub(crate) struct Cursor<'a> {
     base: usize,
 }
 
-type P<'a, T> = fn(&'a [u8]) -> IResult<&'a [u8], T, ()>;
-
 impl<'a> Cursor<'a> {
     pub(crate) fn new(buf: &'a [u8], base: usize) -> Self {
         Cursor { buf, pos: 0, base }
@@ -32,7 +30,12 @@ impl<'a> Cursor<'a> {
         self.buf.len() - self.pos
     }
 
-    fn run<T>(&mut self, field: &'static str, p: P<'a, T>) -> Result<T, DecodeError> {
+    // Generic (not a fn pointer) so each number parser inlines into its caller.
+    #[inline]
+    fn run<T, F>(&mut self, field: &'static str, p: F) -> Result<T, DecodeError>
+    where
+        F: FnOnce(&'a [u8]) -> IResult<&'a [u8], T, ()>,
+    {
         let input = &self.buf[self.pos..];
         match p(input) {
             Ok((rest, v)) => {
@@ -46,22 +49,27 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    #[inline]
     pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
         self.run(field, le_u8)
     }
 
+    #[inline]
     pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
         self.run(field, le_u16)
     }
 
+    #[inline]
     pub(crate) fn u16_be(&mut self, field: &'static str) -> Result<u16, DecodeError> {
         self.run(field, be_u16)
     }
 
+    #[inline]
     pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
         self.run(field, le_u32)
     }
 
+    #[inline]
     pub(crate) fn i32(&mut self, field: &'static str) -> Result<i32, DecodeError> {
         self.run(field, le_i32)
     }
