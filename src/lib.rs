@@ -3,6 +3,7 @@
 //! holds the gateway's roles, one module each.
 
 pub mod api;
+pub mod calendar;
 pub mod cli;
 pub mod config;
 pub mod connection;
