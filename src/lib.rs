@@ -3,6 +3,7 @@
 //! holds the gateway's roles, one module each.
 
 pub mod api;
+pub mod audit;
 pub mod calendar;
 pub mod cli;
 pub mod config;
@@ -12,6 +13,8 @@ pub mod listener;
 pub mod loadgen;
 pub mod metrics;
 pub mod pseudonym;
+pub mod purge;
+pub mod registry;
 pub mod retention;
 pub mod sink;
 pub mod storage;

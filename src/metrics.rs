@@ -24,6 +24,8 @@ pub const ACK_SECONDS: &str = "trackgate_ack_latency_seconds";
 pub const ACKS_SENT: &str = "trackgate_acks_sent_total";
 pub const RETENTION_TRIMMED: &str = "trackgate_retention_trimmed_total";
 pub const RETENTION_SWEEPS: &str = "trackgate_retention_sweeps_total";
+pub const PURGES_COMPLETED: &str = "trackgate_purges_completed_total";
+pub const PURGES_OVERDUE: &str = "trackgate_purges_overdue";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 

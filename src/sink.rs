@@ -67,22 +67,47 @@ impl Sink {
 }
 
 /// Retention (trim, expiry) and the idempotent, purge-aware append, in one atomic step
-/// per device and batch. KEYS: fixes stream, meta hash, tombstone.
+/// per device and batch. KEYS: fixes stream, meta hash, tombstone hash.
 /// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, then per entry:
-/// received ms, field count, field/value pairs.
+/// received ms, fix time s (or -1), field count, field/value pairs.
+///
+/// Tombstone (written by purges, `crate::purge`): field `all` = cutoff ms of a complete
+/// purge; fields `r:<from_s>:<to_s>` = cutoff ms of a range purge over fix times. An entry
+/// received at or before a cutoff that covers it is not written: a purge is final even
+/// for data that was already in flight when it ran.
 const APPEND_SCRIPT: &str = r#"
 if redis.call('HGET', KEYS[2], 'lb') == ARGV[1] then return -1 end
-local cut = tonumber(redis.call('GET', KEYS[3]) or '-1')
+local tomb = redis.call('HGETALL', KEYS[3])
+local all = -1
+local ranges = {}
+for t = 1, #tomb, 2 do
+  local f, v = tomb[t], tonumber(tomb[t + 1])
+  if v == nil then return redis.error_reply('ERR bad tombstone value') end
+  if f == 'all' then
+    all = v
+  else
+    local a, b = string.match(f, '^r:(-?%d+):(-?%d+)$')
+    if a == nil then return redis.error_reply('ERR bad tombstone field') end
+    ranges[#ranges + 1] = {tonumber(a), tonumber(b), v}
+  end
+end
 local i = 6
 local written = 0
 while i <= #ARGV do
   local recv = tonumber(ARGV[i])
-  local n = tonumber(ARGV[i + 1])
-  if recv > cut then
-    redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 2, i + 1 + n))
+  local fixt = tonumber(ARGV[i + 1])
+  local n = tonumber(ARGV[i + 2])
+  local keep = recv > all
+  if keep then
+    for _, r in ipairs(ranges) do
+      if recv <= r[3] and fixt >= r[1] and fixt <= r[2] then keep = false break end
+    end
+  end
+  if keep then
+    redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 3, i + 2 + n))
     written = written + 1
   end
-  i = i + 2 + n
+  i = i + 3 + n
 end
 if written > 0 then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
@@ -397,7 +422,9 @@ fn append_call(
     for &j in &group.jobs {
         let job = &batch[j];
         for fix in &job.fixes {
-            cmd.arg(job.received_ms).arg(fix.arg_count());
+            cmd.arg(job.received_ms)
+                .arg(fix.fix_time_s.unwrap_or(-1))
+                .arg(fix.arg_count());
             for (name, value) in &fix.fields {
                 cmd.arg(*name);
                 match value {

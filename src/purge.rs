@@ -1,0 +1,446 @@
+//! Purges: a customer's deletion request, honoured at once by a fast path and in every
+//! case by the deadline of one business day (DESIGN §7).
+//!
+//! 1. **Journal first.** A request is written to `tg:purge:<id>` (hash), the pending set
+//!    `tg:purge:pending` and the event stream `tg:purge:journal` in one transaction before
+//!    anything else. If that fails the request is refused (the caller retries); once it
+//!    succeeds the purge cannot be lost: a worker finishes any pending purge, also after a
+//!    restart.
+//! 2. **Fast path.** Then the purge runs at once, per pseudonym of the device (every key
+//!    version): a complete purge unlinks the stream and metadata and records the cutoff in
+//!    the tombstone; a range purge records the range cutoff, then deletes exactly the
+//!    entries whose fix time is in the range. The tombstone makes the append script refuse
+//!    any fix received at or before the cutoff that was still in flight, on every gateway.
+//! 3. **Receipt.** id, state, counts, cutoff, deadline, completed_at.
+//!
+//! No raw IMEI is stored: the record holds pseudonyms only.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use redis::AsyncCommands;
+use redis::aio::ConnectionLike;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{self, AuditEvent};
+use crate::pseudonym::Pseudonym;
+use crate::registry::Customer;
+use crate::storage::{fixes_key, meta_key, tomb_key};
+
+const PENDING_KEY: &str = "tg:purge:pending";
+const JOURNAL_KEY: &str = "tg:purge:journal";
+
+fn record_key(id: &str) -> String {
+    format!("tg:purge:{id}")
+}
+
+fn idem_key(customer: &str, key: &str) -> String {
+    format!(
+        "tg:purge:idem:{customer}:{}",
+        hex::encode(Sha256::digest(key.as_bytes()))
+    )
+}
+
+/// Complete purge of one pseudonym. KEYS: fixes, meta, tomb. ARGV: cutoff ms, tomb ttl ms.
+const PURGE_ALL: &str = r#"
+local n = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then n = redis.call('XLEN', KEYS[1]) end
+redis.call('UNLINK', KEYS[1], KEYS[2])
+local old = tonumber(redis.call('HGET', KEYS[3], 'all') or '-1')
+if tonumber(ARGV[1]) > old then redis.call('HSET', KEYS[3], 'all', ARGV[1]) end
+if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
+return n
+"#;
+
+/// Record a range cutoff. KEYS: tomb. ARGV: field, cutoff ms, tomb ttl ms.
+const PURGE_RANGE_MARK: &str = r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"#;
+
+/// Delete entries with fix time in [from, to] among up to `count` entries starting after
+/// `start` (exclusive). KEYS: fixes. ARGV: start id, count, from s, to s.
+/// Returns {last id seen or '', deleted}.
+const PURGE_RANGE_CHUNK: &str = r#"
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local from, to = tonumber(ARGV[3]), tonumber(ARGV[4])
+local doomed = {}
+for _, e in ipairs(entries) do
+  local f = e[2]
+  for j = 1, #f, 2 do
+    if f[j] == 't' then
+      local t = tonumber(f[j + 1])
+      if t and t >= from and t <= to then doomed[#doomed + 1] = e[1] end
+      break
+    end
+  end
+end
+if #doomed > 0 then redis.call('XDEL', KEYS[1], unpack(doomed)) end
+local last = ''
+if #entries > 0 then last = entries[#entries][1] end
+return {last, #doomed}
+"#;
+
+/// Entries examined per range-purge script call: keeps each call short (Redis is single
+/// threaded; a long script would stall every gateway's writes).
+pub const RANGE_CHUNK_ENTRIES: usize = 2000;
+
+/// Purge problems.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    /// The request could not be journaled; nothing was done. Retry.
+    #[error("purge journal unavailable: {0}")]
+    Unavailable(redis::RedisError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("deadline: {0}")]
+    Calendar(#[from] crate::calendar::CalendarError),
+    #[error("invalid range: from must not be after to")]
+    Range,
+}
+
+/// A purge's state and outcome, as the customer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Receipt {
+    pub id: String,
+    /// `pending` or `completed`.
+    pub state: String,
+    /// `device` (everything) or `range` (fix times from..=to).
+    pub scope: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<Timestamp>,
+    pub requested_at: Timestamp,
+    /// Fixes received at or before this instant are gone for good once completed.
+    pub cutoff: Timestamp,
+    /// One business day after the request, in the customer's time zone.
+    pub deadline: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Timestamp>,
+    pub deleted_fixes: u64,
+    #[serde(skip)]
+    pub customer: String,
+}
+
+/// What to purge.
+#[derive(Debug, Clone)]
+pub struct PurgeRequest {
+    /// The device's pseudonyms under every key version.
+    pub pseudonyms: Vec<Pseudonym>,
+    /// Fix-time range (inclusive); `None` purges the whole device.
+    pub range: Option<(Timestamp, Timestamp)>,
+    pub idempotency_key: Option<String>,
+}
+
+/// Runs purges against Redis.
+#[derive(Debug, Clone)]
+pub struct Purger<C> {
+    conn: C,
+    /// How long tombstones live: the longest retention, so no in-flight or retried write
+    /// from before a purge can outlive it.
+    tomb_ttl: Duration,
+    all: std::sync::Arc<redis::Script>,
+    mark: std::sync::Arc<redis::Script>,
+    chunk: std::sync::Arc<redis::Script>,
+}
+
+fn ts_ms(ms: i64) -> Timestamp {
+    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
+    pub fn new(conn: C, tomb_ttl: Duration) -> Self {
+        Purger {
+            conn,
+            tomb_ttl,
+            all: std::sync::Arc::new(redis::Script::new(PURGE_ALL)),
+            mark: std::sync::Arc::new(redis::Script::new(PURGE_RANGE_MARK)),
+            chunk: std::sync::Arc::new(redis::Script::new(PURGE_RANGE_CHUNK)),
+        }
+    }
+
+    /// Journal a purge for `customer`, then run the fast path. A fast path that fails
+    /// leaves the purge pending for the worker; the receipt says so.
+    pub async fn request(
+        &self,
+        customer: &Customer,
+        req: &PurgeRequest,
+    ) -> Result<Receipt, PurgeError> {
+        let id = self.journal(customer, req).await?;
+        if let Err(e) = self.run(&id).await {
+            tracing::warn!(purge = %id, error = %e, "purge fast path failed; the worker will finish it");
+        }
+        self.receipt(&id)
+            .await?
+            .ok_or(PurgeError::Redis(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "purge record vanished",
+            ))))
+    }
+
+    /// Only journal the purge (durably pending); returns its id. An idempotency key seen
+    /// before returns the earlier purge's id.
+    pub async fn journal(
+        &self,
+        customer: &Customer,
+        req: &PurgeRequest,
+    ) -> Result<String, PurgeError> {
+        if let Some((from, to)) = req.range {
+            if from > to {
+                return Err(PurgeError::Range);
+            }
+        }
+        let mut conn = self.conn.clone();
+        if let Some(k) = &req.idempotency_key {
+            let existing: Option<String> = conn
+                .get(idem_key(&customer.id, k))
+                .await
+                .map_err(PurgeError::Unavailable)?;
+            if let Some(id) = existing {
+                return Ok(id);
+            }
+        }
+        let now = Timestamp::now();
+        let deadline = customer.calendar()?.deadline(now)?;
+        let id = hex::encode(rand::random::<[u8; 12]>());
+        let devices: Vec<&str> = req.pseudonyms.iter().map(|p| p.as_str()).collect();
+        let mut fields: Vec<(&str, String)> = vec![
+            ("customer", customer.id.clone()),
+            ("state", "pending".into()),
+            ("devices", devices.join(",")),
+            ("requested_ms", now.as_millisecond().to_string()),
+            ("cutoff_ms", now.as_millisecond().to_string()),
+            ("deadline_ms", deadline.as_millisecond().to_string()),
+            ("deleted", "0".into()),
+        ];
+        if let Some((from, to)) = req.range {
+            fields.push(("from_s", from.as_second().to_string()));
+            fields.push(("to_s", to.as_second().to_string()));
+        }
+        let mut tx = redis::pipe();
+        tx.atomic()
+            .hset_multiple(record_key(&id), &fields)
+            .ignore()
+            .sadd(PENDING_KEY, &id)
+            .ignore()
+            .xadd(
+                JOURNAL_KEY,
+                "*",
+                &[("id", id.as_str()), ("event", "requested")],
+            )
+            .ignore();
+        if let Some(k) = &req.idempotency_key {
+            tx.cmd("SET")
+                .arg(idem_key(&customer.id, k))
+                .arg(&id)
+                .arg("EX")
+                .arg(7 * 24 * 3600)
+                .ignore();
+        }
+        let _: () = tx
+            .query_async(&mut conn)
+            .await
+            .map_err(PurgeError::Unavailable)?;
+        let actor = format!("customer:{}", customer.id);
+        let devices = devices.join(",");
+        let _ = audit::append(
+            &mut conn,
+            &AuditEvent {
+                actor: &actor,
+                action: "purge.requested",
+                devices: &devices,
+                outcome: "pending",
+                detail: &format!("purge {id}"),
+            },
+        )
+        .await;
+        Ok(id)
+    }
+
+    /// The receipt of purge `id`.
+    pub async fn receipt(&self, id: &str) -> Result<Option<Receipt>, PurgeError> {
+        if id.len() != 24 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        let mut conn = self.conn.clone();
+        let h: HashMap<String, String> = conn.hgetall(record_key(id)).await?;
+        let Some(customer) = h.get("customer") else {
+            return Ok(None);
+        };
+        let ms = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok());
+        let s = |k: &str| {
+            h.get(k)
+                .and_then(|v| v.parse::<i64>().ok())
+                .and_then(|v| Timestamp::from_second(v).ok())
+        };
+        let from = s("from_s");
+        Ok(Some(Receipt {
+            id: id.into(),
+            state: h.get("state").cloned().unwrap_or_default(),
+            scope: if from.is_some() { "range" } else { "device" }.into(),
+            from,
+            to: s("to_s"),
+            requested_at: ts_ms(ms("requested_ms").unwrap_or(0)),
+            cutoff: ts_ms(ms("cutoff_ms").unwrap_or(0)),
+            deadline: ts_ms(ms("deadline_ms").unwrap_or(0)),
+            completed_at: ms("completed_ms").map(ts_ms),
+            deleted_fixes: h.get("deleted").and_then(|v| v.parse().ok()).unwrap_or(0),
+            customer: customer.clone(),
+        }))
+    }
+
+    /// Carry out purge `id` (idempotent: safe to run again after a crash half-way).
+    pub async fn run(&self, id: &str) -> Result<(), PurgeError> {
+        let mut conn = self.conn.clone();
+        let h: HashMap<String, String> = conn.hgetall(record_key(id)).await?;
+        if h.get("state").map(String::as_str) != Some("pending") {
+            return Ok(());
+        }
+        let cutoff_ms: i64 = h.get("cutoff_ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let range = match (h.get("from_s"), h.get("to_s")) {
+            (Some(a), Some(b)) => {
+                Some((a.parse::<i64>().unwrap_or(0), b.parse::<i64>().unwrap_or(0)))
+            }
+            _ => None,
+        };
+        let tomb_ttl_ms = self.tomb_ttl.as_millis() as u64;
+        let mut deleted = 0u64;
+        let devices: Vec<Pseudonym> = h
+            .get("devices")
+            .map(|d| d.split(',').filter_map(Pseudonym::parse).collect())
+            .unwrap_or_default();
+        for p in &devices {
+            deleted += match range {
+                None => {
+                    self.all
+                        .key(fixes_key(p))
+                        .key(meta_key(p))
+                        .key(tomb_key(p))
+                        .arg(cutoff_ms)
+                        .arg(tomb_ttl_ms)
+                        .invoke_async::<u64>(&mut conn)
+                        .await?
+                }
+                Some((from, to)) => self.purge_range(&mut conn, p, cutoff_ms, from, to).await?,
+            };
+        }
+        let now = Timestamp::now();
+        let mut tx = redis::pipe();
+        tx.atomic()
+            .hset_multiple(
+                record_key(id),
+                &[
+                    ("state", "completed".to_string()),
+                    ("deleted", deleted.to_string()),
+                    ("completed_ms", now.as_millisecond().to_string()),
+                ],
+            )
+            .ignore()
+            .srem(PENDING_KEY, id)
+            .ignore()
+            .xadd(JOURNAL_KEY, "*", &[("id", id), ("event", "completed")])
+            .ignore();
+        let _: () = tx.query_async(&mut conn).await?;
+        metrics::counter!(crate::metrics::PURGES_COMPLETED).increment(1);
+        let actor = format!(
+            "customer:{}",
+            h.get("customer").cloned().unwrap_or_default()
+        );
+        let devices = h.get("devices").cloned().unwrap_or_default();
+        audit::append(
+            &mut conn,
+            &AuditEvent {
+                actor: &actor,
+                action: "purge.completed",
+                devices: &devices,
+                outcome: "ok",
+                detail: &format!("purge {id}: {deleted} fixes deleted"),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn purge_range(
+        &self,
+        conn: &mut C,
+        p: &Pseudonym,
+        cutoff_ms: i64,
+        from_s: i64,
+        to_s: i64,
+    ) -> Result<u64, PurgeError> {
+        // First the mark: from now on no in-flight fix in the range can be written.
+        let _: i64 = self
+            .mark
+            .key(tomb_key(p))
+            .arg(format!("r:{from_s}:{to_s}"))
+            .arg(cutoff_ms)
+            .arg(self.tomb_ttl.as_millis() as u64)
+            .invoke_async(conn)
+            .await?;
+        // Then every entry, in short script calls (fix time is not ordered by entry id:
+        // devices deliver cached fixes late, so the whole stream is examined).
+        let mut start = "0-0".to_string();
+        let mut deleted = 0u64;
+        loop {
+            let (last, n): (String, u64) = self
+                .chunk
+                .key(fixes_key(p))
+                .arg(&start)
+                .arg(RANGE_CHUNK_ENTRIES)
+                .arg(from_s)
+                .arg(to_s)
+                .invoke_async(conn)
+                .await?;
+            deleted += n;
+            if last.is_empty() {
+                return Ok(deleted);
+            }
+            start = last;
+        }
+    }
+
+    /// Finish pending purges every `interval` until `stop`; counts overdue ones.
+    pub async fn run_worker(self, interval: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            if let Err(e) = self.work_once().await {
+                tracing::warn!(error = %e, "purge worker pass failed; retrying next interval");
+            }
+        }
+    }
+
+    /// One pass over the pending purges.
+    pub async fn work_once(&self) -> Result<usize, PurgeError> {
+        let mut conn = self.conn.clone();
+        let pending: Vec<String> = conn.smembers(PENDING_KEY).await?;
+        let now = Timestamp::now();
+        let mut overdue = 0u64;
+        let mut done = 0;
+        for id in &pending {
+            match self.run(id).await {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    if let Some(r) = self.receipt(id).await.ok().flatten() {
+                        if r.deadline < now {
+                            overdue += 1;
+                            tracing::error!(purge = %id, deadline = %r.deadline, error = %e, "purge overdue");
+                        }
+                    }
+                }
+            }
+        }
+        metrics::gauge!(crate::metrics::PURGES_OVERDUE).set(overdue as f64);
+        Ok(done)
+    }
+}

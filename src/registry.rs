@@ -1,0 +1,307 @@
+//! Customers, their API tokens, and device ownership (DESIGN §5).
+//!
+//! * `tg:customer:<id>` — hash: name, time zone, weekend days, holidays, retention.
+//! * `tg:customer:<id>:tokens` — hash: token id → SHA-256 of the token secret. The token
+//!   itself (`tgk.<customer>.<token id>.<secret>`) is shown once, at issue time, and never
+//!   stored; checks compare digests in constant time.
+//! * `tg:{P}:owner` — the owning customer id, under the device's pseudonym for *every* key
+//!   version, so ownership survives key rotation and no raw IMEI is stored. It carries no
+//!   TTL: ownership outlives the location data.
+
+use std::collections::HashMap;
+
+use jiff::civil::{Date, Weekday};
+use redis::AsyncCommands;
+use redis::aio::ConnectionLike;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::calendar::{BusinessCalendar, CalendarError};
+use crate::pseudonym::{Imei, KeyRing, Pseudonym};
+
+/// Registry problems.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("invalid customer id {0:?}: use 1-64 of a-z, 0-9, '-', '_'")]
+    CustomerId(String),
+    #[error("customer {0} already exists")]
+    Exists(String),
+    #[error("no customer {0}")]
+    NoCustomer(String),
+    #[error("{0}")]
+    Calendar(#[from] CalendarError),
+    #[error("invalid field {field}: {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+/// A customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Customer {
+    pub id: String,
+    pub name: String,
+    /// IANA time zone for the purge deadline.
+    pub tz: String,
+    pub weekend: Vec<Weekday>,
+    pub holidays: Vec<Date>,
+    /// Retention agreed with this customer, if not the default.
+    pub retention_s: Option<u64>,
+}
+
+impl Customer {
+    pub fn new(id: &str, name: &str, tz: &str) -> Customer {
+        Customer {
+            id: id.into(),
+            name: name.into(),
+            tz: tz.into(),
+            weekend: vec![Weekday::Saturday, Weekday::Sunday],
+            holidays: Vec::new(),
+            retention_s: None,
+        }
+    }
+
+    pub fn calendar(&self) -> Result<BusinessCalendar, CalendarError> {
+        Ok(BusinessCalendar::new(&self.tz)?
+            .with_weekend(self.weekend.iter().copied())
+            .with_holidays(self.holidays.iter().copied()))
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn customer_key(id: &str) -> String {
+    format!("tg:customer:{id}")
+}
+
+fn tokens_key(id: &str) -> String {
+    format!("tg:customer:{id}:tokens")
+}
+
+/// `tg:{P}:owner`.
+pub fn owner_key(p: &Pseudonym) -> String {
+    format!("tg:{{{p}}}:owner")
+}
+
+fn weekday_name(d: Weekday) -> &'static str {
+    match d {
+        Weekday::Monday => "mon",
+        Weekday::Tuesday => "tue",
+        Weekday::Wednesday => "wed",
+        Weekday::Thursday => "thu",
+        Weekday::Friday => "fri",
+        Weekday::Saturday => "sat",
+        Weekday::Sunday => "sun",
+    }
+}
+
+/// Parse `mon`…`sun`.
+pub fn parse_weekday(s: &str) -> Option<Weekday> {
+    Some(match s.trim().to_ascii_lowercase().get(..3)? {
+        "mon" => Weekday::Monday,
+        "tue" => Weekday::Tuesday,
+        "wed" => Weekday::Wednesday,
+        "thu" => Weekday::Thursday,
+        "fri" => Weekday::Friday,
+        "sat" => Weekday::Saturday,
+        "sun" => Weekday::Sunday,
+        _ => return None,
+    })
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// The registry, over any Redis connection.
+#[derive(Debug, Clone)]
+pub struct Registry<C> {
+    conn: C,
+    /// Longest retention a customer may be given.
+    pub max_retention_s: u64,
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
+    pub fn new(conn: C, max_retention_s: u64) -> Self {
+        Registry {
+            conn,
+            max_retention_s,
+        }
+    }
+
+    /// Create a customer; refuses an existing id.
+    pub async fn add_customer(&self, c: &Customer) -> Result<(), RegistryError> {
+        if !valid_id(&c.id) {
+            return Err(RegistryError::CustomerId(c.id.clone()));
+        }
+        c.calendar()?; // the zone must exist
+        if let Some(r) = c.retention_s {
+            if r == 0 || r > self.max_retention_s {
+                return Err(RegistryError::Invalid {
+                    field: "retention_s",
+                    problem: format!("must be 1..={}", self.max_retention_s),
+                });
+            }
+        }
+        let mut conn = self.conn.clone();
+        let key = customer_key(&c.id);
+        let created: bool = conn.hset_nx(&key, "name", &c.name).await?;
+        if !created {
+            return Err(RegistryError::Exists(c.id.clone()));
+        }
+        let weekend: Vec<&str> = c.weekend.iter().map(|d| weekday_name(*d)).collect();
+        let holidays: Vec<String> = c.holidays.iter().map(|d| d.to_string()).collect();
+        let mut fields = vec![
+            ("tz", c.tz.clone()),
+            ("weekend", weekend.join(",")),
+            ("holidays", holidays.join(",")),
+        ];
+        if let Some(r) = c.retention_s {
+            fields.push(("retention_s", r.to_string()));
+        }
+        let _: () = conn.hset_multiple(&key, &fields).await?;
+        Ok(())
+    }
+
+    pub async fn customer(&self, id: &str) -> Result<Option<Customer>, RegistryError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let mut conn = self.conn.clone();
+        let h: HashMap<String, String> = conn.hgetall(customer_key(id)).await?;
+        let Some(name) = h.get("name") else {
+            return Ok(None);
+        };
+        let list = |k: &str| -> Vec<String> {
+            h.get(k)
+                .map(|v| {
+                    v.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Ok(Some(Customer {
+            id: id.into(),
+            name: name.clone(),
+            tz: h.get("tz").cloned().unwrap_or_else(|| "UTC".into()),
+            weekend: list("weekend")
+                .iter()
+                .filter_map(|d| parse_weekday(d))
+                .collect(),
+            holidays: list("holidays")
+                .iter()
+                .filter_map(|d| d.parse().ok())
+                .collect(),
+            retention_s: h.get("retention_s").and_then(|v| v.parse().ok()),
+        }))
+    }
+
+    /// Replace a customer's holiday calendar.
+    pub async fn set_holidays(&self, id: &str, holidays: &[Date]) -> Result<(), RegistryError> {
+        self.require(id).await?;
+        let list: Vec<String> = holidays.iter().map(|d| d.to_string()).collect();
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .hset(customer_key(id), "holidays", list.join(","))
+            .await?;
+        Ok(())
+    }
+
+    async fn require(&self, id: &str) -> Result<Customer, RegistryError> {
+        self.customer(id)
+            .await?
+            .ok_or_else(|| RegistryError::NoCustomer(id.into()))
+    }
+
+    /// Issue a token; the returned string is the only copy of it.
+    pub async fn issue_token(&self, customer: &str) -> Result<(String, String), RegistryError> {
+        self.require(customer).await?;
+        let tid = hex::encode(rand::random::<[u8; 4]>());
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .hset(tokens_key(customer), &tid, sha256_hex(&secret))
+            .await?;
+        Ok((tid.clone(), format!("tgk.{customer}.{tid}.{secret}")))
+    }
+
+    /// Revoke a token by id; true if it existed.
+    pub async fn revoke_token(&self, customer: &str, tid: &str) -> Result<bool, RegistryError> {
+        let mut conn = self.conn.clone();
+        let n: u64 = conn.hdel(tokens_key(customer), tid).await?;
+        Ok(n > 0)
+    }
+
+    /// The customer a token belongs to, if it is valid.
+    pub async fn authenticate(&self, token: &str) -> Result<Option<String>, RegistryError> {
+        let mut parts = token.splitn(4, '.');
+        let (Some("tgk"), Some(customer), Some(tid), Some(secret)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Ok(None);
+        };
+        if !valid_id(customer) || tid.len() != 8 {
+            return Ok(None);
+        }
+        let mut conn = self.conn.clone();
+        let stored: Option<String> = conn.hget(tokens_key(customer), tid).await?;
+        let given = sha256_hex(secret);
+        // Compare digests in constant time; an absent token compares against a dummy.
+        let stored = stored.unwrap_or_else(|| "0".repeat(64));
+        let ok: bool = stored.as_bytes().ct_eq(given.as_bytes()).into();
+        Ok(ok.then(|| customer.to_owned()))
+    }
+
+    /// Make `customer` the owner of the device (under every key version).
+    pub async fn assign(
+        &self,
+        imei: &Imei,
+        customer: &str,
+        keys: &KeyRing,
+    ) -> Result<(), RegistryError> {
+        self.require(customer).await?;
+        let mut pipe = redis::pipe();
+        for p in keys.all_pseudonyms(imei) {
+            pipe.set(owner_key(&p), customer).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let _: () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    pub async fn unassign(&self, imei: &Imei, keys: &KeyRing) -> Result<(), RegistryError> {
+        let mut pipe = redis::pipe();
+        for p in keys.all_pseudonyms(imei) {
+            pipe.del(owner_key(&p)).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let _: () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// The owner recorded under any of the device's pseudonyms.
+    pub async fn owner(
+        &self,
+        imei: &Imei,
+        keys: &KeyRing,
+    ) -> Result<Option<String>, RegistryError> {
+        let mut conn = self.conn.clone();
+        for p in keys.all_pseudonyms(imei) {
+            let o: Option<String> = conn.get(owner_key(&p)).await?;
+            if o.is_some() {
+                return Ok(o);
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,397 @@
+//! Purges against a real redis-server: complete purge while the device keeps sending,
+//! in-flight writes refused by the tombstone, exact range purge, rotated keys,
+//! journaling when Redis is down, idempotency, and the worker after a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use jiff::Timestamp;
+use redis::AsyncCommands;
+use tokio_util::sync::CancellationToken;
+use trackgate::pseudonym::{Imei, KeyRing};
+use trackgate::purge::{PurgeError, PurgeRequest, Purger};
+use trackgate::registry::{Customer, Registry};
+use trackgate::sink::{self, WriteJob};
+use trackgate::storage::{StoredFix, fixes_key};
+use trackgate_protocols::MessageKind;
+
+const LONG: Duration = Duration::from_secs(10);
+const TOMB_TTL: Duration = Duration::from_secs(3600);
+
+async fn customer(redis: &RedisServer) -> Customer {
+    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    let c = Customer::new("acme", "ACME Logistics", "Europe/Berlin");
+    reg.add_customer(&c).await.unwrap();
+    c
+}
+
+/// Fix times (Unix s) of the entries in a stream.
+async fn fix_times(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<i64> {
+    let r: redis::streams::StreamRangeReply = conn.xrange_all(key).await.unwrap();
+    r.ids
+        .iter()
+        .map(|e| redis::from_redis_value::<i64>(e.map["t"].clone()).unwrap())
+        .collect()
+}
+
+fn entry_ms(id: &str) -> i64 {
+    id.split_once('-').unwrap().0.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_purge_while_the_device_keeps_sending() {
+    let redis = RedisServer::start();
+    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let c = customer(&redis).await;
+    let id = imei(70);
+    let p = pseudonym(&keys, &id);
+    let mut conn = redis.conn().await;
+
+    let stop = CancellationToken::new();
+    let sender = {
+        let (addr, id, stop) = (gw.tracker_addrs[0], id.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut t = Tracker::connect(addr).await;
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                t.send(&aaa_frame(&id, &fix_at(now_s(), i))).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    eventually(LONG, "some fixes stored", || {
+        let (mut conn, p) = (conn.clone(), p.clone());
+        async move { stream_len(&mut conn, &p).await > 20 }
+    })
+    .await;
+
+    let purger = Purger::new(conn.clone(), TOMB_TTL);
+    let req = PurgeRequest {
+        pseudonyms: keys.all_pseudonyms(&Imei::new(&id).unwrap()),
+        range: None,
+        idempotency_key: None,
+    };
+    let receipt = purger.request(&c, &req).await.unwrap();
+    assert_eq!(receipt.state, "completed");
+    assert!(receipt.deleted_fixes > 20);
+    assert!(receipt.deadline > receipt.requested_at);
+
+    // The device keeps sending; new fixes are stored, none from before the cutoff is.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    sender.await.unwrap();
+    let cutoff = receipt.cutoff.as_millisecond();
+    let after: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(&p)).await.unwrap();
+    assert!(!after.ids.is_empty(), "reporting continues after a purge");
+    for e in &after.ids {
+        assert!(
+            entry_ms(&e.id) > cutoff,
+            "entry {} is not newer than the cutoff",
+            e.id
+        );
+    }
+    let journal: redis::streams::StreamRangeReply =
+        conn.xrange_all("tg:purge:journal").await.unwrap();
+    assert_eq!(journal.ids.len(), 2, "requested + completed");
+    let audit: redis::streams::StreamRangeReply = conn.xrange_all("tg:audit").await.unwrap();
+    assert!(audit.ids.len() >= 2);
+    assert_eq!(purger.receipt(&receipt.id).await.unwrap().unwrap(), receipt);
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
+    let redis = RedisServer::start();
+    let c = customer(&redis).await;
+    let keys = KeyRing::ephemeral();
+    let id = Imei::new(&imei(71)).unwrap();
+    let p = keys.pseudonym(&id);
+    let conn = redis.conn().await;
+    let mut cfg = test_config(&redis).redis;
+    cfg.writers = 1;
+    let writers = sink::start(conn.clone(), &cfg, CancellationToken::new());
+
+    let purger = Purger::new(conn.clone(), TOMB_TTL);
+    let receipt = purger
+        .request(
+            &c,
+            &PurgeRequest {
+                pseudonyms: vec![p.clone()],
+                range: None,
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap();
+    let cutoff = receipt.cutoff.as_millisecond();
+    // A write job read before the purge but reaching Redis after it (queued or retried).
+    let job = |received_ms: i64, i: i32| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let fix = StoredFix::from_fix(MessageKind::Aaa, &fix_at(now_s(), i));
+        (
+            WriteJob {
+                device: p.clone(),
+                fixes: vec![fix],
+                received_ms,
+                ttl: Duration::from_secs(3600),
+                done: Some(tx),
+            },
+            rx,
+        )
+    };
+    let (late, late_done) = job(cutoff - 50, 0);
+    let (fresh, fresh_done) = job(cutoff + 50, 1);
+    writers.sink.submit(late).await.unwrap();
+    writers.sink.submit(fresh).await.unwrap();
+    late_done.await.unwrap();
+    fresh_done.await.unwrap();
+    let mut conn = redis.conn().await;
+    assert_eq!(
+        stream_len(&mut conn, &p).await,
+        1,
+        "only the fix received after the cutoff"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_purge_deletes_exactly_the_range() {
+    let redis = RedisServer::start();
+    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let c = customer(&redis).await;
+    let id = imei(72);
+    let p = pseudonym(&keys, &id);
+    let base = now_s().as_second() - 3600;
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    // 60 fixes one minute apart, delivered out of order in batches like a cached device.
+    let times: Vec<i64> = (0..60).map(|i| base + i * 60).collect();
+    for chunk in times.chunks(7).rev() {
+        let fixes: Vec<_> = chunk
+            .iter()
+            .map(|&s| fix_at(Timestamp::from_second(s).unwrap(), 0))
+            .collect();
+        t.send(&cce_frame(&id, &fixes)).await;
+        assert!(t.reply(LONG).await.is_some());
+    }
+    let mut conn = redis.conn().await;
+    assert_eq!(stream_len(&mut conn, &p).await, 60);
+
+    let (from, to) = (base + 10 * 60, base + 19 * 60); // fixes 10..=19, inclusive
+    let purger = Purger::new(conn.clone(), TOMB_TTL);
+    let receipt = purger
+        .request(
+            &c,
+            &PurgeRequest {
+                pseudonyms: keys.all_pseudonyms(&Imei::new(&id).unwrap()),
+                range: Some((
+                    Timestamp::from_second(from).unwrap(),
+                    Timestamp::from_second(to).unwrap(),
+                )),
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            receipt.state.as_str(),
+            receipt.scope.as_str(),
+            receipt.deleted_fixes
+        ),
+        ("completed", "range", 10)
+    );
+    let mut left = fix_times(&mut conn, &fixes_key(&p)).await;
+    left.sort_unstable();
+    let want: Vec<i64> = times
+        .iter()
+        .copied()
+        .filter(|&s| s < from || s > to)
+        .collect();
+    assert_eq!(left, want);
+
+    // A cached fix inside the range read after the purge is new data: stored. (One read
+    // before the purge is refused: see in_flight_range_fixes_are_refused.)
+    t.send(&cce_frame(
+        &id,
+        &[fix_at(Timestamp::from_second(from + 30).unwrap(), 0)],
+    ))
+    .await;
+    assert!(t.reply(LONG).await.is_some());
+    assert_eq!(
+        stream_len(&mut conn, &p).await,
+        51,
+        "read after the purge: new data, stored"
+    );
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_covers_every_key_version() {
+    let redis = RedisServer::start();
+    let c = customer(&redis).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("keys.toml");
+    KeyRing::generate(&key_file).unwrap();
+    let id = imei(73);
+    let imei_v = Imei::new(&id).unwrap();
+
+    // Data written under key version 1 …
+    let ring1 = Arc::new(KeyRing::load(&key_file).unwrap());
+    let gw = trackgate::gateway::Gateway::start(test_config(&redis), ring1.clone())
+        .await
+        .unwrap();
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    t.send(&ccc_frame(&id, &[fix_at(now_s(), 0)])).await;
+    assert!(t.reply(LONG).await.is_some());
+    gw.shutdown();
+    gw.wait().await;
+    // … and, after rotation, under version 2.
+    KeyRing::rotate(&key_file, Some(Timestamp::UNIX_EPOCH)).unwrap();
+    let ring2 = Arc::new(KeyRing::load(&key_file).unwrap());
+    let gw = trackgate::gateway::Gateway::start(test_config(&redis), ring2.clone())
+        .await
+        .unwrap();
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    t.send(&ccc_frame(&id, &[fix_at(now_s(), 1), fix_at(now_s(), 2)]))
+        .await;
+    assert!(t.reply(LONG).await.is_some());
+
+    let all = ring2.all_pseudonyms(&imei_v);
+    assert_eq!(all.len(), 2);
+    let mut conn = redis.conn().await;
+    assert_eq!(stream_len(&mut conn, &all[0]).await, 1);
+    assert_eq!(stream_len(&mut conn, &all[1]).await, 2);
+    let purger = Purger::new(conn.clone(), TOMB_TTL);
+    let r = purger
+        .request(
+            &c,
+            &PurgeRequest {
+                pseudonyms: all.clone(),
+                range: None,
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.deleted_fixes, 3);
+    for p in &all {
+        assert_eq!(stream_len(&mut conn, p).await, 0);
+    }
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_means_refused_never_lost_and_the_worker_finishes_journaled_purges() {
+    let redis = RedisServer::start();
+    let c = customer(&redis).await;
+    let keys = KeyRing::ephemeral();
+    let p = keys.pseudonym(&Imei::new(&imei(74)).unwrap());
+    let req = PurgeRequest {
+        pseudonyms: vec![p.clone()],
+        range: None,
+        idempotency_key: Some("req-1".into()),
+    };
+
+    // Redis unreachable: refused with a retryable error, nothing recorded.
+    let cfg = {
+        let mut c = test_config(&redis).redis;
+        c.response_timeout_ms = 300;
+        c
+    };
+    let down = Purger::new(sink::connect(&cfg).unwrap(), TOMB_TTL);
+    redis.freeze();
+    let refused = down.request(&c, &req).await;
+    assert!(
+        matches!(refused, Err(PurgeError::Unavailable(_))),
+        "{refused:?}"
+    );
+    redis.thaw();
+    let mut conn = redis.conn().await;
+    let pending: Vec<String> = conn.smembers("tg:purge:pending").await.unwrap();
+    assert!(pending.is_empty());
+
+    // Journaled, then the process "dies" before the fast path: a new worker finishes it.
+    let first = Purger::new(conn.clone(), TOMB_TTL);
+    let id = first.journal(&c, &req).await.unwrap();
+    drop(first);
+    assert_eq!(
+        Purger::new(conn.clone(), TOMB_TTL)
+            .receipt(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        "pending"
+    );
+    let restarted = Purger::new(conn.clone(), TOMB_TTL);
+    assert_eq!(restarted.work_once().await.unwrap(), 1);
+    let done = restarted.receipt(&id).await.unwrap().unwrap();
+    assert_eq!(done.state, "completed");
+    assert!(done.completed_at.is_some());
+
+    // The same idempotency key gives the same purge, not a second one.
+    let again = restarted.request(&c, &req).await.unwrap();
+    assert_eq!(again.id, id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_range_fixes_are_refused_others_kept() {
+    let redis = RedisServer::start();
+    let c = customer(&redis).await;
+    let keys = KeyRing::ephemeral();
+    let p = keys.pseudonym(&Imei::new(&imei(75)).unwrap());
+    let conn = redis.conn().await;
+    let writers = sink::start(
+        conn.clone(),
+        &test_config(&redis).redis,
+        CancellationToken::new(),
+    );
+    let base = now_s().as_second() - 600;
+    let purger = Purger::new(conn.clone(), TOMB_TTL);
+    let range = (
+        Timestamp::from_second(base).unwrap(),
+        Timestamp::from_second(base + 100).unwrap(),
+    );
+    let receipt = purger
+        .request(
+            &c,
+            &PurgeRequest {
+                pseudonyms: vec![p.clone()],
+                range: Some(range),
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap();
+    let before = receipt.cutoff.as_millisecond() - 50;
+    let mut waits = Vec::new();
+    for fix_s in [base + 50, base + 500] {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let fix = StoredFix::from_fix(
+            MessageKind::Aaa,
+            &fix_at(Timestamp::from_second(fix_s).unwrap(), 0),
+        );
+        let job = WriteJob {
+            device: p.clone(),
+            fixes: vec![fix],
+            received_ms: before,
+            ttl: Duration::from_secs(3600),
+            done: Some(tx),
+        };
+        writers.sink.submit(job).await.unwrap();
+        waits.push(rx);
+    }
+    for w in waits {
+        w.await.unwrap();
+    }
+    let mut conn = redis.conn().await;
+    assert_eq!(fix_times(&mut conn, &fixes_key(&p)).await, vec![base + 500]);
+}
