@@ -34,6 +34,23 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub keys: KeysConfig,
     pub http: HttpConfig,
+    pub purge: PurgeConfig,
+}
+
+/// Purges (DESIGN §7).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PurgeConfig {
+    /// How often the worker retries pending purges (and checks deadlines).
+    pub worker_interval_s: u64,
+}
+
+impl Default for PurgeConfig {
+    fn default() -> Self {
+        PurgeConfig {
+            worker_interval_s: 60,
+        }
+    }
 }
 
 impl Default for Config {
@@ -49,6 +66,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             keys: KeysConfig::default(),
             http: HttpConfig::default(),
+            purge: PurgeConfig::default(),
         }
     }
 }

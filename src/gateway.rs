@@ -21,11 +21,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trackgate_protocols::{Direction, Framer};
 
-use crate::config::Config;
+use crate::config::{Config, MAX_TTL_S};
 use crate::connection::Shared;
 use crate::pseudonym::KeyRing;
+use crate::purge::Purger;
+use crate::registry::Registry;
 use crate::retention::{self, Retention};
-use crate::{api, listener, metrics, sink};
+use crate::{api, api_v1, listener, metrics, sink};
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,9 @@ impl Gateway {
             )));
         }
 
+        // Tombstones must outlive any write from before a purge that is still queued or
+        // retried; a retention period is far beyond that, and bounds their memory.
+        let tomb_ttl = Duration::from_secs(config.retention.ttl_s);
         let mut http_addr = None;
         let mut http_task = None;
         if let Some(bind) = config.http.bind {
@@ -107,11 +112,15 @@ impl Gateway {
             http_addr = bound.local_addr().ok();
             tracing::info!(addr = ?http_addr, "serving /metrics, /healthz, /readyz");
             // Its own connection: a readiness PING must not queue behind big pipelines.
-            let app = api::router(
-                sink::connect(&config.redis)?,
-                prometheus.clone(),
-                shutdown.clone(),
-            );
+            let api_conn = sink::connect(&config.redis)?;
+            let v1 = api_v1::V1State {
+                registry: Registry::new(api_conn.clone(), MAX_TTL_S),
+                purger: Purger::new(api_conn.clone(), tomb_ttl),
+                keys: shared.keys.clone(),
+                audit_conn: api_conn.clone(),
+            };
+            let app = api::router(api_conn, prometheus.clone(), shutdown.clone())
+                .merge(api_v1::router(v1));
             let stop = shutdown.clone();
             http_task = Some(tokio::spawn(async move {
                 let _ = axum::serve(bound, app)
@@ -120,6 +129,10 @@ impl Gateway {
             }));
         }
 
+        let purge_worker = tokio::spawn(Purger::new(conn.clone(), tomb_ttl).run_worker(
+            Duration::from_secs(config.purge.worker_interval_s),
+            shutdown.clone(),
+        ));
         let sweeper = tokio::spawn(retention::run_sweeper(
             conn.clone(),
             retention,
@@ -183,7 +196,7 @@ impl Gateway {
             // Background tasks stop on the shutdown token; never wait past the deadline for
             // them (a sweep of many keys, an HTTP client that never finishes its request).
             let late = deadline.max(tokio::time::Instant::now());
-            let mut background = vec![sweeper];
+            let mut background = vec![sweeper, purge_worker];
             background.extend(http_task);
             background.extend(upkeep);
             for mut t in background {

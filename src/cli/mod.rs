@@ -4,12 +4,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin;
 mod config_cmd;
 mod decode;
 mod demo;
 mod keys;
 mod serve;
 
+pub use admin::{CustomerCommand, DeviceCommand, TokenCommand};
 pub use config_cmd::ConfigCommand;
 pub use decode::DecodeArgs;
 pub use demo::DemoArgs;
@@ -39,6 +41,15 @@ pub enum Command {
     /// Pseudonymization key file tools.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Customer administration (direct to Redis).
+    #[command(subcommand)]
+    Customer(CustomerCommand),
+    /// API tokens of customers.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Device ownership.
+    #[command(subcommand)]
+    Device(DeviceCommand),
 }
 
 /// Run a parsed command line; the exit code is the process's.
@@ -49,5 +60,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Decode(args) => decode::run(&args),
         Command::Config(cmd) => config_cmd::run(&cmd),
         Command::Keys(cmd) => keys::run(&cmd),
+        Command::Customer(cmd) => admin::customer(&cmd),
+        Command::Token(cmd) => admin::token(&cmd),
+        Command::Device(cmd) => admin::device(&cmd),
     }
 }

@@ -1,0 +1,243 @@
+//! The customer API (`/v1`): purges, with bearer-token auth and JSON problem details.
+//!
+//! A device that does not exist and a device owned by someone else get the same 404, so
+//! the API never reveals whether an IMEI is known. Denials are audited. Handlers never log
+//! the IMEI from a request body.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{self, AuditEvent};
+use crate::pseudonym::{Imei, KeyRing};
+use crate::purge::{PurgeError, PurgeRequest, Purger, Receipt};
+use crate::registry::Registry;
+
+type Conn = redis::aio::ConnectionManager;
+
+/// What the `/v1` handlers share.
+#[derive(Clone, Debug)]
+pub struct V1State {
+    pub registry: Registry<Conn>,
+    pub purger: Purger<Conn>,
+    pub keys: Arc<KeyRing>,
+    pub audit_conn: Conn,
+}
+
+/// The `/v1` routes.
+pub fn router(state: V1State) -> Router {
+    Router::new()
+        .route("/v1/purges", post(create_purge))
+        .route("/v1/purges/{id}", get(get_purge))
+        .with_state(state)
+}
+
+/// An RFC 9457 problem with a stable `code`.
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    title: &'static str,
+    status: u16,
+    code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+fn problem(
+    status: StatusCode,
+    code: &'static str,
+    title: &'static str,
+    detail: Option<String>,
+) -> Response {
+    let body = Problem {
+        kind: "about:blank",
+        title,
+        status: status.as_u16(),
+        code,
+        detail,
+    };
+    let mut r = (status, Json(body)).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    r
+}
+
+fn not_found() -> Response {
+    problem(StatusCode::NOT_FOUND, "not_found", "Not found", None)
+}
+
+fn unavailable(detail: &str) -> Response {
+    let mut r = problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "Temporarily unavailable; retry",
+        Some(detail.into()),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    r
+}
+
+async fn caller(state: &V1State, headers: &HeaderMap) -> Result<String, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let unauthorized = || {
+        problem(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Missing or invalid bearer token",
+            None,
+        )
+    };
+    let Some(token) = token else {
+        return Err(unauthorized());
+    };
+    match state.registry.authenticate(token).await {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => Err(unauthorized()),
+        Err(_) => Err(unavailable("token store unreachable")),
+    }
+}
+
+/// `POST /v1/purges` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeBody {
+    pub imei: String,
+    /// Fix-time range (RFC 3339, inclusive); both or neither.
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+}
+
+async fn create_purge(
+    State(state): State<V1State>,
+    headers: HeaderMap,
+    body: Result<Json<PurgeBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let customer_id = match caller(&state, &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Ok(Json(body)) = body else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Body must be JSON {imei, from?, to?}",
+            None,
+        );
+    };
+    let Some(imei) = Imei::new(&body.imei) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "bad_imei",
+            "imei must be 14-15 digits",
+            None,
+        );
+    };
+    let range = match (body.from, body.to) {
+        (None, None) => None,
+        (Some(f), Some(t)) if f <= t => Some((f, t)),
+        _ => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "bad_range",
+                "from and to must both be given, from <= to",
+                None,
+            );
+        }
+    };
+    let pseudonyms = state.keys.all_pseudonyms(&imei);
+    let owner = match state.registry.owner(&imei, &state.keys).await {
+        Ok(o) => o,
+        Err(_) => return unavailable("registry unreachable"),
+    };
+    let actor = format!("customer:{customer_id}");
+    let devices: Vec<&str> = pseudonyms.iter().map(|p| p.as_str()).collect();
+    if owner.as_deref() != Some(customer_id.as_str()) {
+        let mut conn = state.audit_conn.clone();
+        let _ = audit::append(
+            &mut conn,
+            &AuditEvent {
+                actor: &actor,
+                action: "purge.requested",
+                devices: &devices.join(","),
+                outcome: "denied",
+                detail: "not the owner (or unknown device)",
+            },
+        )
+        .await;
+        return not_found();
+    }
+    let customer = match state.registry.customer(&customer_id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return not_found(),
+        Err(_) => return unavailable("registry unreachable"),
+    };
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let req = PurgeRequest {
+        pseudonyms,
+        range,
+        idempotency_key,
+    };
+    match state.purger.request(&customer, &req).await {
+        Ok(r) => {
+            let status = if r.state == "completed" {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            (status, Json(r)).into_response()
+        }
+        Err(PurgeError::Unavailable(_)) => {
+            unavailable("purge journal unreachable; nothing was done")
+        }
+        Err(PurgeError::Range) => problem(
+            StatusCode::BAD_REQUEST,
+            "bad_range",
+            "from must not be after to",
+            None,
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "purge request failed after journaling");
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Purge journaled but not reported; poll GET /v1/purges",
+                None,
+            )
+        }
+    }
+}
+
+async fn get_purge(
+    State(state): State<V1State>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let customer_id = match caller(&state, &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match state.purger.receipt(&id).await {
+        Ok(Some(r)) if r.customer == customer_id => {
+            (StatusCode::OK, Json::<Receipt>(r)).into_response()
+        }
+        Ok(_) => not_found(),
+        Err(_) => unavailable("purge journal unreachable"),
+    }
+}
