@@ -29,6 +29,8 @@ pub struct V1State {
     pub purger: Purger<Conn>,
     pub keys: Arc<KeyRing>,
     pub audit_conn: Conn,
+    /// Retention: exports never return anything older.
+    pub ttl: std::time::Duration,
 }
 
 /// The `/v1` routes.
@@ -36,6 +38,7 @@ pub fn router(state: V1State) -> Router {
     Router::new()
         .route("/v1/purges", post(create_purge))
         .route("/v1/purges/{id}", get(get_purge))
+        .route("/v1/devices/{imei}/fixes", get(export_fixes))
         .with_state(state)
 }
 
@@ -240,4 +243,91 @@ async fn get_purge(
         Ok(_) => not_found(),
         Err(_) => unavailable("purge journal unreachable"),
     }
+}
+
+/// `GET /v1/devices/{imei}/fixes` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportParams {
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+    /// `ndjson` (default), `csv` or `geojson`.
+    pub format: Option<String>,
+}
+
+async fn export_fixes(
+    State(state): State<V1State>,
+    headers: HeaderMap,
+    Path(imei): Path<String>,
+    params: Result<axum::extract::Query<ExportParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let customer_id = match caller(&state, &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Ok(axum::extract::Query(params)) = params else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "Query: from, to (RFC 3339), format",
+            None,
+        );
+    };
+    let Some(format) = crate::export::Format::parse(params.format.as_deref().unwrap_or("ndjson"))
+    else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "bad_format",
+            "format must be ndjson, csv or geojson",
+            None,
+        );
+    };
+    let Some(imei) = Imei::new(&imei) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "bad_imei",
+            "imei must be 14-15 digits",
+            None,
+        );
+    };
+    let pseudonyms = state.keys.all_pseudonyms(&imei);
+    let devices = pseudonyms
+        .iter()
+        .map(|p| p.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let actor = format!("customer:{customer_id}");
+    let owner = match state.registry.owner(&imei, &state.keys).await {
+        Ok(o) => o,
+        Err(_) => return unavailable("registry unreachable"),
+    };
+    let allowed = owner.as_deref() == Some(customer_id.as_str());
+    let mut conn = state.audit_conn.clone();
+    let event = AuditEvent {
+        actor: &actor,
+        action: "export",
+        devices: &devices,
+        outcome: if allowed { "ok" } else { "denied" },
+        detail: "",
+    };
+    if audit::append(&mut conn, &event).await.is_err() && allowed {
+        return unavailable("audit trail unreachable; export not started");
+    }
+    if !allowed {
+        return not_found();
+    }
+    let q = crate::export::ExportQuery {
+        pseudonyms,
+        from: params.from,
+        to: params.to,
+        ttl: state.ttl,
+        format,
+    };
+    let body = axum::body::Body::from_stream(crate::export::stream(state.audit_conn.clone(), q));
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    r
 }

@@ -118,6 +118,7 @@ impl Gateway {
                 purger: Purger::new(api_conn.clone(), tomb_ttl),
                 keys: shared.keys.clone(),
                 audit_conn: api_conn.clone(),
+                ttl: Duration::from_secs(config.retention.ttl_s),
             };
             let app = api::router(api_conn, prometheus.clone(), shutdown.clone())
                 .merge(api_v1::router(v1));

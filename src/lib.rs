@@ -9,6 +9,7 @@ pub mod calendar;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod export;
 pub mod gateway;
 pub mod listener;
 pub mod loadgen;

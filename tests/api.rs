@@ -169,3 +169,113 @@ async fn purge_api_is_owner_only_and_idempotent() {
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_formats_parse_and_respect_owner_range_and_ttl() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.retention.ttl_s = 3;
+    config.retention.sweep_interval_s = 3600; // the sweeper must not be what hides old data
+    let (gw, keys) = start_gateway(config).await;
+    let api = gw.http_addr.unwrap();
+    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    reg.add_customer(&Customer::new("acme", "ACME", "UTC"))
+        .await
+        .unwrap();
+    reg.add_customer(&Customer::new("rival", "Rival", "UTC"))
+        .await
+        .unwrap();
+    let (_, acme) = reg.issue_token("acme").await.unwrap();
+    let (_, rival) = reg.issue_token("rival").await.unwrap();
+    let id = imei(92);
+    reg.assign(&Imei::new(&id).unwrap(), "acme", &keys)
+        .await
+        .unwrap();
+    let now = now_s().as_second();
+    let fixes: Vec<_> = (0..3)
+        .map(|i| fix_at(jiff::Timestamp::from_second(now - 2 + i).unwrap(), i as i32))
+        .collect();
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    t.send(&cce_frame(&id, &fixes)).await;
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+
+    let auth = format!("Bearer {acme}");
+    let get = |path: String, auth: String| async move {
+        let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: {auth}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.to_owned(), dechunk(body))
+    };
+    let base = format!("/v1/devices/{id}/fixes");
+
+    let (head, body) = get(format!("{base}?format=ndjson"), auth.clone()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["lat"], 48.137154);
+    assert_eq!(lines[0]["type"], "CCE");
+    assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
+
+    let (_, csv) = get(format!("{base}?format=csv"), auth.clone()).await;
+    let rows: Vec<&str> = csv.lines().collect();
+    assert!(
+        rows[0].starts_with("time,received_at,type,event,valid,lat,lon"),
+        "{}",
+        rows[0]
+    );
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[1].split(',').count(), rows[0].split(',').count());
+
+    let (head, geo) = get(format!("{base}?format=geojson"), auth.clone()).await;
+    assert!(head.to_ascii_lowercase().contains("application/geo+json"));
+    let fc: Value = serde_json::from_str(&geo).unwrap();
+    assert_eq!(fc["type"], "FeatureCollection");
+    assert_eq!(fc["features"].as_array().unwrap().len(), 3);
+    assert_eq!(fc["features"][0]["geometry"]["coordinates"][0], 11.576124);
+
+    // Fix-time range (inclusive).
+    let from = jiff::Timestamp::from_second(now - 1).unwrap();
+    let (_, ranged) = get(format!("{base}?from={from}&to={from}"), auth.clone()).await;
+    assert_eq!(ranged.lines().count(), 1);
+
+    // Not the owner: the same 404 as an unknown device.
+    let (head, _) = get(base.clone(), format!("Bearer {rival}")).await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+
+    // A fix whose fix time is past the TTL is not returned, though it is still stored
+    // (the key itself expires TTL after the last write; the sweeper has not run).
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let mut conn = redis.conn().await;
+    assert_eq!(
+        stream_len(&mut conn, &pseudonym(&keys, &id)).await,
+        3,
+        "still physically there"
+    );
+    let (_, late) = get(format!("{base}?format=ndjson"), auth.clone()).await;
+    assert_eq!(late.lines().count(), 2, "{late}");
+    gw.shutdown();
+    gw.wait().await;
+}
+
+/// Undo HTTP/1.1 chunked transfer encoding.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    out
+}

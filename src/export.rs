@@ -1,0 +1,313 @@
+//! Export: a customer reads and copies its own device's history (NDJSON, CSV, GeoJSON).
+//!
+//! Streamed chunk by chunk from Redis (`XRANGE … COUNT`), never buffering the history,
+//! across the device's pseudonyms under every key version. Nothing older than the
+//! retention period is ever returned, whether or not the sweeper has removed it yet: an
+//! entry is skipped if its receive time (entry id) or its fix time is past the TTL.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use jiff::Timestamp;
+use redis::aio::ConnectionLike;
+use serde_json::{Map, Value, json};
+
+use crate::pseudonym::Pseudonym;
+use crate::storage::fixes_key;
+
+/// Entries read per Redis call.
+pub const EXPORT_CHUNK_ENTRIES: usize = 1000;
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Ndjson,
+    Csv,
+    GeoJson,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "ndjson" | "jsonl" => Some(Format::Ndjson),
+            "csv" => Some(Format::Csv),
+            "geojson" => Some(Format::GeoJson),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Ndjson => "application/x-ndjson",
+            Format::Csv => "text/csv; charset=utf-8",
+            Format::GeoJson => "application/geo+json",
+        }
+    }
+}
+
+/// Stored field → (output name, divisor) for plain numeric fields.
+const NUMERIC: &[(&str, &str, f64)] = &[
+    ("e", "event", 1.0),
+    ("sp", "speed_kmh", 10.0),
+    ("co", "course_deg", 1.0),
+    ("al", "altitude_m", 1.0),
+    ("sa", "satellites", 1.0),
+    ("hd", "hdop", 10.0),
+    ("gs", "gsm_signal", 1.0),
+    ("mi", "mileage_m", 1.0),
+    ("ru", "runtime_s", 1.0),
+    ("mcc", "mcc", 1.0),
+    ("mnc", "mnc", 1.0),
+    ("lac", "lac", 1.0),
+    ("ci", "cell_id", 1.0),
+    ("in", "inputs", 1.0),
+    ("out", "outputs", 1.0),
+    ("a1", "ad1_raw", 1.0),
+    ("a2", "ad2_raw", 1.0),
+    ("a3", "ad3_raw", 1.0),
+    ("a1mv", "ad1_v", 1000.0),
+    ("a2mv", "ad2_v", 1000.0),
+    ("br", "battery_raw", 1.0),
+    ("pr", "power_raw", 1.0),
+    ("bmv", "battery_v", 1000.0),
+    ("pmv", "power_v", 1000.0),
+    ("rmv", "rtc_v", 1000.0),
+    ("umv", "mcu_v", 1000.0),
+    ("gmv", "gps_v", 1000.0),
+];
+
+/// CSV columns, in order.
+pub const CSV_COLUMNS: &[&str] = &[
+    "time",
+    "received_at",
+    "type",
+    "event",
+    "valid",
+    "lat",
+    "lon",
+    "speed_kmh",
+    "course_deg",
+    "altitude_m",
+    "satellites",
+    "hdop",
+    "gsm_signal",
+    "mileage_m",
+    "runtime_s",
+    "mcc",
+    "mnc",
+    "lac",
+    "cell_id",
+    "inputs",
+    "outputs",
+];
+
+fn rfc3339_s(s: i64) -> Option<String> {
+    Timestamp::from_second(s).ok().map(|t| t.to_string())
+}
+
+fn id_ms(id: &str) -> Option<i64> {
+    id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
+}
+
+/// One stored entry as the JSON record `trackgate decode` would print (same names/units).
+pub fn entry_json(id: &str, fields: &[(String, String)]) -> Map<String, Value> {
+    let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let int = |k: &str| get(k).and_then(|v| v.parse::<i64>().ok());
+    let mut m = Map::new();
+    if let Some(t) = int("t").and_then(rfc3339_s) {
+        m.insert("time".into(), json!(t));
+    }
+    if let Some(r) = id_ms(id).and_then(|ms| Timestamp::from_millisecond(ms).ok()) {
+        m.insert("received_at".into(), json!(r.to_string()));
+    }
+    if let Some(ty) = get("ty") {
+        m.insert("type".into(), json!(ty));
+    }
+    if let Some(v) = int("v") {
+        m.insert("valid".into(), json!(v != 0));
+    }
+    for (k, name) in [("la", "lat"), ("lo", "lon")] {
+        if let Some(v) = int(k) {
+            m.insert(name.into(), json!(v as f64 / 1e6));
+        }
+    }
+    for (k, name, div) in NUMERIC {
+        if let Some(v) = int(k) {
+            if *div == 1.0 {
+                m.insert((*name).into(), json!(v));
+            } else {
+                m.insert((*name).into(), json!(v as f64 / div));
+            }
+        }
+    }
+    if let Some(x) = get("x").and_then(|x| serde_json::from_str::<Value>(x).ok()) {
+        m.insert("extra".into(), x);
+    }
+    m
+}
+
+fn csv_field(v: Option<&Value>) -> String {
+    let s = match v {
+        None | Some(Value::Null) => return String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+fn render(format: Format, rec: &Map<String, Value>, first: bool) -> Vec<u8> {
+    match format {
+        Format::Ndjson => {
+            let mut out = Value::Object(rec.clone()).to_string().into_bytes();
+            out.push(b'\n');
+            out
+        }
+        Format::Csv => {
+            let row: Vec<String> = CSV_COLUMNS.iter().map(|c| csv_field(rec.get(*c))).collect();
+            let mut out = row.join(",").into_bytes();
+            out.extend_from_slice(b"\r\n");
+            out
+        }
+        Format::GeoJson => {
+            let mut props = rec.clone();
+            let (lon, lat) = (props.remove("lon"), props.remove("lat"));
+            let geometry = match (lon, lat) {
+                (Some(lon), Some(lat)) => json!({"type": "Point", "coordinates": [lon, lat]}),
+                _ => Value::Null,
+            };
+            let feature = json!({"type": "Feature", "geometry": geometry, "properties": props});
+            let mut out = if first { Vec::new() } else { b",".to_vec() };
+            out.extend_from_slice(feature.to_string().as_bytes());
+            out
+        }
+    }
+}
+
+/// What to export.
+#[derive(Debug, Clone)]
+pub struct ExportQuery {
+    pub pseudonyms: Vec<Pseudonym>,
+    /// Fix-time bounds (inclusive).
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+    pub ttl: Duration,
+    pub format: Format,
+}
+
+struct State<C> {
+    conn: C,
+    q: ExportQuery,
+    device: usize,
+    /// XRANGE start for the current device's stream: `<ms>-0` (inclusive, the TTL
+    /// bound) or `(<id>` (exclusive, after the last entry read).
+    after: String,
+    started: bool,
+    finished: bool,
+    emitted: u64,
+    oldest_ms: i64,
+}
+
+/// The export as a byte stream (header, records, footer).
+pub fn stream<C>(conn: C, q: ExportQuery) -> impl Stream<Item = Result<Bytes, redis::RedisError>>
+where
+    C: ConnectionLike + Send + 'static,
+{
+    let oldest_ms = Timestamp::now().as_millisecond() - q.ttl.as_millis() as i64;
+    let state = State {
+        conn,
+        q,
+        device: 0,
+        after: String::new(),
+        started: false,
+        finished: false,
+        emitted: 0,
+        oldest_ms,
+    };
+    futures::stream::try_unfold(state, |mut st| async move {
+        if st.finished {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        if !st.started {
+            st.started = true;
+            match st.q.format {
+                Format::Csv => {
+                    out.extend_from_slice(CSV_COLUMNS.join(",").as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                Format::GeoJson => {
+                    out.extend_from_slice(br#"{"type":"FeatureCollection","features":["#)
+                }
+                Format::Ndjson => {}
+            }
+            // Entries older than the TTL by receive time are skipped by the id range.
+            st.after = format!("{}-0", st.oldest_ms.max(0));
+            return Ok(Some((Bytes::from(out), st)));
+        }
+        while st.device < st.q.pseudonyms.len() {
+            let key = fixes_key(&st.q.pseudonyms[st.device]);
+            let start = st.after.clone();
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(EXPORT_CHUNK_ENTRIES)
+                .query_async(&mut st.conn)
+                .await?;
+            if reply.ids.is_empty() {
+                st.device += 1;
+                st.after = format!("{}-0", st.oldest_ms.max(0));
+                continue;
+            }
+            let (from_s, to_s) = (
+                st.q.from.map(|t| t.as_second()),
+                st.q.to.map(|t| t.as_second()),
+            );
+            let oldest_s = st.oldest_ms.div_euclid(1000);
+            for e in &reply.ids {
+                let fields: Vec<(String, String)> = e
+                    .map
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        redis::from_redis_value::<String>(v.clone())
+                            .ok()
+                            .map(|v| (k.clone(), v))
+                    })
+                    .collect();
+                let t = fields
+                    .iter()
+                    .find(|(k, _)| k == "t")
+                    .and_then(|(_, v)| v.parse::<i64>().ok());
+                let keep = match t {
+                    Some(t) => {
+                        t >= oldest_s
+                            && from_s.is_none_or(|f| t >= f)
+                            && to_s.is_none_or(|x| t <= x)
+                    }
+                    None => from_s.is_none() && to_s.is_none(),
+                };
+                if keep {
+                    let rec = entry_json(&e.id, &fields);
+                    out.extend(render(st.q.format, &rec, st.emitted == 0));
+                    st.emitted += 1;
+                }
+            }
+            if let Some(last) = reply.ids.last() {
+                // Exclusive start for the next chunk.
+                st.after = format!("({}", last.id);
+            }
+            return Ok(Some((Bytes::from(out), st)));
+        }
+        st.finished = true;
+        if st.q.format == Format::GeoJson {
+            out.extend_from_slice(b"]}");
+        }
+        Ok(Some((Bytes::from(out), st)))
+    })
+}
