@@ -269,7 +269,7 @@ where
                 st.q.from.map(|t| t.as_second()),
                 st.q.to.map(|t| t.as_second()),
             );
-            let oldest_s = st.oldest_ms.div_euclid(1000);
+
             for e in &reply.ids {
                 let fields: Vec<(String, String)> = e
                     .map
@@ -286,7 +286,7 @@ where
                     .and_then(|(_, v)| v.parse::<i64>().ok());
                 let keep = match t {
                     Some(t) => {
-                        t >= oldest_s
+                        t.saturating_mul(1000) >= st.oldest_ms
                             && from_s.is_none_or(|f| t >= f)
                             && to_s.is_none_or(|x| t <= x)
                     }
@@ -310,4 +310,58 @@ where
         }
         Ok(Some((Bytes::from(out), st)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn stored_fields_map_back_to_decode_names_and_units() {
+        let rec = entry_json(
+            "1700000000123-0",
+            &f(&[
+                ("ty", "AAA"),
+                ("t", "1700000000"),
+                ("la", "-27257698"),
+                ("lo", "153030471"),
+                ("sp", "425"),
+                ("v", "1"),
+                ("bmv", "4150"),
+                ("x", r#"{"battery_pct":96}"#),
+            ]),
+        );
+        assert_eq!(rec["time"], "2023-11-14T22:13:20Z");
+        assert_eq!(rec["received_at"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(rec["lat"], -27.257698);
+        assert_eq!(rec["speed_kmh"], 42.5);
+        assert_eq!(rec["valid"], true);
+        assert_eq!(rec["battery_v"], 4.15);
+        assert_eq!(rec["extra"]["battery_pct"], 96);
+    }
+
+    #[test]
+    fn csv_escapes_and_geojson_puts_lon_first() {
+        let mut rec = Map::new();
+        rec.insert("type".into(), json!("a,\"b\""));
+        rec.insert("lat".into(), json!(1.5));
+        rec.insert("lon".into(), json!(2.5));
+        let row = String::from_utf8(render(Format::Csv, &rec, true)).unwrap();
+        assert!(row.contains(r#""a,""b""""#), "{row}");
+        assert_eq!(
+            row.trim_end().split(',').count(),
+            CSV_COLUMNS.len() + 1,
+            "one quoted comma"
+        );
+        let feat: Value = serde_json::from_slice(&render(Format::GeoJson, &rec, true)).unwrap();
+        assert_eq!(feat["geometry"]["coordinates"], json!([2.5, 1.5]));
+        assert!(render(Format::GeoJson, &rec, false).starts_with(b","));
+    }
 }

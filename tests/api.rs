@@ -174,7 +174,7 @@ async fn purge_api_is_owner_only_and_idempotent() {
 async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     let redis = RedisServer::start();
     let mut config = test_config(&redis);
-    config.retention.ttl_s = 3;
+    config.retention.ttl_s = 5;
     config.retention.sweep_interval_s = 3600; // the sweeper must not be what hides old data
     let (gw, keys) = start_gateway(config).await;
     let api = gw.http_addr.unwrap();
@@ -192,8 +192,10 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
         .await
         .unwrap();
     let now = now_s().as_second();
-    let fixes: Vec<_> = (0..3)
-        .map(|i| fix_at(jiff::Timestamp::from_second(now - 2 + i).unwrap(), i as i32))
+    // Fix times now-4, now-1, now: after 1.6 s only the first is past the 5 s TTL.
+    let fixes: Vec<_> = [4, 1, 0]
+        .iter()
+        .map(|&ago| fix_at(jiff::Timestamp::from_second(now - ago).unwrap(), ago as i32))
         .collect();
     let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
     t.send(&cce_frame(&id, &fixes)).await;
@@ -220,7 +222,7 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 3);
-    assert_eq!(lines[0]["lat"], 48.137154);
+    assert_eq!(lines[0]["lat"], 48.137158);
     assert_eq!(lines[0]["type"], "CCE");
     assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
 
@@ -239,7 +241,7 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     let fc: Value = serde_json::from_str(&geo).unwrap();
     assert_eq!(fc["type"], "FeatureCollection");
     assert_eq!(fc["features"].as_array().unwrap().len(), 3);
-    assert_eq!(fc["features"][0]["geometry"]["coordinates"][0], 11.576124);
+    assert_eq!(fc["features"][0]["geometry"]["coordinates"][0], 11.57612);
 
     // Fix-time range (inclusive).
     let from = jiff::Timestamp::from_second(now - 1).unwrap();
