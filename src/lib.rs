@@ -16,6 +16,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod pseudonym;
 pub mod purge;
+pub mod redis_child;
 pub mod registry;
 pub mod retention;
 pub mod sink;
