@@ -33,9 +33,39 @@ pub struct V1State {
     pub ttl: std::time::Duration,
 }
 
+/// The OpenAPI document of the `/v1` API (served at `/openapi.json`, checked in as
+/// `docs/openapi.json`).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "trackgate privacy API", description = "Purge and export of a customer's own devices' location data."),
+    paths(create_purge, get_purge, export_fixes),
+    components(schemas(PurgeBody, Receipt, Problem)),
+    modifiers(&BearerAuth)
+)]
+#[derive(Debug)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
 /// The `/v1` routes.
 pub fn router(state: V1State) -> Router {
     Router::new()
+        .route("/openapi.json", get(openapi_json))
         .route("/v1/purges", post(create_purge))
         .route("/v1/purges/{id}", get(get_purge))
         .route("/v1/devices/{imei}/fixes", get(export_fixes))
@@ -43,7 +73,7 @@ pub fn router(state: V1State) -> Router {
 }
 
 /// An RFC 9457 problem with a stable `code`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
     kind: &'static str,
@@ -115,15 +145,34 @@ async fn caller(state: &V1State, headers: &HeaderMap) -> Result<String, Response
 }
 
 /// `POST /v1/purges` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurgeBody {
+    /// The device's IMEI (14-15 digits).
     pub imei: String,
     /// Fix-time range (RFC 3339, inclusive); both or neither.
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub from: Option<Timestamp>,
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub to: Option<Timestamp>,
 }
 
+/// Request a purge of one of the caller's devices (whole, or a fix-time range).
+#[utoipa::path(
+    post,
+    path = "/v1/purges",
+    request_body = PurgeBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeat-safe request key")),
+    responses(
+        (status = 200, description = "Purge completed", body = Receipt),
+        (status = 202, description = "Purge journaled; the worker completes it by the deadline", body = Receipt),
+        (status = 400, description = "Bad request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device of the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Journal unreachable; nothing done; retry", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 async fn create_purge(
     State(state): State<V1State>,
     headers: HeaderMap,
@@ -227,6 +276,19 @@ async fn create_purge(
     }
 }
 
+/// A purge receipt.
+#[utoipa::path(
+    get,
+    path = "/v1/purges/{id}",
+    params(("id" = String, Path, description = "Purge id")),
+    responses(
+        (status = 200, description = "The receipt", body = Receipt),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such purge of the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Unavailable; retry", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 async fn get_purge(
     State(state): State<V1State>,
     headers: HeaderMap,
@@ -246,15 +308,34 @@ async fn get_purge(
 }
 
 /// `GET /v1/devices/{imei}/fixes` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ExportParams {
+    /// Earliest fix time (RFC 3339, inclusive).
+    #[param(value_type = Option<String>, format = DateTime)]
     pub from: Option<Timestamp>,
+    /// Latest fix time (RFC 3339, inclusive).
+    #[param(value_type = Option<String>, format = DateTime)]
     pub to: Option<Timestamp>,
     /// `ndjson` (default), `csv` or `geojson`.
     pub format: Option<String>,
 }
 
+/// Stream the location history of one of the caller's devices.
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{imei}/fixes",
+    params(("imei" = String, Path, description = "The device's IMEI"), ExportParams),
+    responses(
+        (status = 200, description = "The fixes, oldest first (NDJSON; CSV or GeoJSON per `format`)", body = String, content_type = "application/x-ndjson"),
+        (status = 400, description = "Bad request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device of the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Unavailable; retry", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 async fn export_fixes(
     State(state): State<V1State>,
     headers: HeaderMap,
@@ -330,4 +411,25 @@ async fn export_fixes(
         HeaderValue::from_static(format.content_type()),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::OpenApi;
+
+    /// The checked-in document is what the code generates. Regenerate with
+    /// `TRACKGATE_UPDATE_OPENAPI=1 cargo test --lib openapi`.
+    #[test]
+    fn openapi_document_is_checked_in() {
+        let doc = super::ApiDoc::openapi().to_pretty_json().unwrap() + "\n";
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
+        if std::env::var_os("TRACKGATE_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &doc).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == doc,
+            "docs/openapi.json is stale: regenerate (see the test's doc)"
+        );
+    }
 }

@@ -104,7 +104,7 @@ pub enum PurgeError {
 }
 
 /// A purge's state and outcome, as the customer sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Receipt {
     pub id: String,
     /// `pending` or `completed`.
@@ -112,18 +112,25 @@ pub struct Receipt {
     /// `device` (everything) or `range` (fix times from..=to).
     pub scope: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub from: Option<Timestamp>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub to: Option<Timestamp>,
+    #[schema(value_type = String, format = DateTime)]
     pub requested_at: Timestamp,
     /// Fixes received at or before this instant are gone for good once completed.
+    #[schema(value_type = String, format = DateTime)]
     pub cutoff: Timestamp,
     /// One business day after the request, in the customer's time zone.
+    #[schema(value_type = String, format = DateTime)]
     pub deadline: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub completed_at: Option<Timestamp>,
     pub deleted_fixes: u64,
     #[serde(skip)]
+    #[schema(ignore)]
     pub customer: String,
 }
 

@@ -1,0 +1,62 @@
+//! Property-based API testing with schemathesis (PyPI) against `/openapi.json` of a live
+//! gateway: no generated request may produce a server error (5xx other than the
+//! documented 503), and responses must match the schema.
+//!
+//! Needs `schemathesis` on PATH (`.ci/run` installs it with pip).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use common::*;
+use trackgate::pseudonym::Imei;
+use trackgate::registry::{Customer, Registry};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_errors() {
+    let redis = RedisServer::start();
+    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    reg.add_customer(&Customer::new("acme", "ACME", "Europe/Berlin"))
+        .await
+        .unwrap();
+    let (_, token) = reg.issue_token("acme").await.unwrap();
+    reg.assign(&Imei::new(&imei(95)).unwrap(), "acme", &keys)
+        .await
+        .unwrap();
+    let url = format!("http://{}/openapi.json", gw.http_addr.unwrap());
+    let auth = format!("Authorization: Bearer {token}");
+    let out = tokio::process::Command::new("schemathesis")
+        .args([
+            "run",
+            &url,
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance",
+        ])
+        .args([
+            "--header",
+            &auth,
+            "--max-examples",
+            "40",
+            "--generation-deterministic",
+        ])
+        .args(["--request-timeout", "10"])
+        .output()
+        .await
+        .expect("schemathesis on PATH (python3 -m pip install schemathesis)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The summary (visible with --nocapture): operations, cases, failures.
+    let tail: Vec<&str> = text.lines().rev().take(12).collect();
+    println!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    assert!(
+        text.contains("3 ") || text.contains("operations"),
+        "no operations tested?\n{text}"
+    );
+    assert!(
+        out.status.success(),
+        "schemathesis failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.shutdown();
+    gw.wait().await;
+}
