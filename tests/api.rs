@@ -281,3 +281,101 @@ fn dechunk(body: &str) -> String {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_and_export_cli_clients() {
+    let redis = RedisServer::start();
+    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let api = format!("http://{}", gw.http_addr.unwrap());
+    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    reg.add_customer(&Customer::new("acme", "ACME", "UTC"))
+        .await
+        .unwrap();
+    let (_, token) = reg.issue_token("acme").await.unwrap();
+    let id = imei(93);
+    reg.assign(&Imei::new(&id).unwrap(), "acme", &keys)
+        .await
+        .unwrap();
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    t.send(&ccc_frame(&id, &[fix_at(now_s(), 0), fix_at(now_s(), 1)]))
+        .await;
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+
+    let run = |args: Vec<String>, token: String| {
+        let api = api.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_trackgate"))
+                .args(args)
+                .env("TRACKGATE_API", api)
+                .env("TRACKGATE_TOKEN", token)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let out = run(
+        vec![
+            "export".into(),
+            "--imei".into(),
+            id.clone(),
+            "--format".into(),
+            "csv".into(),
+        ],
+        token.clone(),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        3,
+        "header + 2 rows"
+    );
+
+    let out = run(
+        vec!["purge".into(), "--imei".into(), id.clone()],
+        "tgk.acme.00000000.bad".into(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+
+    let out = run(
+        vec![
+            "purge".into(),
+            "--imei".into(),
+            id.clone(),
+            "--idempotency-key".into(),
+            "cli-1".into(),
+        ],
+        token.clone(),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let receipt: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (receipt["state"].as_str(), receipt["deleted_fixes"].as_u64()),
+        (Some("completed"), Some(2))
+    );
+    let out = run(
+        vec![
+            "purge".into(),
+            "--status".into(),
+            receipt["id"].as_str().unwrap().into(),
+        ],
+        token.clone(),
+    )
+    .await;
+    assert!(out.status.success());
+    let again: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["id"], receipt["id"]);
+    gw.shutdown();
+    gw.wait().await;
+}

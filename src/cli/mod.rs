@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod admin;
+mod client;
 mod config_cmd;
 mod decode;
 mod demo;
@@ -12,6 +13,7 @@ mod keys;
 mod serve;
 
 pub use admin::{CustomerCommand, DeviceCommand, TokenCommand};
+pub use client::{ExportArgs, PurgeArgs};
 pub use config_cmd::ConfigCommand;
 pub use decode::DecodeArgs;
 pub use demo::DemoArgs;
@@ -50,6 +52,10 @@ pub enum Command {
     /// Device ownership.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Ask the API to purge a device (or a fix-time range), or show a purge's receipt.
+    Purge(PurgeArgs),
+    /// Download a device's history from the API.
+    Export(ExportArgs),
 }
 
 /// Run a parsed command line; the exit code is the process's.
@@ -63,5 +69,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Customer(cmd) => admin::customer(&cmd),
         Command::Token(cmd) => admin::token(&cmd),
         Command::Device(cmd) => admin::device(&cmd),
+        Command::Purge(args) => client::purge(&args),
+        Command::Export(args) => client::export(&args),
     }
 }
