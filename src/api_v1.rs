@@ -38,8 +38,13 @@ pub struct V1State {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "trackgate privacy API", description = "Purge and export of a customer's own devices' location data."),
-    paths(create_purge, get_purge, export_fixes),
-    components(schemas(PurgeBody, Receipt, Problem)),
+    paths(
+        create_purge, get_purge, export_fixes,
+        crate::api_admin::add_customer, crate::api_admin::set_holidays, crate::api_admin::issue_token,
+        crate::api_admin::revoke_token, crate::api_admin::assign, crate::api_admin::unassign,
+        crate::api_admin::audit_trail
+    ),
+    components(schemas(PurgeBody, Receipt, Problem, crate::api_admin::NewCustomer, crate::api_admin::IssuedToken, crate::api_admin::Owner)),
     modifiers(&BearerAuth)
 )]
 #[derive(Debug)]
@@ -84,7 +89,7 @@ pub struct Problem {
     detail: Option<String>,
 }
 
-fn problem(
+pub(crate) fn problem(
     status: StatusCode,
     code: &'static str,
     title: &'static str,

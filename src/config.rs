@@ -231,12 +231,16 @@ pub struct KeysConfig {
 pub struct HttpConfig {
     /// Serves `/metrics`, `/healthz`, `/readyz`; absent disables it.
     pub bind: Option<SocketAddr>,
+    /// SHA-256 (hex) of the admin API token; env `TRACKGATE_ADMIN_TOKEN` (the token
+    /// itself) overrides. Absent: the admin API is off.
+    pub admin_token_sha256: Option<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             bind: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            admin_token_sha256: None,
         }
     }
 }
@@ -290,6 +294,10 @@ impl Config {
         }
         if let Some(f) = get("TRACKGATE_KEY_FILE") {
             self.keys.key_file = PathBuf::from(f);
+        }
+        if let Some(t) = get("TRACKGATE_ADMIN_TOKEN") {
+            use sha2::Digest;
+            self.http.admin_token_sha256 = Some(hex::encode(sha2::Sha256::digest(t.as_bytes())));
         }
     }
 
@@ -366,6 +374,14 @@ impl Config {
                 "redis.url",
                 "must start with redis:// or rediss://",
             ));
+        }
+        if let Some(h) = &self.http.admin_token_sha256 {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    "http.admin_token_sha256",
+                    "must be 64 hex digits (sha256sum of the token)",
+                ));
+            }
         }
         if self.keys.key_file.as_os_str().is_empty() {
             return Err(invalid(

@@ -27,7 +27,7 @@ use crate::pseudonym::KeyRing;
 use crate::purge::Purger;
 use crate::registry::Registry;
 use crate::retention::{self, Retention};
-use crate::{api, api_v1, listener, metrics, sink};
+use crate::{api, api_admin, api_v1, listener, metrics, sink};
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -120,8 +120,11 @@ impl Gateway {
                 audit_conn: api_conn.clone(),
                 ttl: Duration::from_secs(config.retention.ttl_s),
             };
-            let app = api::router(api_conn, prometheus.clone(), shutdown.clone())
-                .merge(api_v1::router(v1));
+            let mut app = api::router(api_conn, prometheus.clone(), shutdown.clone())
+                .merge(api_v1::router(v1.clone()));
+            if let Some(admin) = &config.http.admin_token_sha256 {
+                app = app.merge(api_admin::router(v1, admin.to_ascii_lowercase()));
+            }
             let stop = shutdown.clone();
             http_task = Some(tokio::spawn(async move {
                 let _ = axum::serve(bound, app)

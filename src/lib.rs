@@ -3,6 +3,7 @@
 //! holds the gateway's roles, one module each.
 
 pub mod api;
+pub mod api_admin;
 pub mod api_v1;
 pub mod audit;
 pub mod calendar;

@@ -379,3 +379,121 @@ async fn purge_and_export_cli_clients() {
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_manages_customers_tokens_devices_and_shows_the_audit() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.apply_env(|k| {
+        (k == "TRACKGATE_ADMIN_TOKEN").then(|| "admin-secret-for-tests".to_string())
+    });
+    let (gw, _keys) = start_gateway(config).await;
+    let api = gw.http_addr.unwrap();
+    let admin = [("Authorization", "Bearer admin-secret-for-tests")];
+    let customer = serde_json::json!({"id": "acme", "name": "ACME", "tz": "Europe/Berlin", "weekend": ["sat", "sun"], "holidays": ["2026-12-25"]});
+
+    let (status, _, _) = http(
+        api,
+        "POST",
+        "/v1/admin/customers",
+        &[("Authorization", "Bearer nope")],
+        Some(&customer),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _, _) = http(api, "POST", "/v1/admin/customers", &admin, Some(&customer)).await;
+    assert_eq!(status, 201);
+    let (status, _, _) = http(api, "POST", "/v1/admin/customers", &admin, Some(&customer)).await;
+    assert_eq!(status, 409);
+    let (status, _, _) = http(
+        api,
+        "PUT",
+        "/v1/admin/customers/acme/holidays",
+        &admin,
+        Some(&serde_json::json!(["2026-12-24", "2026-12-25"])),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, _, issued) =
+        http(api, "POST", "/v1/admin/customers/acme/tokens", &admin, None).await;
+    assert_eq!(status, 201);
+    let token = issued["token"].as_str().unwrap().to_owned();
+    let id = imei(94);
+    let (status, _, _) = http(
+        api,
+        "PUT",
+        &format!("/v1/admin/devices/{id}/owner"),
+        &admin,
+        Some(&serde_json::json!({"customer": "acme"})),
+    )
+    .await;
+    assert_eq!(status, 204);
+
+    // The customer token works on the customer API, not on the admin API.
+    let auth = format!("Bearer {token}");
+    let (status, _, receipt) = http(
+        api,
+        "POST",
+        "/v1/purges",
+        &[("Authorization", &auth)],
+        Some(&serde_json::json!({"imei": id})),
+    )
+    .await;
+    assert_eq!(status, 200, "{receipt}");
+    let (status, _, _) = http(api, "GET", "/v1/audit", &[("Authorization", &auth)], None).await;
+    assert_eq!(status, 401);
+
+    let (status, _, audit) = http(api, "GET", "/v1/audit?count=50", &admin, None).await;
+    assert_eq!(status, 200);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for a in [
+        "customer.add",
+        "customer.holidays",
+        "token.issue",
+        "device.assign",
+        "purge.requested",
+        "purge.completed",
+    ] {
+        assert!(actions.contains(&a), "{a} missing from {actions:?}");
+    }
+    assert!(
+        !audit.to_string().contains(&id),
+        "no raw IMEI in the audit trail"
+    );
+
+    let tid = issued["id"].as_str().unwrap();
+    let (status, _, _) = http(
+        api,
+        "DELETE",
+        &format!("/v1/admin/customers/acme/tokens/{tid}"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, _, _) = http(
+        api,
+        "POST",
+        "/v1/purges",
+        &[("Authorization", &auth)],
+        Some(&serde_json::json!({"imei": id})),
+    )
+    .await;
+    assert_eq!(status, 401, "revoked");
+    let (status, _, _) = http(
+        api,
+        "DELETE",
+        &format!("/v1/admin/devices/{id}/owner"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    gw.shutdown();
+    gw.wait().await;
+}

@@ -15,7 +15,12 @@ use trackgate::registry::{Customer, Registry};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_errors() {
     let redis = RedisServer::start();
-    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let mut config = test_config(&redis);
+    // Mount the admin routes too (schemathesis calls them with a customer token: 401s).
+    config.apply_env(|k| {
+        (k == "TRACKGATE_ADMIN_TOKEN").then(|| "admin-secret-for-tests".to_string())
+    });
+    let (gw, keys) = start_gateway(config).await;
     let reg = Registry::new(redis.conn().await, 365 * 86400);
     reg.add_customer(&Customer::new("acme", "ACME", "Europe/Berlin"))
         .await
