@@ -29,8 +29,8 @@ pub struct V1State {
     pub purger: Purger<Conn>,
     pub keys: Arc<KeyRing>,
     pub audit_conn: Conn,
-    /// Retention: exports never return anything older.
-    pub ttl: std::time::Duration,
+    /// Retention: exports never return anything older than the owner's retention.
+    pub retention: crate::retention::Retention,
 }
 
 /// The OpenAPI document of the `/v1` API (served at `/openapi.json`, checked in as
@@ -406,7 +406,13 @@ async fn export_fixes(
         pseudonyms,
         from: params.from,
         to: params.to,
-        ttl: state.ttl,
+        ttl: {
+            let mut conn = state.audit_conn.clone();
+            state
+                .retention
+                .ttl_for_customer(&mut conn, &customer_id)
+                .await
+        },
         format,
     };
     let body = axum::body::Body::from_stream(crate::export::stream(state.audit_conn.clone(), q));

@@ -4,7 +4,6 @@
 //! Secrets can come from the environment instead of the file: `TRACKGATE_REDIS_URL`,
 //! `TRACKGATE_REDIS_PASSWORD`, `TRACKGATE_KEY_FILE`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -202,9 +201,9 @@ pub struct RetentionConfig {
     /// The sweeper trims every stream to the TTL this often; data is physically gone by
     /// TTL + this interval.
     pub sweep_interval_s: u64,
-    /// Per-customer lifetimes (customer id → seconds), agreed with that customer.
-    /// Refused until devices have owners (issue 5): ignoring it would be a silent breach.
-    pub customer_ttl_s: BTreeMap<String, u64>,
+    /// Upper bound for a customer's agreed retention (`retention_s` of the customer,
+    /// set with `trackgate customer add` or the admin API).
+    pub max_customer_ttl_s: u64,
 }
 
 impl Default for RetentionConfig {
@@ -212,7 +211,7 @@ impl Default for RetentionConfig {
         RetentionConfig {
             ttl_s: DEFAULT_TTL_S,
             sweep_interval_s: 3600,
-            customer_ttl_s: BTreeMap::new(),
+            max_customer_ttl_s: 365 * 24 * 3600,
         }
     }
 }
@@ -361,12 +360,10 @@ impl Config {
                 format!("must be at most {MAX_TTL_S} (10 years)"),
             ));
         }
-        if let Some(customer) = self.retention.customer_ttl_s.keys().next() {
-            // Accepting it and applying the default would silently break an agreement.
+        if self.retention.max_customer_ttl_s > MAX_TTL_S {
             return Err(invalid(
-                format!("retention.customer_ttl_s.{customer}"),
-                "per-customer retention needs device ownership (not available yet); \
-                 remove it or set retention.ttl_s",
+                "retention.max_customer_ttl_s",
+                format!("must be at most {MAX_TTL_S} (10 years)"),
             ));
         }
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {

@@ -133,6 +133,8 @@ pub struct Shared {
     pub framer: Framer,
     /// Fired at shutdown: stop reading, finish what was read.
     pub shutdown: CancellationToken,
+    /// For per-connection lookups (the owner's retention), not for writes.
+    pub redis: redis::aio::ConnectionManager,
 }
 
 /// A reply waiting for its write job.
@@ -148,6 +150,8 @@ struct AckReady {
 struct Device {
     imei: Imei,
     pseudonym: Pseudonym,
+    /// The retention of this device's fixes (its owner's agreement, or the default).
+    ttl: Duration,
 }
 
 /// Why a connection ended (metric label).
@@ -365,10 +369,16 @@ impl Conn {
                     return Ok(None);
                 };
                 let pseudonym = self.shared.keys.pseudonym(&imei);
-                tracing::debug!(device = %pseudonym, "device identified");
+                let mut redis = self.shared.redis.clone();
+                let lookup = self.shared.retention.ttl_for(&mut redis, &pseudonym);
+                let ttl = tokio::time::timeout(Duration::from_secs(2), lookup)
+                    .await
+                    .unwrap_or_else(|_| self.shared.retention.default_ttl());
+                tracing::debug!(device = %pseudonym, ttl_s = ttl.as_secs(), "device identified");
                 self.device = Some(Device {
                     imei,
                     pseudonym: pseudonym.clone(),
+                    ttl,
                 });
                 pseudonym
             }
@@ -387,7 +397,7 @@ impl Conn {
             metrics::counter!(m::RECORDS_REJECTED).increment(1);
             tracing::warn!(device = %pseudonym, command = kind, detail = %e, "record in batch skipped");
         }
-        let fixes = self.stored_fixes(&msg, &pseudonym);
+        let fixes = self.stored_fixes(&msg);
         let reply = expected_reply(&msg, self.shared.config.protocol.confirm_cce).and_then(|r| {
             let mut out = Vec::with_capacity(48);
             r.encode(frame.flag(), frame.imei(), &mut out)
@@ -409,7 +419,7 @@ impl Conn {
         }
         let (done_tx, done_rx) = oneshot::channel();
         let job = WriteJob {
-            ttl: self.shared.retention.ttl_for(&pseudonym),
+            ttl: self.device_ttl(),
             device: pseudonym,
             fixes,
             received_ms,
@@ -429,8 +439,14 @@ impl Conn {
     }
 
     /// The message's fixes laid out for storage, minus those already past retention.
-    fn stored_fixes(&self, msg: &Message<'_>, device: &Pseudonym) -> Vec<StoredFix> {
-        let ttl = self.shared.retention.ttl_for(device);
+    fn device_ttl(&self) -> Duration {
+        self.device
+            .as_ref()
+            .map_or(self.shared.retention.default_ttl(), |d| d.ttl)
+    }
+
+    fn stored_fixes(&self, msg: &Message<'_>) -> Vec<StoredFix> {
+        let ttl = self.device_ttl();
         let now_s = jiff::Timestamp::now().as_second();
         let mut out = Vec::with_capacity(msg.fixes.len());
         for fix in &msg.fixes {

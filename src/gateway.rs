@@ -73,6 +73,7 @@ impl Gateway {
             retention: retention.clone(),
             framer,
             shutdown: shutdown.clone(),
+            redis: conn.clone(),
         });
         drop(writers.sink);
 
@@ -118,7 +119,7 @@ impl Gateway {
                 purger: Purger::new(api_conn.clone(), tomb_ttl),
                 keys: shared.keys.clone(),
                 audit_conn: api_conn.clone(),
-                ttl: Duration::from_secs(config.retention.ttl_s),
+                retention: Retention::new(&config.retention),
             };
             let mut app = api::router(api_conn, prometheus.clone(), shutdown.clone())
                 .merge(api_v1::router(v1.clone()));

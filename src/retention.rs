@@ -12,7 +12,6 @@
 //! The entry ID (receive time) is what trimming compares; read paths additionally filter
 //! on both receive time and fix time, so nothing older than the TTL is ever returned.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use redis::AsyncCommands;
@@ -22,43 +21,55 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetentionConfig;
 use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
+use crate::registry::owner_key;
 use crate::storage::{meta_key, pseudonym_of_key, scan_fixes_keys};
 
 /// Meta hash field holding the device's TTL in ms (written by the append script).
 pub const META_TTL_MS: &str = "tt";
 
-/// The retention policy: a default and per-customer overrides.
+/// The retention policy: a default, and the period agreed with the device's owner.
 #[derive(Debug, Clone)]
 pub struct Retention {
     default_ttl: Duration,
-    /// Customer id → TTL. Applied once devices are assigned to customers (the registry,
-    /// issue 5); until then every device gets the default.
-    customer_ttl: BTreeMap<String, Duration>,
+    max_customer_ttl: Duration,
 }
 
 impl Retention {
     pub fn new(config: &RetentionConfig) -> Self {
         Retention {
             default_ttl: Duration::from_secs(config.ttl_s),
-            customer_ttl: config
-                .customer_ttl_s
-                .iter()
-                .map(|(k, v)| (k.clone(), Duration::from_secs(*v)))
-                .collect(),
+            max_customer_ttl: Duration::from_secs(config.max_customer_ttl_s),
         }
     }
 
-    /// The hook every write path asks: how long may this device's fixes live?
-    pub fn ttl_for(&self, _device: &Pseudonym) -> Duration {
-        self.default_ttl
+    /// The hook every write and read path asks: how long may this device's fixes live?
+    /// The owner's agreed `retention_s` (bounded by `max_customer_ttl_s`), else the
+    /// default. Looked up once per connection; on a Redis error the default applies.
+    pub async fn ttl_for<C: ConnectionLike + Send + Sync>(
+        &self,
+        conn: &mut C,
+        device: &Pseudonym,
+    ) -> Duration {
+        let owner: redis::RedisResult<Option<String>> = conn.get(owner_key(device)).await;
+        match owner {
+            Ok(Some(customer)) => self.ttl_for_customer(conn, &customer).await,
+            _ => self.default_ttl,
+        }
     }
 
     /// TTL for a device owned by `customer`.
-    pub fn ttl_for_customer(&self, customer: &str) -> Duration {
-        self.customer_ttl
-            .get(customer)
-            .copied()
-            .unwrap_or(self.default_ttl)
+    pub async fn ttl_for_customer<C: ConnectionLike + Send + Sync>(
+        &self,
+        conn: &mut C,
+        customer: &str,
+    ) -> Duration {
+        let agreed: redis::RedisResult<Option<u64>> = conn
+            .hget(format!("tg:customer:{customer}"), "retention_s")
+            .await;
+        match agreed {
+            Ok(Some(s)) if s > 0 => Duration::from_secs(s).min(self.max_customer_ttl),
+            _ => self.default_ttl,
+        }
     }
 
     pub fn default_ttl(&self) -> Duration {
@@ -121,7 +132,7 @@ pub async fn sweep_once<C: ConnectionLike + Send + Sync>(
             let ttl_ms = match pseudonym_of_key(&key) {
                 Some(p) => {
                     let stored: Option<i64> = conn.hget(meta_key(&p), META_TTL_MS).await?;
-                    stored.unwrap_or(retention.ttl_for(&p).as_millis() as i64)
+                    stored.unwrap_or(retention.default_ttl().as_millis() as i64)
                 }
                 None => retention.default_ttl().as_millis() as i64,
             };
@@ -153,15 +164,5 @@ mod tests {
         assert!(r.expired_at_ingest(Some(899), ttl, 1000));
         assert!(!r.expired_at_ingest(Some(900), ttl, 1000));
         assert!(!r.expired_at_ingest(None, ttl, 1000), "no fix time: kept");
-    }
-
-    #[test]
-    fn customer_override() {
-        let mut c = RetentionConfig::default();
-        // (Config validation refuses this until ownership exists; the lookup is ready.)
-        c.customer_ttl_s.insert("acme".into(), 3600);
-        let r = Retention::new(&c);
-        assert_eq!(r.ttl_for_customer("acme"), Duration::from_secs(3600));
-        assert_eq!(r.ttl_for_customer("other"), r.default_ttl());
     }
 }

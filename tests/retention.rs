@@ -92,3 +92,43 @@ async fn active_stream_is_trimmed_and_silent_device_vanishes() {
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owners_agreed_retention_applies() {
+    use trackgate::pseudonym::Imei;
+    use trackgate::registry::{Customer, Registry};
+    let redis = RedisServer::start();
+    let mut c = test_config(&redis);
+    c.retention.ttl_s = 3600; // default: an hour
+    let (gw, keys) = start_gateway(c).await;
+    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    let mut short = Customer::new("brief", "Brief Ltd", "UTC");
+    short.retention_s = Some(3); // agreed: three seconds
+    reg.add_customer(&short).await.unwrap();
+    let id = imei(43);
+    reg.assign(&Imei::new(&id).unwrap(), "brief", &keys)
+        .await
+        .unwrap();
+
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    let old = jiff::Timestamp::from_second(now_s().as_second() - 30).unwrap();
+    t.send(&cce_frame(&id, &[fix_at(old, 0), fix_at(now_s(), 1)]))
+        .await;
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+    let p = pseudonym(&keys, &id);
+    let mut conn = redis.conn().await;
+    assert_eq!(
+        stream_len(&mut conn, &p).await,
+        1,
+        "30 s old is past the agreed 3 s"
+    );
+    let pttl: i64 = conn.pttl(fixes_key(&p)).await.unwrap();
+    assert!(
+        pttl > 0 && pttl <= 3000,
+        "stream expires with the agreed retention: {pttl} ms"
+    );
+    let tt: i64 = conn.hget(meta_key(&p), "tt").await.unwrap();
+    assert_eq!(tt, 3000);
+    gw.shutdown();
+    gw.wait().await;
+}
