@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::api_v1::{V1State, problem};
-use crate::audit::{self, AUDIT_KEY, AuditEvent};
+use crate::audit::{self, AUDIT_KEY};
 use crate::pseudonym::Imei;
 use crate::registry::{Customer, RegistryError, parse_weekday};
 
@@ -99,25 +99,16 @@ async fn audited(
     detail: &str,
 ) -> Result<(), Response> {
     let mut conn = state.v1.audit_conn.clone();
-    audit::append(
-        &mut conn,
-        &AuditEvent {
-            actor: "admin",
-            action,
-            devices,
-            outcome: "ok",
-            detail,
-        },
-    )
-    .await
-    .map_err(|_| {
-        problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "Audit trail unreachable",
-            None,
-        )
-    })
+    audit::admin(&mut conn, action, devices, detail)
+        .await
+        .map_err(|_| {
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Audit trail unreachable",
+                None,
+            )
+        })
 }
 
 /// `POST /v1/admin/customers` body.

@@ -44,3 +44,23 @@ pub async fn append<C: ConnectionLike + Send>(
         .query_async(conn)
         .await
 }
+
+/// Append a successful admin action (actor `admin`).
+pub async fn admin<C: ConnectionLike + Send>(
+    conn: &mut C,
+    action: &str,
+    devices: &str,
+    detail: &str,
+) -> redis::RedisResult<()> {
+    append(
+        conn,
+        &AuditEvent {
+            actor: "admin",
+            action,
+            devices,
+            outcome: "ok",
+            detail,
+        },
+    )
+    .await
+}

@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod listener;
 pub mod loadgen;
 pub mod metrics;
+pub mod periodic;
 pub mod pseudonym;
 pub mod purge;
 pub mod redis_child;

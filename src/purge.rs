@@ -414,17 +414,12 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
 
     /// Finish pending purges every `interval` until `stop`; counts overdue ones.
     pub async fn run_worker(self, interval: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
+        crate::periodic::every(interval, stop, || async {
             if let Err(e) = self.work_once().await {
                 tracing::warn!(error = %e, "purge worker pass failed; retrying next interval");
             }
-        }
+        })
+        .await;
     }
 
     /// One pass over the pending purges.

@@ -83,39 +83,34 @@ impl Retention {
     }
 }
 
-/// Sweep every `interval` until `stop` fires.
+/// Sweep every `interval` until `stop` fires (a sweep is idempotent: stopping half-way
+/// loses nothing).
 pub async fn run_sweeper<C>(
-    mut conn: C,
+    conn: C,
     retention: Retention,
     interval: Duration,
     stop: CancellationToken,
 ) where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        let sweep = tokio::select! {
-            r = sweep_once(&mut conn, &retention) => r,
-            // A sweep is idempotent: stopping half-way loses nothing.
-            () = stop.cancelled() => return,
-        };
-        match sweep {
-            Ok(trimmed) => {
-                metrics::counter!(m::RETENTION_SWEEPS).increment(1);
-                if trimmed > 0 {
-                    tracing::info!(trimmed, "retention sweep removed expired fixes");
+    let retention = &retention;
+    crate::periodic::every(interval, stop, || {
+        let mut conn = conn.clone();
+        async move {
+            match sweep_once(&mut conn, retention).await {
+                Ok(trimmed) => {
+                    metrics::counter!(m::RETENTION_SWEEPS).increment(1);
+                    if trimmed > 0 {
+                        tracing::info!(trimmed, "retention sweep removed expired fixes");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention sweep failed; will retry next interval")
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "retention sweep failed; will retry next interval")
-            }
         }
-    }
+    })
+    .await;
 }
 
 /// Trim every fixes stream to its TTL exactly; returns the entries removed.

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use crate::audit::{self, AuditEvent};
+use crate::audit;
 use crate::config::{Config, MAX_TTL_S};
 use crate::pseudonym::{Imei, KeyRing};
 use crate::registry::{Customer, Registry, parse_weekday};
@@ -105,18 +105,9 @@ async fn audit_admin(
     devices: &str,
     detail: &str,
 ) -> Result<(), String> {
-    audit::append(
-        conn,
-        &AuditEvent {
-            actor: "admin",
-            action,
-            devices,
-            outcome: "ok",
-            detail,
-        },
-    )
-    .await
-    .map_err(|e| format!("audit: {e}"))
+    audit::admin(conn, action, devices, detail)
+        .await
+        .map_err(|e| format!("audit: {e}"))
 }
 
 fn block_on<F: std::future::Future<Output = Result<(), String>>>(f: F) -> ExitCode {
