@@ -395,3 +395,49 @@ async fn in_flight_range_fixes_are_refused_others_kept() {
     let mut conn = redis.conn().await;
     assert_eq!(fix_times(&mut conn, &fixes_key(&p)).await, vec![base + 500]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overdue_purges_raise_the_metric() {
+    let redis = RedisServer::start();
+    let (gw, _keys) = start_gateway(test_config(&redis)).await; // installs the metrics recorder
+    let c = customer(&redis).await;
+    let keys = KeyRing::ephemeral();
+    let p = keys.pseudonym(&Imei::new(&imei(76)).unwrap());
+    let mut conn = redis.conn().await;
+    // A key of the wrong type makes the purge fail until someone repairs it.
+    let _: () = conn.set(fixes_key(&p), "not a stream").await.unwrap();
+    let purger = Purger::new(conn.clone(), TOMB_TTL);
+    let req = PurgeRequest {
+        pseudonyms: vec![p.clone()],
+        range: None,
+        idempotency_key: None,
+    };
+    let id = purger.journal(&c, &req).await.unwrap();
+    let _: () = conn
+        .hset(format!("tg:purge:{id}"), "deadline_ms", 1000)
+        .await
+        .unwrap();
+    assert_eq!(purger.work_once().await.unwrap(), 0);
+    let metrics = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(gw.http_addr.unwrap())
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(metrics.contains("trackgate_purges_overdue 1"), "{metrics}");
+    // Repaired: the worker completes it.
+    let _: () = conn.del(fixes_key(&p)).await.unwrap();
+    assert_eq!(purger.work_once().await.unwrap(), 1);
+    assert_eq!(
+        purger.receipt(&id).await.unwrap().unwrap().state,
+        "completed"
+    );
+    gw.shutdown();
+    gw.wait().await;
+}
