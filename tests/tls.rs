@@ -71,6 +71,20 @@ async fn batches_are_acknowledged_over_tls() {
     let mut conn = redis.conn().await;
     assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &imei(60))).await, 4);
 
+    // Plain text on the TLS port is refused at once (not left to the timeout) and never
+    // stored.
+    let mut plain = Tracker::connect(tls_addr).await;
+    plain
+        .send(&cce_frame(&imei(61), &[fix_at(now_s(), 0)]))
+        .await;
+    let started = std::time::Instant::now();
+    assert!(plain.closed_within(Duration::from_secs(5)).await);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "refused before the handshake timeout"
+    );
+    assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &imei(61))).await, 0);
+
     // A client that opens TCP and never starts the handshake is closed.
     let mut stalled = Tracker::connect(tls_addr).await;
     assert!(stalled.closed_within(Duration::from_secs(5)).await);
