@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::codec::{Decoder, FramedRead};
@@ -32,6 +32,11 @@ use crate::pseudonym::{Imei, KeyRing, Pseudonym};
 use crate::retention::Retention;
 use crate::sink::{Sink, WriteJob};
 use crate::storage::StoredFix;
+
+/// At shutdown, a connection keeps reading until its socket has been quiet this long…
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(50);
+/// …but no longer than this in all (a device that never pauses cannot hold shutdown).
+const SHUTDOWN_READ_MAX: Duration = Duration::from_millis(500);
 
 /// What the codec yields. `Debug` never shows frame bytes (they hold the IMEI).
 pub enum Inbound {
@@ -220,8 +225,13 @@ where
             () = shared.shutdown.cancelled(), if reading => {
                 reading = false;
                 // Bytes the device already sent (in our buffer or the kernel's) are received
-                // data: store and confirm them too, without waiting for more.
-                while let Some(Some(Ok(item))) = framed.next().now_or_never() {
+                // data: store and confirm them too. Read until the socket has been quiet for
+                // a moment (the reactor may not have seen the last bytes yet), at most
+                // SHUTDOWN_READ_MAX in all.
+                let until = tokio::time::Instant::now() + SHUTDOWN_READ_MAX;
+                while let Ok(Some(Ok(item))) =
+                    tokio::time::timeout_at(until.min(tokio::time::Instant::now() + SHUTDOWN_QUIET), framed.next()).await
+                {
                     if let Inbound::Frame(raw) = item {
                         match conn.frame(raw).await {
                             Ok(Some(ack)) => pending.push_back(ack),

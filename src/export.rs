@@ -14,7 +14,7 @@ use redis::aio::ConnectionLike;
 use serde_json::{Map, Value, json};
 
 use crate::pseudonym::Pseudonym;
-use crate::storage::fixes_key;
+use crate::storage::{F_EXTRAS, F_PACKED, F_TIME, PACKED_FIELDS, fixes_key, unpack};
 
 /// Entries read per Redis call.
 pub const EXPORT_CHUNK_ENTRIES: usize = 1000;
@@ -45,37 +45,6 @@ impl Format {
         }
     }
 }
-
-/// Stored field → (output name, divisor) for plain numeric fields.
-const NUMERIC: &[(&str, &str, f64)] = &[
-    ("e", "event", 1.0),
-    ("sp", "speed_kmh", 10.0),
-    ("co", "course_deg", 1.0),
-    ("al", "altitude_m", 1.0),
-    ("sa", "satellites", 1.0),
-    ("hd", "hdop", 10.0),
-    ("gs", "gsm_signal", 1.0),
-    ("mi", "mileage_m", 1.0),
-    ("ru", "runtime_s", 1.0),
-    ("mcc", "mcc", 1.0),
-    ("mnc", "mnc", 1.0),
-    ("lac", "lac", 1.0),
-    ("ci", "cell_id", 1.0),
-    ("in", "inputs", 1.0),
-    ("out", "outputs", 1.0),
-    ("a1", "ad1_raw", 1.0),
-    ("a2", "ad2_raw", 1.0),
-    ("a3", "ad3_raw", 1.0),
-    ("a1mv", "ad1_v", 1000.0),
-    ("a2mv", "ad2_v", 1000.0),
-    ("br", "battery_raw", 1.0),
-    ("pr", "power_raw", 1.0),
-    ("bmv", "battery_v", 1000.0),
-    ("pmv", "power_v", 1000.0),
-    ("rmv", "rtc_v", 1000.0),
-    ("umv", "mcu_v", 1000.0),
-    ("gmv", "gps_v", 1000.0),
-];
 
 /// CSV columns, in order.
 pub const CSV_COLUMNS: &[&str] = &[
@@ -111,37 +80,36 @@ fn id_ms(id: &str) -> Option<i64> {
 }
 
 /// One stored entry as the JSON record `trackgate decode` would print (same names/units).
-pub fn entry_json(id: &str, fields: &[(String, String)]) -> Map<String, Value> {
-    let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let int = |k: &str| get(k).and_then(|v| v.parse::<i64>().ok());
+pub fn entry_json(id: &str, fields: &[(String, Vec<u8>)]) -> Map<String, Value> {
+    let get = |k: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_slice())
+    };
     let mut m = Map::new();
-    if let Some(t) = int("t").and_then(rfc3339_s) {
+    let t = get(F_TIME)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse::<i64>().ok());
+    if let Some(t) = t.and_then(rfc3339_s) {
         m.insert("time".into(), json!(t));
     }
     if let Some(r) = id_ms(id).and_then(|ms| Timestamp::from_millisecond(ms).ok()) {
         m.insert("received_at".into(), json!(r.to_string()));
     }
-    if let Some(ty) = get("ty") {
-        m.insert("type".into(), json!(ty));
-    }
-    if let Some(v) = int("v") {
-        m.insert("valid".into(), json!(v != 0));
-    }
-    for (k, name) in [("la", "lat"), ("lo", "lon")] {
-        if let Some(v) = int(k) {
-            m.insert(name.into(), json!(v as f64 / 1e6));
+    if let Some((kind, values)) = get(F_PACKED).and_then(unpack) {
+        m.insert("type".into(), json!(kind));
+        for (i, v) in values {
+            let (name, div) = PACKED_FIELDS[i];
+            let value = match name {
+                "valid" => json!(v != 0),
+                _ if div == 1.0 => json!(v),
+                _ => json!(v as f64 / div),
+            };
+            m.insert(name.into(), value);
         }
     }
-    for (k, name, div) in NUMERIC {
-        if let Some(v) = int(k) {
-            if *div == 1.0 {
-                m.insert((*name).into(), json!(v));
-            } else {
-                m.insert((*name).into(), json!(v as f64 / div));
-            }
-        }
-    }
-    if let Some(x) = get("x").and_then(|x| serde_json::from_str::<Value>(x).ok()) {
+    if let Some(x) = get(F_EXTRAS).and_then(|x| serde_json::from_slice::<Value>(x).ok()) {
         m.insert("extra".into(), x);
     }
     m
@@ -271,19 +239,20 @@ where
             );
 
             for e in &reply.ids {
-                let fields: Vec<(String, String)> = e
+                let fields: Vec<(String, Vec<u8>)> = e
                     .map
                     .iter()
                     .filter_map(|(k, v)| {
-                        redis::from_redis_value::<String>(v.clone())
+                        redis::from_redis_value::<Vec<u8>>(v.clone())
                             .ok()
                             .map(|v| (k.clone(), v))
                     })
                     .collect();
                 let t = fields
                     .iter()
-                    .find(|(k, _)| k == "t")
-                    .and_then(|(_, v)| v.parse::<i64>().ok());
+                    .find(|(k, _)| k == F_TIME)
+                    .and_then(|(_, v)| std::str::from_utf8(v).ok())
+                    .and_then(|v| v.parse::<i64>().ok());
                 let keep = match t {
                     Some(t) => {
                         t.saturating_mul(1000) >= st.oldest_ms
@@ -316,31 +285,38 @@ where
 mod tests {
     use super::*;
 
-    fn f(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
     #[test]
     fn stored_fields_map_back_to_decode_names_and_units() {
-        let rec = entry_json(
-            "1700000000123-0",
-            &f(&[
-                ("ty", "AAA"),
-                ("t", "1700000000"),
-                ("la", "-27257698"),
-                ("lo", "153030471"),
-                ("sp", "425"),
-                ("v", "1"),
-                ("bmv", "4150"),
-                ("x", r#"{"battery_pct":96}"#),
-            ]),
-        );
+        use trackgate_protocols::{ExtraKey, ExtraValue, Fix, MessageKind};
+        let mut fix = Fix {
+            time: Timestamp::from_second(1_700_000_000).ok(),
+            lat_e6: Some(-27_257_698),
+            lon_e6: Some(153_030_471),
+            speed_kmh_x10: Some(425),
+            valid: Some(true),
+            ..Fix::default()
+        };
+        fix.analog.battery_mv = Some(4150);
+        fix.push_extra(ExtraKey::Named("battery_pct"), ExtraValue::Int(96));
+        let stored = crate::storage::StoredFix::from_fix(MessageKind::Aaa, &fix);
+        let fields: Vec<(String, Vec<u8>)> = stored
+            .fields
+            .iter()
+            .map(|(k, v)| {
+                let bytes = match v {
+                    crate::storage::FieldValue::Int(i) => i.to_string().into_bytes(),
+                    crate::storage::FieldValue::Text(t) => t.clone().into_bytes(),
+                    crate::storage::FieldValue::Bytes(b) => b.clone(),
+                };
+                (k.to_string(), bytes)
+            })
+            .collect();
+        let rec = entry_json("1700000000123-0", &fields);
         assert_eq!(rec["time"], "2023-11-14T22:13:20Z");
         assert_eq!(rec["received_at"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(rec["type"], "AAA");
         assert_eq!(rec["lat"], -27.257698);
+        assert_eq!(rec["lon"], 153.030471);
         assert_eq!(rec["speed_kmh"], 42.5);
         assert_eq!(rec["valid"], true);
         assert_eq!(rec["battery_v"], 4.15);

@@ -62,11 +62,11 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KE
 return 1
 "#;
 
-/// Delete entries with fix time in [from, to] among up to `count` entries starting after
-/// `start` (exclusive). KEYS: fixes. ARGV: start id, count, from s, to s.
-/// Returns {last id seen or '', deleted}.
+/// Delete entries with fix time in [from, to] among up to `count` entries from `start`
+/// (an XRANGE bound: `<id>` inclusive or `(<id>` exclusive) to `end`.
+/// KEYS: fixes. ARGV: start, count, from s, to s, end. Returns {last id seen or '', deleted}.
 const PURGE_RANGE_CHUNK: &str = r#"
-local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[5], 'COUNT', ARGV[2])
 local from, to = tonumber(ARGV[3]), tonumber(ARGV[4])
 local doomed = {}
 for _, e in ipairs(entries) do
@@ -84,6 +84,16 @@ local last = ''
 if #entries > 0 then last = entries[#entries][1] end
 return {last, #doomed}
 "#;
+
+/// A range purge of a stream up to this many entries is done whole in the fast path.
+/// Above it, the fast path deletes the range's fixes that arrived on time (entry ids in
+/// the range, widened by [`RANGE_WINDOW_MARGIN_MS`]) and the worker finishes the rest
+/// (late deliveries) well within the deadline.
+pub const RANGE_FAST_FULL_SCAN_ENTRIES: u64 = 20_000;
+
+/// Receive-time margin around the range for the fast path (clock skew before, delivery
+/// delay after).
+pub const RANGE_WINDOW_MARGIN_MS: i64 = 10 * 60 * 1000;
 
 /// Entries examined per range-purge script call: keeps each call short (Redis is single
 /// threaded; a long script would stall every gateway's writes).
@@ -179,7 +189,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         req: &PurgeRequest,
     ) -> Result<Receipt, PurgeError> {
         let id = self.journal(customer, req).await?;
-        if let Err(e) = self.run(&id).await {
+        if let Err(e) = self.run(&id, true).await {
             tracing::warn!(purge = %id, error = %e, "purge fast path failed; the worker will finish it");
         }
         self.receipt(&id)
@@ -301,8 +311,10 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         }))
     }
 
-    /// Carry out purge `id` (idempotent: safe to run again after a crash half-way).
-    pub async fn run(&self, id: &str) -> Result<(), PurgeError> {
+    /// Carry out purge `id` (idempotent: safe to run again after a crash half-way). The
+    /// fast path (`fast`) may leave a range purge of a long stream pending after deleting
+    /// what it can find quickly; the worker's run completes it.
+    pub async fn run(&self, id: &str, fast: bool) -> Result<(), PurgeError> {
         let mut conn = self.conn.clone();
         let h: HashMap<String, String> = conn.hgetall(record_key(id)).await?;
         if h.get("state").map(String::as_str) != Some("pending") {
@@ -316,7 +328,8 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             _ => None,
         };
         let tomb_ttl_ms = self.tomb_ttl.as_millis() as u64;
-        let mut deleted = 0u64;
+        let mut deleted: u64 = h.get("deleted").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut partial = false;
         let devices: Vec<Pseudonym> = h
             .get("devices")
             .map(|d| d.split(',').filter_map(Pseudonym::parse).collect())
@@ -333,8 +346,21 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                         .invoke_async::<u64>(&mut conn)
                         .await?
                 }
-                Some((from, to)) => self.purge_range(&mut conn, p, cutoff_ms, from, to).await?,
+                Some((from, to)) => {
+                    let (n, whole) = self
+                        .purge_range(&mut conn, p, cutoff_ms, from, to, fast)
+                        .await?;
+                    partial |= !whole;
+                    n
+                }
             };
+        }
+        if partial {
+            // Record what the fast path did; the worker finishes.
+            let _: () = conn
+                .hset(record_key(id), "deleted", deleted.to_string())
+                .await?;
+            return Ok(());
         }
         let now = Timestamp::now();
         let mut tx = redis::pipe();
@@ -373,6 +399,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         Ok(())
     }
 
+    /// Range purge of one stream; returns (deleted, whether the whole stream was done).
     async fn purge_range(
         &self,
         conn: &mut C,
@@ -380,7 +407,8 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         cutoff_ms: i64,
         from_s: i64,
         to_s: i64,
-    ) -> Result<u64, PurgeError> {
+        fast: bool,
+    ) -> Result<(u64, bool), PurgeError> {
         // First the mark: from now on no in-flight fix in the range can be written.
         let _: i64 = self
             .mark
@@ -390,9 +418,19 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .arg(self.tomb_ttl.as_millis() as u64)
             .invoke_async(conn)
             .await?;
-        // Then every entry, in short script calls (fix time is not ordered by entry id:
-        // devices deliver cached fixes late, so the whole stream is examined).
-        let mut start = "0-0".to_string();
+        // Fix time is not ordered by entry id (devices deliver cached fixes late), so an
+        // exact purge examines the whole stream. A long stream's fast path only examines
+        // the ids around the range.
+        let len: u64 = conn.xlen(fixes_key(p)).await?;
+        let whole = !fast || len <= RANGE_FAST_FULL_SCAN_ENTRIES;
+        let (mut start, end) = if whole {
+            ("-".to_string(), "+".to_string())
+        } else {
+            (
+                format!("{}-0", (from_s * 1000 - RANGE_WINDOW_MARGIN_MS).max(0)),
+                format!("{}", to_s * 1000 + 999 + RANGE_WINDOW_MARGIN_MS),
+            )
+        };
         let mut deleted = 0u64;
         loop {
             let (last, n): (String, u64) = self
@@ -402,13 +440,14 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                 .arg(RANGE_CHUNK_ENTRIES)
                 .arg(from_s)
                 .arg(to_s)
+                .arg(&end)
                 .invoke_async(conn)
                 .await?;
             deleted += n;
             if last.is_empty() {
-                return Ok(deleted);
+                return Ok((deleted, whole));
             }
-            start = last;
+            start = format!("({last}");
         }
     }
 
@@ -430,7 +469,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         let mut overdue = 0u64;
         let mut done = 0;
         for id in &pending {
-            match self.run(id).await {
+            match self.run(id, false).await {
                 Ok(()) => done += 1,
                 Err(e) => {
                     if let Some(r) = self.receipt(id).await.ok().flatten() {

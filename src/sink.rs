@@ -430,6 +430,7 @@ fn append_call(
                 match value {
                     FieldValue::Int(i) => cmd.arg(*i),
                     FieldValue::Text(t) => cmd.arg(t.as_str()),
+                    FieldValue::Bytes(b) => cmd.arg(b.as_slice()),
                 };
             }
         }

@@ -39,14 +39,23 @@ async fn aaa_cce_ccc_are_stored_and_batches_acknowledged() {
     let mut conn = redis.conn().await;
     assert_eq!(stream_len(&mut conn, &p).await, 9);
     let entries: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(&p)).await.unwrap();
-    let first = &entries.ids[0].map;
-    let int = |v: &redis::Value| redis::from_redis_value::<i64>(v.clone()).unwrap();
-    assert_eq!(int(&first["la"]), 48_137_154);
-    assert_eq!(int(&first["t"]), now.as_second());
-    assert_eq!(
-        redis::from_redis_value::<String>(first["ty"].clone()).unwrap(),
-        "AAA"
-    );
+    let first = &entries.ids[0];
+    let fields: Vec<(String, Vec<u8>)> = first
+        .map
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                redis::from_redis_value::<Vec<u8>>(v.clone()).unwrap(),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names.len(), 2, "t and d only (no extras): {names:?}");
+    let rec = trackgate::export::entry_json(&first.id, &fields);
+    assert_eq!(rec["lat"], 48.137154);
+    assert_eq!(rec["type"], "AAA");
+    assert_eq!(rec["time"], now.to_string());
     let ttl_ms: i64 = conn.pttl(fixes_key(&p)).await.unwrap();
     assert!(ttl_ms > 0, "the stream carries an expiry");
     gw.shutdown();

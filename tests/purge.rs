@@ -441,3 +441,90 @@ async fn overdue_purges_raise_the_metric() {
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_stream_range_purge_fast_path_then_worker_finishes_exactly() {
+    use trackgate::purge::RANGE_FAST_FULL_SCAN_ENTRIES;
+    use trackgate::storage::FieldValue;
+    let redis = RedisServer::start();
+    let c = customer(&redis).await;
+    let keys = KeyRing::ephemeral();
+    let p = keys.pseudonym(&Imei::new(&imei(77)).unwrap());
+    let mut conn = redis.conn().await;
+    // One fix per 10 s, received on time, plus one fix from inside the range that was
+    // delivered hours late (its entry id is far outside the range).
+    let n = RANGE_FAST_FULL_SCAN_ENTRIES as i64 + 5_000;
+    let start_s = now_s().as_second() - n * 10 - 7200;
+    let entry = |id_ms: i64, fix_s: i64| {
+        let s = StoredFix::from_fix(
+            MessageKind::Aaa,
+            &fix_at(Timestamp::from_second(fix_s).unwrap(), 0),
+        );
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(fixes_key(&p)).arg(format!("{id_ms}-0"));
+        for (k, v) in &s.fields {
+            cmd.arg(*k);
+            match v {
+                FieldValue::Int(i) => cmd.arg(*i),
+                FieldValue::Text(t) => cmd.arg(t.as_str()),
+                FieldValue::Bytes(b) => cmd.arg(b.as_slice()),
+            };
+        }
+        cmd
+    };
+    let mut pipe = redis::pipe();
+    for i in 0..n {
+        pipe.add_command(entry((start_s + i * 10) * 1000, start_s + i * 10))
+            .ignore();
+    }
+    let (from, to) = (start_s + 1000 * 10, start_s + 1099 * 10); // 100 fixes
+    pipe.add_command(entry((start_s + n * 10 + 3600) * 1000, from + 5))
+        .ignore();
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+
+    let purger = Purger::new(conn.clone(), TOMB_TTL);
+    let range = (
+        Timestamp::from_second(from).unwrap(),
+        Timestamp::from_second(to).unwrap(),
+    );
+    let r = purger
+        .request(
+            &c,
+            &PurgeRequest {
+                pseudonyms: vec![p.clone()],
+                range: Some(range),
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.state.as_str(), r.deleted_fixes),
+        ("pending", 100),
+        "fast path: the on-time fixes"
+    );
+    assert_eq!(purger.work_once().await.unwrap(), 1);
+    let done = purger.receipt(&r.id).await.unwrap().unwrap();
+    assert_eq!(
+        (done.state.as_str(), done.deleted_fixes),
+        ("completed", 101),
+        "worker: the late one too"
+    );
+    // Count server-side (a 25k-entry XRANGE reply is slow to ship to the test).
+    let (total, in_range): (i64, i64) = redis::Script::new(
+        r"local n, hit = 0, 0
+          for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+            n = n + 1
+            local t = tonumber(e[2][2])
+            if t >= tonumber(ARGV[1]) and t <= tonumber(ARGV[2]) then hit = hit + 1 end
+          end
+          return {n, hit}",
+    )
+    .key(fixes_key(&p))
+    .arg(from)
+    .arg(to)
+    .invoke_async(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((total, in_range), (n - 100, 0));
+}
