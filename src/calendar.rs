@@ -109,11 +109,11 @@ impl BusinessCalendar {
 mod tests {
     use super::*;
 
-    fn at(tz: &str, s: &str) -> Timestamp {
-        let dt: jiff::civil::DateTime = s.parse().unwrap();
-        dt.to_zoned_datetime(TimeZone::get(tz).unwrap())
-            .unwrap()
-            .timestamp()
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn at(tz: &str, s: &str) -> Result<Timestamp, Box<dyn std::error::Error>> {
+        let dt: jiff::civil::DateTime = s.parse()?;
+        Ok(dt.to_zoned_datetime(TimeZone::get(tz)?)?.timestamp())
     }
 
     struct Case {
@@ -129,7 +129,7 @@ mod tests {
     const FRI_SAT: &[Weekday] = &[Weekday::Friday, Weekday::Saturday];
 
     #[test]
-    fn deadline_table() {
+    fn deadline_table() -> TestResult {
         let cases = [
             Case {
                 name: "weekday",
@@ -241,51 +241,48 @@ mod tests {
             },
         ];
         for c in cases {
-            let cal = BusinessCalendar::new(c.tz)
-                .unwrap()
+            let holidays = c
+                .holidays
+                .iter()
+                .map(|d| d.parse::<Date>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let cal = BusinessCalendar::new(c.tz)?
                 .with_weekend(c.weekend.iter().copied())
-                .with_holidays(c.holidays.iter().map(|d| d.parse::<Date>().unwrap()));
-            let got = cal.deadline(at(c.tz, c.requested)).unwrap();
-            assert_eq!(got, at(c.tz, c.due), "{}", c.name);
+                .with_holidays(holidays);
+            let got = cal.deadline(at(c.tz, c.requested)?)?;
+            assert_eq!(got, at(c.tz, c.due)?, "{}", c.name);
         }
+        Ok(())
     }
 
     #[test]
-    fn spring_forward_gap_resolves_later() {
+    fn spring_forward_gap_resolves_later() -> TestResult {
         // A Saturday-only weekend in New York: Sat 2027-03-13 02:30 request counts from
         // Sunday 00:00 and is due Monday 00:00; a Friday 02:30 request in a Sun-only
         // weekend is due Saturday 02:30; and a Saturday 02:30 request with no weekend is
         // due Sunday 02:30, a wall time that does not exist: 03:30 EDT.
-        let cal = BusinessCalendar::new("America/New_York")
-            .unwrap()
-            .with_weekend([]);
-        let got = cal
-            .deadline(at("America/New_York", "2027-03-13T02:30"))
-            .unwrap();
-        let want: Timestamp = "2027-03-14T07:30:00Z".parse().unwrap(); // 03:30 EDT
+        let cal = BusinessCalendar::new("America/New_York")?.with_weekend([]);
+        let got = cal.deadline(at("America/New_York", "2027-03-13T02:30")?)?;
+        let want: Timestamp = "2027-03-14T07:30:00Z".parse()?; // 03:30 EDT
         assert_eq!(got, want);
+        Ok(())
     }
 
     #[test]
-    fn same_instant_different_zones() {
+    fn same_instant_different_zones() -> TestResult {
         // Friday 2026-11-27 23:30 UTC is already Saturday in Tokyo but still Friday in LA.
-        let t: Timestamp = "2026-11-27T23:30:00Z".parse().unwrap();
-        let tokyo = BusinessCalendar::new("Asia/Tokyo")
-            .unwrap()
-            .deadline(t)
-            .unwrap();
-        let la = BusinessCalendar::new("America/Los_Angeles")
-            .unwrap()
-            .deadline(t)
-            .unwrap();
-        assert_eq!(tokyo, at("Asia/Tokyo", "2026-12-01T00:00"));
-        assert_eq!(la, at("America/Los_Angeles", "2026-11-30T15:30"));
+        let t: Timestamp = "2026-11-27T23:30:00Z".parse()?;
+        let tokyo = BusinessCalendar::new("Asia/Tokyo")?.deadline(t)?;
+        let la = BusinessCalendar::new("America/Los_Angeles")?.deadline(t)?;
+        assert_eq!(tokyo, at("Asia/Tokyo", "2026-12-01T00:00")?);
+        assert_eq!(la, at("America/Los_Angeles", "2026-11-30T15:30")?);
+        Ok(())
     }
 
     #[test]
-    fn bad_inputs_are_errors() {
+    fn bad_inputs_are_errors() -> TestResult {
         assert!(BusinessCalendar::new("Mars/Olympus").is_err());
-        let all = BusinessCalendar::new("UTC").unwrap().with_weekend([
+        let all = BusinessCalendar::new("UTC")?.with_weekend([
             Weekday::Monday,
             Weekday::Tuesday,
             Weekday::Wednesday,
@@ -295,5 +292,6 @@ mod tests {
             Weekday::Sunday,
         ]);
         assert!(all.deadline(Timestamp::UNIX_EPOCH).is_err());
+        Ok(())
     }
 }

@@ -301,10 +301,16 @@ mod tests {
 
     const IMEI: &str = "350000000000001"; // fake
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn imei() -> Result<Imei, &'static str> {
+        Imei::new(IMEI).ok_or("valid test IMEI")
+    }
+
     #[test]
-    fn pseudonym_has_the_documented_shape_and_is_stable() {
+    fn pseudonym_has_the_documented_shape_and_is_stable() -> TestResult {
         let ring = KeyRing::ephemeral();
-        let imei = Imei::new(IMEI).unwrap();
+        let imei = imei()?;
         let p = ring.pseudonym(&imei);
         assert_eq!(p, ring.pseudonym(&imei));
         assert!(p.as_str().starts_with("p1_"), "{p}");
@@ -312,38 +318,41 @@ mod tests {
         assert_eq!(Pseudonym::parse(p.as_str()), Some(p.clone()));
         assert_eq!(p.key_version(), 1);
         assert!(!p.as_str().contains(IMEI));
+        Ok(())
     }
 
     #[test]
-    fn known_answer() {
+    fn known_answer() -> TestResult {
         // HMAC-SHA256 with a fixed key: guards the construction against accidental change.
         let entry = KeyEntry {
             version: 3,
             not_before: Timestamp::UNIX_EPOCH,
             secret_hex: "00".repeat(32),
         };
-        let ring = KeyRing::from_entries(&[entry]).unwrap();
-        let p = ring.pseudonym(&Imei::new(IMEI).unwrap());
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&[0u8; 32]).unwrap();
+        let ring = KeyRing::from_entries(&[entry])?;
+        let p = ring.pseudonym(&imei()?);
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&[0u8; 32])?;
         mac.update(format!("imei:{IMEI}").as_bytes());
         let want = data_encoding::BASE32_NOPAD.encode(&mac.finalize().into_bytes())[..26]
             .to_ascii_lowercase();
         assert_eq!(p.as_str(), format!("p3_{want}"));
+        Ok(())
     }
 
     #[test]
-    fn imei_debug_is_redacted() {
-        let imei = Imei::new(IMEI).unwrap();
+    fn imei_debug_is_redacted() -> TestResult {
+        let imei = imei()?;
         assert!(!format!("{imei:?}").contains(IMEI));
         assert!(Imei::new("12345").is_none());
         assert!(Imei::new("35000000000000x").is_none());
+        Ok(())
     }
 
     #[test]
-    fn generate_rotate_load() {
-        let dir = tempfile::tempdir().unwrap();
+    fn generate_rotate_load() -> TestResult {
+        let dir = tempfile::tempdir()?;
         let path = dir.path().join("keys.toml");
-        KeyRing::generate(&path).unwrap();
+        KeyRing::generate(&path)?;
         assert!(
             KeyRing::generate(&path).is_err(),
             "never overwrites a key file"
@@ -351,30 +360,31 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            let mode = std::fs::metadata(&path)?.permissions().mode();
             assert_eq!(mode & 0o077, 0, "owner-only, got {mode:o}");
         }
-        let imei = Imei::new(IMEI).unwrap();
-        let before = KeyRing::load(&path).unwrap().pseudonym(&imei);
-        let v = KeyRing::rotate(&path, Some(Timestamp::UNIX_EPOCH)).unwrap();
+        let imei = imei()?;
+        let before = KeyRing::load(&path)?.pseudonym(&imei);
+        let v = KeyRing::rotate(&path, Some(Timestamp::UNIX_EPOCH))?;
         assert_eq!(v, 2);
-        let ring = KeyRing::load(&path).unwrap();
+        let ring = KeyRing::load(&path)?;
         let after = ring.pseudonym(&imei);
         assert_eq!(after.key_version(), 2);
         assert_ne!(before, after);
         let all = ring.all_pseudonyms(&imei);
         assert!(all.contains(&before) && all.contains(&after));
+        Ok(())
     }
 
     #[test]
-    fn future_key_is_not_used_yet() {
+    fn future_key_is_not_used_yet() -> TestResult {
         let now = Timestamp::now();
         let entries = [
             new_entry(1, Timestamp::UNIX_EPOCH),
             new_entry(2, now + jiff::SignedDuration::from_hours(1)),
         ];
-        let ring = KeyRing::from_entries(&entries).unwrap();
-        let imei = Imei::new(IMEI).unwrap();
-        assert_eq!(ring.pseudonym_at(&imei, now).key_version(), 1);
+        let ring = KeyRing::from_entries(&entries)?;
+        assert_eq!(ring.pseudonym_at(&imei()?, now).key_version(), 1);
+        Ok(())
     }
 }
