@@ -31,7 +31,10 @@ async fn schemathesis_finds_no_server_errors() {
         .unwrap();
     let url = format!("http://{}/openapi.json", gw.http_addr.unwrap());
     let auth = format!("Authorization: Bearer {token}");
+    // Its caches and reports go to a temp dir, not the source tree.
+    let scratch = tempfile::tempdir().unwrap();
     let out = tokio::process::Command::new("schemathesis")
+        .current_dir(scratch.path())
         .args([
             "run",
             &url,
