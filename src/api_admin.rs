@@ -141,7 +141,7 @@ fn dates(list: &[String]) -> Result<Vec<Date>, Response> {
 }
 
 #[utoipa::path(post, path = "/v1/admin/customers", request_body = NewCustomer,
-    responses((status = 201, description = "Created"), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 409, body = crate::api_v1::Problem, content_type = "application/problem+json")),
+    responses((status = 201, description = "Created"), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 429, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 409, body = crate::api_v1::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn add_customer(
     State(s): State<AdminState>,
@@ -194,7 +194,7 @@ async fn add_customer(
 }
 
 #[utoipa::path(put, path = "/v1/admin/customers/{id}/holidays", request_body = Vec<String>, params(("id" = String, Path)),
-    responses((status = 204, description = "Replaced"), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 404, body = crate::api_v1::Problem, content_type = "application/problem+json")),
+    responses((status = 204, description = "Replaced"), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 429, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 404, body = crate::api_v1::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn set_holidays(
     State(s): State<AdminState>,
@@ -241,7 +241,7 @@ pub struct IssuedToken {
 }
 
 #[utoipa::path(post, path = "/v1/admin/customers/{id}/tokens", params(("id" = String, Path)),
-    responses((status = 201, body = IssuedToken), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 404, body = crate::api_v1::Problem, content_type = "application/problem+json")),
+    responses((status = 201, body = IssuedToken), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 429, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 404, body = crate::api_v1::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn issue_token(
     State(s): State<AdminState>,
@@ -264,7 +264,7 @@ async fn issue_token(
 }
 
 #[utoipa::path(delete, path = "/v1/admin/customers/{id}/tokens/{tid}", params(("id" = String, Path), ("tid" = String, Path)),
-    responses((status = 204, description = "Revoked"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 404, body = crate::api_v1::Problem, content_type = "application/problem+json")),
+    responses((status = 204, description = "Revoked"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 429, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 404, body = crate::api_v1::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn revoke_token(
     State(s): State<AdminState>,
@@ -318,7 +318,7 @@ fn device(s: &AdminState, imei: &str) -> Result<(Imei, String), Response> {
 }
 
 #[utoipa::path(put, path = "/v1/admin/devices/{imei}/owner", request_body = Owner, params(("imei" = String, Path)),
-    responses((status = 204, description = "Assigned"), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 404, body = crate::api_v1::Problem, content_type = "application/problem+json")),
+    responses((status = 204, description = "Assigned"), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 429, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 404, body = crate::api_v1::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn assign(
     State(s): State<AdminState>,
@@ -362,7 +362,7 @@ async fn assign(
 }
 
 #[utoipa::path(delete, path = "/v1/admin/devices/{imei}/owner", params(("imei" = String, Path)),
-    responses((status = 204, description = "Unassigned"), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json")),
+    responses((status = 204, description = "Unassigned"), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 429, body = crate::api_v1::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn unassign(
     State(s): State<AdminState>,
@@ -395,7 +395,7 @@ pub struct AuditParams {
 }
 
 #[utoipa::path(get, path = "/v1/audit", params(AuditParams),
-    responses((status = 200, description = "Newest first", body = Vec<Object>), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json")),
+    responses((status = 200, description = "Newest first", body = Vec<Object>), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 429, body = crate::api_v1::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn audit_trail(
     State(s): State<AdminState>,

@@ -173,6 +173,7 @@ pub struct PurgeBody {
         (status = 202, description = "Purge journaled; the worker completes it by the deadline", body = Receipt),
         (status = 400, description = "Bad request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many failed authentications from this address", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device of the caller", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Journal unreachable; nothing done; retry", body = Problem, content_type = "application/problem+json"),
     ),
@@ -289,6 +290,7 @@ async fn create_purge(
     responses(
         (status = 200, description = "The receipt", body = Receipt),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many failed authentications from this address", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such purge of the caller", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Unavailable; retry", body = Problem, content_type = "application/problem+json"),
     ),
@@ -336,6 +338,7 @@ pub struct ExportParams {
         (status = 200, description = "The fixes, oldest first (NDJSON; CSV or GeoJSON per `format`)", body = String, content_type = "application/x-ndjson"),
         (status = 400, description = "Bad request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many failed authentications from this address", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device of the caller", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Unavailable; retry", body = Problem, content_type = "application/problem+json"),
     ),

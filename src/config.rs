@@ -233,6 +233,10 @@ pub struct HttpConfig {
     /// SHA-256 (hex) of the admin API token; env `TRACKGATE_ADMIN_TOKEN` (the token
     /// itself) overrides. Absent: the admin API is off.
     pub admin_token_sha256: Option<String>,
+    /// Failed authentications per client address per minute before it gets 429.
+    pub auth_failures_per_minute: u32,
+    /// Client addresses the failure counter tracks at most (bounds its memory).
+    pub auth_failure_tracked_ips: usize,
 }
 
 impl Default for HttpConfig {
@@ -240,6 +244,8 @@ impl Default for HttpConfig {
         HttpConfig {
             bind: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             admin_token_sha256: None,
+            auth_failures_per_minute: 20,
+            auth_failure_tracked_ips: 65_536,
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::pseudonym::KeyRing;
 use crate::purge::Purger;
 use crate::registry::Registry;
 use crate::retention::{self, Retention};
-use crate::{api, api_admin, api_v1, listener, metrics, sink};
+use crate::{api, api_admin, api_v1, auth_limit, listener, metrics, sink};
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -121,14 +121,23 @@ impl Gateway {
                 audit_conn: api_conn.clone(),
                 retention: Retention::new(&config.retention),
             };
-            let mut app = api::router(api_conn, prometheus.clone(), shutdown.clone())
-                .merge(api_v1::router(v1.clone()));
+            let mut authed = api_v1::router(v1.clone());
             if let Some(admin) = &config.http.admin_token_sha256 {
-                app = app.merge(api_admin::router(v1, admin.to_ascii_lowercase()));
+                authed = authed.merge(api_admin::router(v1, admin.to_ascii_lowercase()));
             }
+            let limit = auth_limit::AuthLimit::new(
+                config.http.auth_failures_per_minute,
+                config.http.auth_failure_tracked_ips,
+            );
+            let authed = authed.layer(axum::middleware::from_fn_with_state(
+                limit,
+                auth_limit::layer,
+            ));
+            let app = api::router(api_conn, prometheus.clone(), shutdown.clone()).merge(authed);
             let stop = shutdown.clone();
             http_task = Some(tokio::spawn(async move {
-                let _ = axum::serve(bound, app)
+                let service = app.into_make_service_with_connect_info::<SocketAddr>();
+                let _ = axum::serve(bound, service)
                     .with_graceful_shutdown(async move { stop.cancelled().await })
                     .await;
             }));

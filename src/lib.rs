@@ -6,6 +6,7 @@ pub mod api;
 pub mod api_admin;
 pub mod api_v1;
 pub mod audit;
+pub mod auth_limit;
 pub mod calendar;
 pub mod cli;
 pub mod config;

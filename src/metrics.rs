@@ -26,6 +26,7 @@ pub const RETENTION_TRIMMED: &str = "trackgate_retention_trimmed_total";
 pub const RETENTION_SWEEPS: &str = "trackgate_retention_sweeps_total";
 pub const PURGES_COMPLETED: &str = "trackgate_purges_completed_total";
 pub const PURGES_OVERDUE: &str = "trackgate_purges_overdue";
+pub const AUTH_RATE_LIMITED: &str = "trackgate_auth_rate_limited_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 

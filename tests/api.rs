@@ -497,3 +497,29 @@ async fn admin_api_manages_customers_tokens_devices_and_shows_the_audit() {
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_are_rate_limited_per_address() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.http.auth_failures_per_minute = 5;
+    let (gw, _keys) = start_gateway(config).await;
+    let api = gw.http_addr.unwrap();
+    let body = serde_json::json!({ "imei": imei(96) });
+    let bad = [("Authorization", "Bearer tgk.acme.00000000.wrong")];
+    for _ in 0..5 {
+        let (status, _, _) = http(api, "POST", "/v1/purges", &bad, Some(&body)).await;
+        assert_eq!(status, 401);
+    }
+    let (status, head, problem) = http(api, "POST", "/v1/purges", &bad, Some(&body)).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    assert!(head.to_ascii_lowercase().contains("retry-after"));
+    // Health and metrics are not behind the limit.
+    let (status, _, _) = http(api, "GET", "/healthz", &[], None).await;
+    assert_eq!(status, 200);
+    gw.shutdown();
+    gw.wait().await;
+}
