@@ -40,7 +40,9 @@ impl AuthLimit {
     fn blocked(&self, ip: IpAddr, now: Instant) -> Option<u64> {
         let map = self.inner.lock().ok()?;
         let &(start, n) = map.get(&ip)?;
-        let left = WINDOW.checked_sub(now.duration_since(start))?;
+        let left = WINDOW
+            .checked_sub(now.duration_since(start))
+            .filter(|d| !d.is_zero())?;
         (n >= self.max_failures).then(|| left.as_secs().max(1))
     }
 
