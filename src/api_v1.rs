@@ -16,7 +16,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, AuditEvent};
-use crate::pseudonym::{Imei, KeyRing};
+use crate::pseudonym::{Imei, KeyRing, Pseudonym};
 use crate::purge::{PurgeError, PurgeRequest, Purger, Receipt};
 use crate::registry::Registry;
 
@@ -149,6 +149,40 @@ async fn caller(state: &V1State, headers: &HeaderMap) -> Result<String, Response
     }
 }
 
+/// The caller's device behind `imei`, with its pseudonyms under every key version. A
+/// device that is unknown or owned by someone else gets the same 404, and the attempt is
+/// audited as `action` denied.
+async fn owned_device(
+    state: &V1State,
+    customer_id: &str,
+    imei: &Imei,
+    action: &str,
+) -> Result<Vec<Pseudonym>, Response> {
+    let pseudonyms = state.keys.all_pseudonyms(imei);
+    let owner = state
+        .registry
+        .owner(imei, &state.keys)
+        .await
+        .map_err(|_| unavailable("registry unreachable"))?;
+    if owner.as_deref() == Some(customer_id) {
+        return Ok(pseudonyms);
+    }
+    let devices: Vec<&str> = pseudonyms.iter().map(|p| p.as_str()).collect();
+    let mut conn = state.audit_conn.clone();
+    let _ = audit::append(
+        &mut conn,
+        &AuditEvent {
+            actor: &format!("customer:{customer_id}"),
+            action,
+            devices: &devices.join(","),
+            outcome: "denied",
+            detail: "not the owner (or unknown device)",
+        },
+    )
+    .await;
+    Err(not_found())
+}
+
 /// `POST /v1/purges` body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -216,28 +250,10 @@ async fn create_purge(
             );
         }
     };
-    let pseudonyms = state.keys.all_pseudonyms(&imei);
-    let owner = match state.registry.owner(&imei, &state.keys).await {
-        Ok(o) => o,
-        Err(_) => return unavailable("registry unreachable"),
+    let pseudonyms = match owned_device(&state, &customer_id, &imei, "purge.requested").await {
+        Ok(p) => p,
+        Err(r) => return r,
     };
-    let actor = format!("customer:{customer_id}");
-    let devices: Vec<&str> = pseudonyms.iter().map(|p| p.as_str()).collect();
-    if owner.as_deref() != Some(customer_id.as_str()) {
-        let mut conn = state.audit_conn.clone();
-        let _ = audit::append(
-            &mut conn,
-            &AuditEvent {
-                actor: &actor,
-                action: "purge.requested",
-                devices: &devices.join(","),
-                outcome: "denied",
-                detail: "not the owner (or unknown device)",
-            },
-        )
-        .await;
-        return not_found();
-    }
     let customer = match state.registry.customer(&customer_id).await {
         Ok(Some(c)) => c,
         Ok(None) => return not_found(),
@@ -379,31 +395,21 @@ async fn export_fixes(
             None,
         );
     };
-    let pseudonyms = state.keys.all_pseudonyms(&imei);
-    let devices = pseudonyms
-        .iter()
-        .map(|p| p.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
-    let actor = format!("customer:{customer_id}");
-    let owner = match state.registry.owner(&imei, &state.keys).await {
-        Ok(o) => o,
-        Err(_) => return unavailable("registry unreachable"),
+    let pseudonyms = match owned_device(&state, &customer_id, &imei, "export").await {
+        Ok(p) => p,
+        Err(r) => return r,
     };
-    let allowed = owner.as_deref() == Some(customer_id.as_str());
+    let devices: Vec<&str> = pseudonyms.iter().map(|p| p.as_str()).collect();
     let mut conn = state.audit_conn.clone();
     let event = AuditEvent {
-        actor: &actor,
+        actor: &format!("customer:{customer_id}"),
         action: "export",
-        devices: &devices,
-        outcome: if allowed { "ok" } else { "denied" },
+        devices: &devices.join(","),
+        outcome: "ok",
         detail: "",
     };
-    if audit::append(&mut conn, &event).await.is_err() && allowed {
+    if audit::append(&mut conn, &event).await.is_err() {
         return unavailable("audit trail unreachable; export not started");
-    }
-    if !allowed {
-        return not_found();
     }
     let q = crate::export::ExportQuery {
         pseudonyms,

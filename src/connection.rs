@@ -461,15 +461,16 @@ impl Conn {
         let mut out = Vec::with_capacity(msg.fixes.len());
         for fix in &msg.fixes {
             metrics::counter!(m::FIXES_RECEIVED).increment(1);
-            let stored = StoredFix::from_fix(msg.kind, fix);
+            let fix_time_s = fix.time.map(|t| t.as_second());
             if self
                 .shared
                 .retention
-                .expired_at_ingest(stored.fix_time_s, ttl, now_s)
+                .expired_at_ingest(fix_time_s, ttl, now_s)
             {
                 metrics::counter!(m::FIXES_EXPIRED_AT_INGEST).increment(1);
-                continue;
+                continue; // checked before packing: expired fixes cost nothing more
             }
+            let stored = StoredFix::from_fix(msg.kind, fix);
             out.push(match &self.device {
                 Some(d) => stored.scrubbed(&d.imei),
                 None => stored,
