@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod export;
+pub mod fd_limit;
 pub mod gateway;
 pub mod listener;
 pub mod loadgen;

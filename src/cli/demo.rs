@@ -128,9 +128,14 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
         } else {
             "-".into()
         };
-        let (p50, p99) = match stats.take_ack_percentiles() {
-            Some((a, b, _)) => (format!("{:.1}ms", ms(a)), format!("{:.1}ms", ms(b))),
-            None => ("-".into(), "-".into()),
+        let lat = stats.take_interval();
+        let (p50, p99) = if lat.count > 0 {
+            (
+                format!("{:.1}ms", lat.p50_ms),
+                format!("{:.1}ms", lat.p99_ms),
+            )
+        } else {
+            ("-".into(), "-".into())
         };
         println!(
             "{:>6} {:>9} {:>10} {:>8.0} {:>9} {:>9} {:>12}",
@@ -162,10 +167,6 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
     );
     redis.stop().await;
     Ok(())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> Option<u64> {

@@ -10,6 +10,7 @@ mod config_cmd;
 mod decode;
 mod demo;
 mod keys;
+mod loadgen;
 mod serve;
 
 pub use admin::{CustomerCommand, DeviceCommand, TokenCommand};
@@ -18,6 +19,7 @@ pub use config_cmd::ConfigCommand;
 pub use decode::DecodeArgs;
 pub use demo::DemoArgs;
 pub use keys::KeysCommand;
+pub use loadgen::LoadgenArgs;
 pub use serve::ServeArgs;
 
 /// trackgate: privacy-first ingest gateway for Meitrack GPS trackers.
@@ -35,6 +37,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run Redis, the gateway and a simulated fleet on this machine, with live stats.
     Demo(DemoArgs),
+    /// Simulate a fleet of trackers against a running gateway (loopback only by default).
+    Loadgen(LoadgenArgs),
     /// Decode Meitrack frames to JSON Lines (one object per fix).
     Decode(DecodeArgs),
     /// Configuration file tools.
@@ -63,6 +67,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Loadgen(args) => loadgen::run(&args),
         Command::Decode(args) => decode::run(&args),
         Command::Config(cmd) => config_cmd::run(&cmd),
         Command::Keys(cmd) => keys::run(&cmd),

@@ -34,6 +34,11 @@ pub(super) fn run(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Room for every allowed connection (the default soft limit is often 1024).
+    let connections: usize = config.limits.max_connections;
+    if let Err(e) = crate::fd_limit::ensure(connections) {
+        tracing::warn!("{e}; connections beyond the limit will fail to be accepted");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
