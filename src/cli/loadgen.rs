@@ -181,7 +181,7 @@ async fn drive(args: &LoadgenArgs, config: FleetConfig) -> LoadReport {
     let stats = Arc::new(FleetStats::default());
     let stop = CancellationToken::new();
     let started = Instant::now();
-    let fleet = tokio::spawn(fleet::run(config, stats.clone(), stop.clone()));
+    let mut fleet = tokio::spawn(fleet::run(config, stats.clone(), stop.clone()));
     let bar = progress_bar(args);
     let deadline = args
         .duration_s
@@ -191,12 +191,17 @@ async fn drive(args: &LoadgenArgs, config: FleetConfig) -> LoadReport {
     tick.tick().await;
     let mut last = (stats.counters(), Instant::now());
     let signal = termination_signal();
-    tokio::pin!(signal, fleet);
+    tokio::pin!(signal);
+    let mut fleet_done = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = &mut signal => break,
-            _ = &mut fleet => break, // --max-frames reached and drained
+            _ = &mut fleet => {
+                // --max-frames reached and drained.
+                fleet_done = true;
+                break;
+            }
         }
         let now = Instant::now();
         let c = stats.counters();
@@ -232,7 +237,9 @@ async fn drive(args: &LoadgenArgs, config: FleetConfig) -> LoadReport {
     }
     stop.cancel();
     bar.set_message("stopping: waiting for the confirmations of batches in flight");
-    let _ = (&mut fleet).await;
+    if !fleet_done {
+        let _ = fleet.await;
+    }
     bar.finish_and_clear();
     LoadReport {
         offered,

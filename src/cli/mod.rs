@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod admin;
+mod bench;
 mod client;
 mod config_cmd;
 mod decode;
@@ -14,6 +15,7 @@ mod loadgen;
 mod serve;
 
 pub use admin::{CustomerCommand, DeviceCommand, TokenCommand};
+pub use bench::BenchArgs;
 pub use client::{ExportArgs, PurgeArgs};
 pub use config_cmd::ConfigCommand;
 pub use decode::DecodeArgs;
@@ -39,6 +41,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Simulate a fleet of trackers against a running gateway (loopback only by default).
     Loadgen(LoadgenArgs),
+    /// Measure this machine: Redis ceiling, sustained rate, latency, memory (writes a report).
+    Bench(BenchArgs),
     /// Decode Meitrack frames to JSON Lines (one object per fix).
     Decode(DecodeArgs),
     /// Configuration file tools.
@@ -68,6 +72,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Loadgen(args) => loadgen::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Decode(args) => decode::run(&args),
         Command::Config(cmd) => config_cmd::run(&cmd),
         Command::Keys(cmd) => keys::run(&cmd),

@@ -101,6 +101,15 @@ pub async fn run(config: FleetConfig, stats: Arc<FleetStats>, stop: Cancellation
     tracker.wait().await;
 }
 
+/// `n` consecutive fixes of one simulated vehicle, one second apart: plausible values in
+/// every field a Meitrack AAA report carries (for benches and tests).
+pub fn sample_fixes(seed: u64, n: usize) -> Vec<Fix<'static>> {
+    let mut config = FleetConfig::new(([127, 0, 0, 1], 0).into(), 1);
+    config.seed = seed;
+    let mut d = Device::new(&config, 0);
+    (0..n).map(|_| d.step(Duration::from_secs(1))).collect()
+}
+
 /// A vehicle on a random but smooth route.
 struct Device {
     index: usize,
