@@ -88,6 +88,8 @@ pub(super) fn run(args: &LoadgenArgs) -> ExitCode {
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Named, so profiles (perf --sort comm) tell the gateway and the load generator apart.
+        .thread_name("tg-loadgen")
         .build()
     {
         Ok(rt) => rt,

@@ -41,6 +41,8 @@ pub(super) fn run(args: &ServeArgs) -> ExitCode {
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Named, so profiles (perf --sort comm) tell the gateway and the load generator apart.
+        .thread_name("tg-gateway")
         .build()
     {
         Ok(rt) => rt,
