@@ -86,17 +86,9 @@ pub(super) fn run(args: &LoadgenArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        // Named, so profiles (perf --sort comm) tell the gateway and the load generator apart.
-        .thread_name("tg-loadgen")
-        .build()
-    {
+    let rt = match super::runtime("loadgen", "tg-loadgen") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("trackgate loadgen: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let report = rt.block_on(drive(args, fleet_config));
     print_summary(&report);

@@ -83,3 +83,38 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Export(args) => client::export(&args),
     }
 }
+
+/// The multi-thread runtime of a subcommand, its threads named `thread_name` (so profiles,
+/// e.g. `perf report --sort comm`, tell the gateway and the load generator apart). On
+/// failure the error is printed and the exit code returned.
+fn runtime(command: &str, thread_name: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(thread_name)
+        .build()
+        .map_err(|e| {
+            eprintln!("trackgate {command}: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Entries across all fixes streams (SCAN + XLEN; for demo- and bench-sized data).
+async fn count_stored_fixes(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> redis::RedisResult<u64> {
+    let mut cursor = 0u64;
+    let mut total = 0u64;
+    loop {
+        let (next, keys) = crate::storage::scan_fixes_keys(conn, cursor).await?;
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("XLEN").arg(k);
+        }
+        let lens: Vec<u64> = pipe.query_async(conn).await?;
+        total += lens.iter().sum::<u64>();
+        if next == 0 {
+            return Ok(total);
+        }
+        cursor = next;
+    }
+}

@@ -39,17 +39,9 @@ pub(super) fn run(args: &ServeArgs) -> ExitCode {
     if let Err(e) = crate::fd_limit::ensure(connections) {
         tracing::warn!("{e}; connections beyond the limit will fail to be accepted");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        // Named, so profiles (perf --sort comm) tell the gateway and the load generator apart.
-        .thread_name("tg-gateway")
-        .build()
-    {
+    let rt = match super::runtime("serve", "tg-gateway") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("trackgate serve: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let gateway = match Gateway::start(config, keys).await {

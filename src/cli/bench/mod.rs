@@ -33,7 +33,7 @@ use crate::loadgen::fleet::sample_fixes;
 use crate::loadgen::report::LoadReport;
 use crate::metrics as m;
 use crate::redis_child::RedisChild;
-use crate::storage::{FieldValue, StoredFix, scan_fixes_keys};
+use crate::storage::{FieldValue, StoredFix};
 
 /// Arguments of `trackgate bench`.
 #[derive(Debug, Args)]
@@ -152,15 +152,9 @@ pub(crate) struct DecodeSpeed {
 }
 
 pub(super) fn run(args: &BenchArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match super::runtime("bench", "tg-bench") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("trackgate bench: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(bench(args)) {
         Ok(dir) => {
@@ -595,7 +589,9 @@ async fn redis_memory(
     ]);
     let r = run_loadgen(&load, &work.join("memory.json")).await?;
     gw.stop().await;
-    let stored = count_entries(conn).await?;
+    let stored = super::count_stored_fixes(conn)
+        .await
+        .map_err(|e| e.to_string())?;
     let after = redis_info(conn, "used_memory").await.unwrap_or(0.0);
     let delta = after - before;
     eprintln!(
@@ -610,27 +606,6 @@ async fn redis_memory(
         used_memory_delta_bytes: delta,
         bytes_per_fix: delta / stored.max(1) as f64,
     })
-}
-
-/// Entries across all fixes streams.
-async fn count_entries(conn: &mut redis::aio::MultiplexedConnection) -> Result<u64, String> {
-    let mut cursor = 0u64;
-    let mut total = 0u64;
-    loop {
-        let (next, keys) = scan_fixes_keys(conn, cursor)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut pipe = redis::pipe();
-        for k in &keys {
-            pipe.cmd("XLEN").arg(k);
-        }
-        let lens: Vec<u64> = pipe.query_async(conn).await.map_err(|e| e.to_string())?;
-        total += lens.iter().sum::<u64>();
-        if next == 0 {
-            return Ok(total);
-        }
-        cursor = next;
-    }
 }
 
 /// Decode (scan + decode every frame) against a checksum-only pass over the same bytes:

@@ -6,7 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use super::ramp::Step;
-use crate::loadgen::report::LoadReport;
+use crate::loadgen::report::{LoadReport, Sample};
 
 type PlotResult = Result<(), String>;
 
@@ -18,86 +18,39 @@ fn max_of(values: impl Iterator<Item = f64>) -> f64 {
     values.fold(0.0_f64, f64::max).max(1e-9) * 1.1
 }
 
-/// Fixes sent and confirmed per second over a run.
-pub(crate) fn throughput(r: &LoadReport, title: &str, path: &Path) -> PlotResult {
+/// One labelled line.
+struct Series {
+    label: &'static str,
+    color: RGBColor,
+    points: Vec<(f64, f64)>,
+}
+
+/// Labelled lines over time (or anything else on x), axes from 0 to the largest value.
+fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> PlotResult {
     let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let t_max = max_of(r.timeline.iter().map(|s| s.t_s));
-    let y_max = max_of(
-        r.timeline
-            .iter()
-            .flat_map(|s| [s.fixes_sent_per_s, s.fixes_acked_per_s]),
-    );
+    let all = || series.iter().flat_map(|s| s.points.iter());
+    let x_max = max_of(all().map(|p| p.0));
+    let y_max = max_of(all().map(|p| p.1));
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("time (s)")
-        .y_desc("fixes / s")
+        .x_desc(x_desc)
+        .y_desc(y_desc)
         .draw()
         .map_err(err)?;
-    chart
-        .draw_series(LineSeries::new(
-            r.timeline.iter().map(|s| (s.t_s, s.fixes_sent_per_s)),
-            &BLUE,
-        ))
-        .map_err(err)?
-        .label("sent")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
-    chart
-        .draw_series(LineSeries::new(
-            r.timeline.iter().map(|s| (s.t_s, s.fixes_acked_per_s)),
-            &RED,
-        ))
-        .map_err(err)?
-        .label("confirmed")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
-}
-
-/// p50 and p99 ACK latency per second over a run.
-pub(crate) fn latency(r: &LoadReport, title: &str, path: &Path) -> PlotResult {
-    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let pts: Vec<_> = r.timeline.iter().filter(|s| s.ack_count > 0).collect();
-    let t_max = max_of(r.timeline.iter().map(|s| s.t_s));
-    let y_max = max_of(pts.iter().map(|s| s.ack_p99_ms));
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("time (s)")
-        .y_desc("ACK latency (ms)")
-        .draw()
-        .map_err(err)?;
-    for (label, color, f) in [
-        (
-            "p50",
-            BLUE,
-            (|s: &&crate::loadgen::report::Sample| s.ack_p50_ms) as fn(&&_) -> f64,
-        ),
-        ("p99", RED, |s| s.ack_p99_ms),
-    ] {
+    for s in series {
+        let color = s.color;
         chart
-            .draw_series(LineSeries::new(pts.iter().map(|s| (s.t_s, f(s))), &color))
+            .draw_series(LineSeries::new(s.points.iter().copied(), &color))
             .map_err(err)?
-            .label(label)
+            .label(s.label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
     }
     chart
@@ -107,6 +60,58 @@ pub(crate) fn latency(r: &LoadReport, title: &str, path: &Path) -> PlotResult {
         .draw()
         .map_err(err)?;
     root.present().map_err(err)
+}
+
+/// Fixes sent and confirmed per second over a run.
+pub(crate) fn throughput(r: &LoadReport, title: &str, path: &Path) -> PlotResult {
+    let over_time = |f: fn(&Sample) -> f64| r.timeline.iter().map(|s| (s.t_s, f(s))).collect();
+    lines(
+        path,
+        title,
+        "time (s)",
+        "fixes / s",
+        &[
+            Series {
+                label: "sent",
+                color: BLUE,
+                points: over_time(|s| s.fixes_sent_per_s),
+            },
+            Series {
+                label: "confirmed",
+                color: RED,
+                points: over_time(|s| s.fixes_acked_per_s),
+            },
+        ],
+    )
+}
+
+/// p50 and p99 ACK latency per second over a run (seconds without confirmations left out).
+pub(crate) fn latency(r: &LoadReport, title: &str, path: &Path) -> PlotResult {
+    let over_time = |f: fn(&Sample) -> f64| {
+        r.timeline
+            .iter()
+            .filter(|s| s.ack_count > 0)
+            .map(|s| (s.t_s, f(s)))
+            .collect()
+    };
+    lines(
+        path,
+        title,
+        "time (s)",
+        "ACK latency (ms)",
+        &[
+            Series {
+                label: "p50",
+                color: BLUE,
+                points: over_time(|s| s.ack_p50_ms),
+            },
+            Series {
+                label: "p99",
+                color: RED,
+                points: over_time(|s| s.ack_p99_ms),
+            },
+        ],
+    )
 }
 
 /// The latency distribution: latency against percentile, the tail stretched out
@@ -195,7 +200,6 @@ pub(crate) fn ramp(steps: &[Step], ceiling_per_s: f64, path: &Path) -> PlotResul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loadgen::report::Sample;
 
     #[test]
     fn plots_are_written_as_svg() -> Result<(), String> {
