@@ -54,12 +54,12 @@ sleep 3
 perf record -q -e cpu-clock -F 499 -a -o "$work/perf.data" -- sleep "$secs" 2>/dev/null
 wait $lg || true
 echo "== CPU samples per thread name, both cores (swapper = idle; tg-gateway = trackgate serve, tg-loadgen = the load generator)"
-perf report -q -i "$work/perf.data" --sort comm --stdio 2>/dev/null | head -10
+perf report -q -i "$work/perf.data" --sort comm --stdio 2>/dev/null | head -10 || true
 echo "== hottest symbols in the gateway (share of the gateway's own samples)"
 perf report -q -i "$work/perf.data" --comms tg-gateway --percentage relative --sort dso,symbol --stdio 2>/dev/null \
-  | sed -E 's/ {2,}/  /g; s/ +- +- *$//' | head -30
+  | sed -E 's/ {2,}/  /g; s/ +- +- *$//' | head -30 || true
 echo "== hottest symbols in redis-server (share of its own samples)"
 perf report -q -i "$work/perf.data" --comms redis-server --percentage relative --sort dso,symbol --stdio 2>/dev/null \
-  | sed -E 's/ {2,}/  /g; s/ +- +- *$//' | head -15
+  | sed -E 's/ {2,}/  /g; s/ +- +- *$//' | head -15 || true
 echo "== load generator summary"
 python3 -c "import json; r=json.load(open('$work/load.json')); t=r['totals']; l=r['latency']; print(f\"sent {t['fixes_sent']} confirmed {t['fixes_acked']} p50 {l['p50_ms']:.1f} ms p99 {l['p99_ms']:.1f} ms\")"

@@ -246,12 +246,13 @@ impl Device {
                     }
                 }
             }
-            if let Ok(mut o) = outbox.lock() {
-                let again = o.requeue();
-                stats
-                    .fixes_resent
-                    .fetch_add(again as u64, Ordering::Relaxed);
+            let again = lock(&outbox).requeue();
+            if stop.is_cancelled() {
+                return; // stopped: nothing is sent again
             }
+            stats
+                .fixes_resent
+                .fetch_add(again as u64, Ordering::Relaxed);
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 () = stop.cancelled() => return,

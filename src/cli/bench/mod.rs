@@ -104,6 +104,9 @@ pub(crate) struct Machine {
     pub kernel: String,
     pub redis_version: String,
     pub fd_hard_limit: u64,
+    /// `/proc/loadavg` when the run started and when it ended: other work on the box.
+    pub loadavg_start: String,
+    pub loadavg_end: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -241,6 +244,7 @@ async fn bench(args: &BenchArgs) -> Result<PathBuf, String> {
             "Highest passing ramp step",
             &dir.join("ramp-best-throughput.svg"),
         )?;
+        save(r, &dir.join("ramp-best-load.json"))?;
     }
     flush(&mut conn).await?;
 
@@ -262,6 +266,7 @@ async fn bench(args: &BenchArgs) -> Result<PathBuf, String> {
             &dir.join("latency.svg"),
         )?;
         plot::cdf(&r, "ACK latency distribution", &dir.join("latency-cdf.svg"))?;
+        save(&r, &dir.join("latency-load.json"))?;
         eprintln!(
             "  {} connections, {:.0} fixes/s offered: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
             args.latency_connections,
@@ -286,7 +291,14 @@ async fn bench(args: &BenchArgs) -> Result<PathBuf, String> {
 
     say("memory per idle connection");
     let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
-    for &n in &args.idle_connections {
+    // Each side holds one descriptor per connection; beyond the hard limit, measure at the
+    // most this machine allows instead (and say why the asked-for count was skipped).
+    let most = usize::try_from(hard.saturating_sub(200) / 1000 * 1000).unwrap_or(0);
+    let mut counts = args.idle_connections.clone();
+    if counts.iter().any(|&n| n as u64 + 64 > hard) && most > 0 && !counts.contains(&most) {
+        counts.push(most);
+    }
+    for n in counts {
         report
             .idle
             .push(idle_memory(n, false, hard, &redis.url(), work.path()).await?);
@@ -308,12 +320,19 @@ async fn bench(args: &BenchArgs) -> Result<PathBuf, String> {
     report.redis_memory =
         Some(redis_memory(args, rate, &redis.url(), work.path(), &mut conn).await?);
 
+    report.machine.loadavg_end = loadavg();
     report.notes = notes(&report);
     let json = serde_json::to_vec_pretty(&report).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("report.json"), json).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("summary.md"), summary(&report, args)).map_err(|e| e.to_string())?;
     redis.stop().await;
     Ok(dir)
+}
+
+/// The load generator's own report of a run, kept beside the plots drawn from it.
+fn save(r: &LoadReport, path: &Path) -> Result<(), String> {
+    let json = serde_json::to_vec_pretty(r).map_err(|e| e.to_string())?;
+    std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn say(what: &str) {
@@ -358,6 +377,8 @@ async fn machine(conn: &mut redis::aio::MultiplexedConnection) -> Machine {
             .trim()
             .to_string(),
         fd_hard_limit: rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |l| l.1),
+        loadavg_start: loadavg(),
+        loadavg_end: String::new(),
     }
 }
 
@@ -679,6 +700,13 @@ fn decode_speed() -> DecodeSpeed {
     }
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 fn notes(r: &BenchReport) -> Vec<String> {
     let mut n = vec![
         "Gateway, load generator and redis-server share this machine's cores; the load \
@@ -710,13 +738,16 @@ fn summary(r: &BenchReport, args: &BenchArgs) -> String {
     let _ = writeln!(s, "# trackgate bench, {}", r.started_at);
     let _ = writeln!(
         s,
-        "\nMachine: {} CPUs ({}), {:.0} GiB, Linux {}, Redis {}, fd hard limit {}.{}\n",
+        "\nMachine: {} CPUs ({}), {:.0} GiB, Linux {}, Redis {}, fd hard limit {}; \
+         load average {} at the start, {} at the end.{}\n",
         m.cpus,
         m.cpu_model,
         m.mem_total_gib,
         m.kernel,
         m.redis_version,
         m.fd_hard_limit,
+        m.loadavg_start,
+        m.loadavg_end,
         if args.quick {
             " **Quick run: not for sizing.**"
         } else {
@@ -805,7 +836,8 @@ fn summary(r: &BenchReport, args: &BenchArgs) -> String {
     }
     let _ = writeln!(
         s,
-        "\nPlots: `ramp.svg`, `throughput.svg`, `latency.svg`, `latency-cdf.svg`.\n\n\
+        "\nPlots: `ramp.svg`, `throughput.svg`, `latency.svg`, `latency-cdf.svg` (the load \
+         generator's reports behind them: `ramp-best-load.json`, `latency-load.json`).\n\n\
          ![ramp](ramp.svg)\n\n![throughput](throughput.svg)\n\n![latency](latency.svg)\n\n![cdf](latency-cdf.svg)"
     );
     s

@@ -43,6 +43,7 @@ fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Series]
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(err)?;
     for s in series {
@@ -136,7 +137,11 @@ pub(crate) fn cdf(r: &LoadReport, title: &str, path: &Path) -> PlotResult {
     chart
         .configure_mesh()
         .x_desc("percentile")
-        .x_label_formatter(&|x| format!("{}", 100.0 * (1.0 - 10f64.powf(-x))))
+        .x_labels(6)
+        .x_label_formatter(&|x: &f64| {
+            let decimals = (x.round() as usize).saturating_sub(1);
+            format!("{:.*}", decimals, 100.0 * (1.0 - 10f64.powf(-x.round())))
+        })
         .y_desc("ACK latency (ms)")
         .draw()
         .map_err(err)?;
@@ -166,6 +171,8 @@ pub(crate) fn ramp(steps: &[Step], ceiling_per_s: f64, path: &Path) -> PlotResul
         .configure_mesh()
         .x_desc("offered fixes / s")
         .y_desc("confirmed fixes / s")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(err)?;
     chart
