@@ -37,17 +37,16 @@ fn cce_fleet(addr: std::net::SocketAddr, devices: usize) -> FleetConfig {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_confirmed_fix_is_stored_and_every_batch_is_timed() {
+async fn every_confirmed_fix_is_stored_and_every_batch_is_timed_from_spread_sources() {
     let redis = RedisServer::start();
     let (gw, keys) = start_gateway(test_config(&redis)).await;
     let devices = 40;
     let stats = Arc::new(FleetStats::default());
     let stop = CancellationToken::new();
-    let run = tokio::spawn(fleet::run(
-        cce_fleet(gw.tracker_addrs[0], devices),
-        stats.clone(),
-        stop.clone(),
-    ));
+    let mut config = cce_fleet(gw.tracker_addrs[0], devices);
+    // Spread over two loopback source addresses, as a 100k-connection run does.
+    config.route.sources = vec![[127, 0, 0, 2].into(), [127, 0, 0, 3].into()];
+    let run = tokio::spawn(fleet::run(config, stats.clone(), stop.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
     run.await.unwrap();
