@@ -21,6 +21,7 @@ pub mod periodic;
 pub mod pseudonym;
 pub mod purge;
 pub mod redis_child;
+pub mod redis_conn;
 pub mod registry;
 pub mod retention;
 pub mod sink;

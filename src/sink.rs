@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisMode};
 use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
 use crate::storage::{FieldValue, StoredFix, fixes_key, meta_key, tomb_key};
@@ -67,7 +67,9 @@ impl Sink {
 }
 
 /// Retention (trim, expiry) and the idempotent, purge-aware append, in one atomic step
-/// per device and batch. KEYS: fixes stream, meta hash, tombstone hash.
+/// per device and batch. A replay rewrites the batch id (a no-op write) so that it is
+/// replicated again: a `WAIT` after a retry on a new connection then also covers the
+/// first attempt's data. KEYS: fixes stream, meta hash, tombstone hash.
 /// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, then per entry:
 /// received ms, fix time s (or -1), field count, field/value pairs.
 ///
@@ -76,7 +78,10 @@ impl Sink {
 /// received at or before a cutoff that covers it is not written: a purge is final even
 /// for data that was already in flight when it ran.
 const APPEND_SCRIPT: &str = r#"
-if redis.call('HGET', KEYS[2], 'lb') == ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[2], 'lb') == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'lb', ARGV[1])
+  return -1
+end
 local tomb = redis.call('HGETALL', KEYS[3])
 local all = -1
 local ranges = {}
@@ -133,6 +138,14 @@ pub struct Writers {
 /// Start `config.writers` writer tasks on clones of `conn`. They run until every [`Sink`]
 /// clone is dropped and their queues are drained, or until `abort` fires (then unwritten
 /// jobs are dropped unconfirmed).
+///
+/// In cluster mode (`config.mode`) each device's script call is sent as its own command
+/// instead of one pipeline per batch: redis-rs refuses a pipeline whose keys span slots,
+/// and single commands get the cluster client's `MOVED`/`ASK`/failover handling. They are
+/// sent concurrently, and the client's one multiplexed connection per node writes them
+/// back to back, so each node still receives the batch's share as one pipelined burst.
+/// With `wait_replicas > 0` a batch is confirmed only after `WAIT` (see
+/// [`Writer::replicated`]).
 pub fn start<C>(conn: C, config: &RedisConfig, abort: CancellationToken) -> Writers
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
@@ -157,6 +170,9 @@ where
             batch_seq: batch_seq.clone(),
             instance,
             abort: abort.clone(),
+            per_command: config.mode == RedisMode::Cluster,
+            wait_replicas: config.wait_replicas,
+            wait_timeout_ms: config.wait_timeout_ms,
         };
         tasks.push(tokio::spawn(w.run()));
     }
@@ -181,6 +197,10 @@ struct Writer<C> {
     batch_seq: Arc<AtomicU64>,
     instance: u32,
     abort: CancellationToken,
+    /// One command per device instead of one pipeline per batch (cluster mode).
+    per_command: bool,
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
 }
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
@@ -254,30 +274,21 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
             if pending.is_empty() {
                 return Some(written);
             }
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for g in &pending {
-                append_call(&mut pipe, &self.script, batch, g, &batch_id);
-            }
-            let result = pipe
-                .query_async::<Vec<redis::RedisResult<i64>>>(&mut self.conn)
-                .await;
+            let calls: Vec<redis::Cmd> = pending
+                .iter()
+                .map(|g| append_call(&self.script, batch, g, &batch_id))
+                .collect();
+            let result = self.send(calls).await;
             attempt += 1;
             let mut retry_reason: Option<String> = None;
             match result {
                 Ok(results) => {
                     metrics::histogram!(m::REDIS_WRITE_SECONDS)
                         .record(started.elapsed().as_secs_f64());
+                    let mut applied: Vec<(&mut Group<'_>, i64)> = Vec::new();
                     for (g, r) in pending.into_iter().zip(results) {
                         match r {
-                            Ok(n) => {
-                                g.settled = true;
-                                for &j in &g.jobs {
-                                    written[j] = true;
-                                }
-                                // -1: a replay of a batch already applied.
-                                metrics::counter!(m::FIXES_WRITTEN).increment(n.max(0) as u64);
-                            }
+                            Ok(n) => applied.push((g, n)),
                             Err(e) if is_transient(&e) => retry_reason = Some(e.to_string()),
                             Err(e) => {
                                 g.permanent_failures += 1;
@@ -296,6 +307,22 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
                                 }
                             }
                         }
+                    }
+                    // Settle (and let the jobs be acknowledged) only what the replicas
+                    // have too; otherwise the whole part is sent again (a replay is
+                    // skipped by the script) and waited for again.
+                    match self.replicated(applied.is_empty()).await {
+                        Ok(()) => {
+                            for (g, n) in applied {
+                                g.settled = true;
+                                for &j in &g.jobs {
+                                    written[j] = true;
+                                }
+                                // -1: a replay of a batch already applied.
+                                metrics::counter!(m::FIXES_WRITTEN).increment(n.max(0) as u64);
+                            }
+                        }
+                        Err(reason) => retry_reason = Some(reason),
                     }
                 }
                 Err(e) => retry_reason = Some(e.to_string()),
@@ -319,6 +346,62 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
             // A restarted Redis has lost the script; loading it again is cheap.
             let mut conn = self.conn.clone();
             let _ = self.script.prepare_invoke().load_async(&mut conn).await;
+        }
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
+    /// Send the batch's script calls: one pipeline (standalone) or one command each,
+    /// concurrently (cluster). Per call: its result.
+    async fn send(
+        &self,
+        calls: Vec<redis::Cmd>,
+    ) -> redis::RedisResult<Vec<redis::RedisResult<i64>>> {
+        if self.per_command {
+            let sent = calls.into_iter().map(|cmd| {
+                let mut conn = self.conn.clone();
+                async move { cmd.query_async::<i64>(&mut conn).await }
+            });
+            return Ok(futures::future::join_all(sent).await);
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for cmd in calls {
+            pipe.add_command(cmd);
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<Vec<redis::RedisResult<i64>>>(&mut conn)
+            .await
+    }
+
+    /// With `wait_replicas > 0`: `WAIT` until that many replicas have everything this
+    /// connection wrote (in cluster mode redis-rs sends it to every primary over the
+    /// node connections the writes used, and answers the smallest count). `Err` (with a
+    /// reason) when fewer confirmed in `wait_timeout_ms`: the caller retries the batch.
+    /// `nothing_written`: skip (a batch whose every part failed has nothing to wait for).
+    async fn replicated(&self, nothing_written: bool) -> Result<(), String> {
+        if self.wait_replicas == 0 || nothing_written {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let acked: redis::RedisResult<i64> = redis::cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(self.wait_timeout_ms)
+            .query_async(&mut conn)
+            .await;
+        match acked {
+            Ok(n) if n >= i64::from(self.wait_replicas) => Ok(()),
+            Ok(n) => {
+                metrics::counter!(m::REDIS_WAIT_SHORT).increment(1);
+                Err(format!(
+                    "WAIT: {n} of {} replicas confirmed within {} ms",
+                    self.wait_replicas, self.wait_timeout_ms
+                ))
+            }
+            Err(e) => {
+                metrics::counter!(m::REDIS_WAIT_SHORT).increment(1);
+                Err(format!("WAIT: {e}"))
+            }
         }
     }
 }
@@ -387,18 +470,17 @@ pub fn build_pipeline(
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for g in group_by_device(batch) {
-        append_call(&mut pipe, script, batch, &g, batch_id);
+        pipe.add_command(append_call(script, batch, &g, batch_id));
     }
     pipe
 }
 
 fn append_call(
-    pipe: &mut redis::Pipeline,
     script: &redis::Script,
     batch: &[WriteJob],
     group: &Group<'_>,
     batch_id: &str,
-) {
+) -> redis::Cmd {
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let device = group.device;
     let ttl_ms = group
@@ -407,9 +489,8 @@ fn append_call(
         .map(|&j| i64::try_from(batch[j].ttl.as_millis()).unwrap_or(i64::MAX))
         .max()
         .unwrap_or(0);
-    let cmd = pipe
-        .cmd("EVALSHA")
-        .arg(script.get_hash())
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash())
         .arg(3)
         .arg(fixes_key(device))
         .arg(meta_key(device))
@@ -435,22 +516,5 @@ fn append_call(
             }
         }
     }
-}
-
-/// A Redis connection that (re)connects by itself, with the configured timeouts. Lazy:
-/// the gateway starts while Redis is down (`/readyz` says so) and writers retry.
-pub fn connect(config: &RedisConfig) -> redis::RedisResult<redis::aio::ConnectionManager> {
-    use redis::IntoConnectionInfo;
-    let mut info = config.url.as_str().into_connection_info()?;
-    if let Some(pw) = &config.password {
-        let settings = info.redis_settings().clone().set_password(pw);
-        info = info.set_redis_settings(settings);
-    }
-    let client = redis::Client::open(info)?;
-    let cm = redis::aio::ConnectionManagerConfig::new()
-        .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
-        .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
-        .set_max_delay(Duration::from_millis(config.retry_backoff_max_ms))
-        .set_number_of_retries(2);
-    redis::aio::ConnectionManager::new_lazy_with_config(client, cm)
+    cmd
 }

@@ -1,0 +1,296 @@
+//! One Redis connection type for every role (writers, API, purge, export, registry, sweeper,
+//! admin CLI), over either a single server or a Redis Cluster (`redis.mode`).
+//!
+//! * **Standalone**: a [`ConnectionManager`] (one multiplexed connection that reconnects
+//!   by itself).
+//! * **Cluster**: redis-rs's async [`ClusterConnection`]: one multiplexed connection per
+//!   node, commands routed by the slot of their first key, `MOVED`/`ASK` followed and the
+//!   slot map refreshed on failover. It is created on first use, so the gateway starts
+//!   (and `/readyz` says "not ready") while the cluster is unreachable, like standalone.
+//!
+//! What the callers must respect in cluster mode (and do, see DESIGN §5 and README):
+//! * a pipeline or `MULTI` is refused client-side (`CROSSSLOT`) if its keys hash to
+//!   different slots, so every multi-key unit of work uses one hash tag (`{P}` per device,
+//!   `{purge}` for the purge bookkeeping) and the writers send one command per device;
+//! * `SCAN` sees one node only: [`RedisConn::scan_targets`] lists the primaries and
+//!   [`RedisConn::scan_page`] routes a page to one of them;
+//! * `SCRIPT LOAD` and `WAIT` go to every primary (redis-rs routes them so; `WAIT`
+//!   answers the smallest replica count).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use tokio::sync::OnceCell;
+
+use crate::config::{RedisConfig, RedisMode};
+
+/// A Redis connection in either mode. Cheap to clone (clones share the connection).
+#[derive(Clone)]
+pub enum RedisConn {
+    Standalone(ConnectionManager),
+    Cluster(LazyCluster),
+}
+
+impl fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisConn::Standalone(_) => f.write_str("RedisConn::Standalone"),
+            RedisConn::Cluster(c) => write!(f, "RedisConn::Cluster({c:?})"),
+        }
+    }
+}
+
+/// A cluster connection made on first use (and again after a failed attempt).
+#[derive(Clone)]
+pub struct LazyCluster {
+    client: Arc<ClusterClient>,
+    conn: Arc<OnceCell<ClusterConnection>>,
+    connect_timeout: Duration,
+}
+
+impl fmt::Debug for LazyCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LazyCluster")
+            .field("connected", &self.conn.initialized())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LazyCluster {
+    async fn get(&self) -> RedisResult<ClusterConnection> {
+        let c = self
+            .conn
+            .get_or_try_init(|| async {
+                match tokio::time::timeout(self.connect_timeout, self.client.get_async_connection())
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no cluster node answered within connect_timeout_ms",
+                    ))),
+                }
+            })
+            .await?;
+        Ok(c.clone())
+    }
+}
+
+/// Where one `SCAN` runs: the server, or one cluster primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanTarget {
+    Server,
+    Node { host: String, port: u16 },
+}
+
+/// Connect as `config.redis.mode` says. Lazy in both modes: nothing is dialled here.
+pub fn connect(config: &RedisConfig) -> RedisResult<RedisConn> {
+    match config.mode {
+        RedisMode::Standalone => connect_standalone(config).map(RedisConn::Standalone),
+        RedisMode::Cluster => {
+            let mut b = redis::cluster::ClusterClientBuilder::new(config.cluster_nodes.clone())
+                .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+                .response_timeout(Duration::from_millis(config.response_timeout_ms))
+                // The writers retry with their own backoff; the client's own retries
+                // (for MOVED/ASK/TRYAGAIN and reconnects) stay short.
+                .retries(3)
+                .max_retry_wait(config.retry_backoff_max_ms);
+            if let Some(pw) = &config.password {
+                b = b.password(pw);
+            }
+            let client = b.build()?;
+            Ok(RedisConn::Cluster(LazyCluster {
+                client: Arc::new(client),
+                conn: Arc::new(OnceCell::new()),
+                connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            }))
+        }
+    }
+}
+
+fn connect_standalone(config: &RedisConfig) -> RedisResult<ConnectionManager> {
+    use redis::IntoConnectionInfo;
+    let mut info = config.url.as_str().into_connection_info()?;
+    if let Some(pw) = &config.password {
+        let settings = info.redis_settings().clone().set_password(pw);
+        info = info.set_redis_settings(settings);
+    }
+    let client = redis::Client::open(info)?;
+    let cm = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
+        .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+        .set_max_delay(Duration::from_millis(config.retry_backoff_max_ms))
+        .set_number_of_retries(2);
+    ConnectionManager::new_lazy_with_config(client, cm)
+}
+
+impl RedisConn {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(_))
+    }
+
+    /// Where a full keyspace `SCAN` must run: the server, or every primary.
+    pub async fn scan_targets(&self) -> RedisResult<Vec<ScanTarget>> {
+        match self {
+            RedisConn::Standalone(_) => Ok(vec![ScanTarget::Server]),
+            RedisConn::Cluster(c) => {
+                let mut conn = c.get().await?;
+                let slots: Value = redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(primaries_of(&slots)
+                    .into_iter()
+                    .map(|(host, port)| ScanTarget::Node { host, port })
+                    .collect())
+            }
+        }
+    }
+
+    /// One `SCAN cursor MATCH pattern COUNT count TYPE kind` page on `target`.
+    pub async fn scan_page(
+        &self,
+        target: &ScanTarget,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
+        kind: &str,
+    ) -> RedisResult<(u64, Vec<String>)> {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count)
+            .arg("TYPE")
+            .arg(kind);
+        match (self, target) {
+            (RedisConn::Cluster(c), ScanTarget::Node { host, port }) => {
+                let mut conn = c.get().await?;
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                let v = conn.route_command(cmd, routing).await?;
+                Ok(redis::from_redis_value(v)?)
+            }
+            (RedisConn::Cluster(_), ScanTarget::Server) => Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "a cluster SCAN needs a node (see scan_targets)",
+            ))),
+            (RedisConn::Standalone(cm), _) => {
+                let mut cm = cm.clone();
+                cmd.query_async(&mut cm).await
+            }
+        }
+    }
+}
+
+/// Distinct primaries `(host, port)` in a `CLUSTER SLOTS` reply: each entry is
+/// `[start, end, [host, port, id, …], replicas…]`.
+fn primaries_of(slots: &Value) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    let Value::Array(ranges) = slots else {
+        return out;
+    };
+    for r in ranges {
+        let Value::Array(parts) = r else { continue };
+        let Some(Value::Array(master)) = parts.get(2) else {
+            continue;
+        };
+        let host = match master.first() {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => continue,
+        };
+        let port = match master.get(1) {
+            Some(Value::Int(p)) => u16::try_from(*p).ok(),
+            _ => None,
+        };
+        let Some(port) = port else { continue };
+        if !out.iter().any(|(h, p)| *h == host && *p == port) {
+            out.push((host, port));
+        }
+    }
+    out
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Standalone(cm) => cm.req_packed_command(cmd),
+            RedisConn::Cluster(c) => {
+                let c = c.clone();
+                Box::pin(async move {
+                    let mut conn = c.get().await?;
+                    conn.req_packed_command(cmd).await
+                })
+            }
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Standalone(cm) => cm.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => {
+                let c = c.clone();
+                Box::pin(async move {
+                    let mut conn = c.get().await?;
+                    conn.req_packed_commands(pipeline, offset, count).await
+                })
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Standalone(cm) => cm.get_db(),
+            RedisConn::Cluster(_) => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primaries_are_read_from_cluster_slots() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let node = |port: i64| Value::Array(vec![bulk("127.0.0.1"), Value::Int(port), bulk("id")]);
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node(7000),
+                node(7003),
+            ]),
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(10922),
+                node(7001),
+                node(7004),
+            ]),
+            Value::Array(vec![Value::Int(10923), Value::Int(16383), node(7000)]),
+        ]);
+        assert_eq!(
+            primaries_of(&reply),
+            [
+                ("127.0.0.1".to_string(), 7000),
+                ("127.0.0.1".to_string(), 7001)
+            ]
+        );
+        assert!(primaries_of(&Value::Nil).is_empty());
+    }
+}
