@@ -441,3 +441,217 @@ async fn failover_with_wait_loses_no_acknowledged_fix() {
         gw.wait().await;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// WAIT on a standalone primary with one replica: no ACK while the replica cannot confirm.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_withholds_the_ack_until_a_replica_has_the_write() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let mut config = test_config(&primary);
+    config.redis.wait_replicas = 1;
+    config.redis.wait_timeout_ms = 200;
+    let (gw, keys) = start_gateway(config).await;
+    let id = imei(990);
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    t.send(&ccc_frame(&id, &[fix_at(now_s(), 0)])).await;
+    assert!(
+        t.reply(LONG).await.is_some(),
+        "confirmed with the replica up"
+    );
+
+    replica.freeze();
+    t.send(&ccc_frame(&id, &[fix_at(now_s(), 1)])).await;
+    assert_eq!(
+        t.reply(Duration::from_millis(1500)).await,
+        None,
+        "no ACK while no replica confirms"
+    );
+    replica.thaw();
+    assert!(t.reply(LONG).await.is_some(), "confirmed once it does");
+    let mut conn = primary.conn().await;
+    assert_eq!(
+        stream_len(&mut conn, &pseudonym(&keys, &id)).await,
+        2,
+        "written once"
+    );
+    let mut rc = replica.conn().await;
+    assert_eq!(
+        stream_len(&mut rc, &pseudonym(&keys, &id)).await,
+        2,
+        "and replicated"
+    );
+    gw.shutdown();
+    gw.wait().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Sizing measurement (docs/scaling.md), not a check: run on demand with
+//   cargo test --release --test cluster measure_scaling -- --ignored --nocapture
+// Env: TG_MEASURE_BACKEND=cluster|standalone, TG_MEASURE_DEVICES (per gateway),
+// TG_MEASURE_INTERVAL_MS, TG_MEASURE_SECONDS. Two gateways (in this process) each get
+// their own simulated fleet (in a separate runtime, so its CPU is counted apart).
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// CPU seconds of this process's threads, split into (fleet threads, the rest).
+fn thread_cpu_s() -> (f64, f64) {
+    let tick = 100.0; // USER_HZ
+    let (mut fleet, mut rest) = (0.0, 0.0);
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = &stat[open + 1..close];
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / tick;
+        if name.starts_with("fleet") {
+            fleet += cpu;
+        } else {
+            rest += cpu;
+        }
+    }
+    (fleet, rest)
+}
+
+/// (used_memory bytes, CPU seconds) summed over the primaries.
+fn redis_usage(backend: &Backend) -> (Vec<u64>, Vec<f64>) {
+    let urls: Vec<String> = match backend {
+        Backend::Standalone(r) => vec![r.url()],
+        Backend::Cluster(c) => c.seed_urls(),
+    };
+    let (mut mem, mut cpu) = (Vec::new(), Vec::new());
+    for u in urls {
+        let mut c = redis::Client::open(u).unwrap().get_connection().unwrap();
+        let info: String = redis::cmd("INFO").arg("all").query(&mut c).unwrap();
+        if !info.contains("role:master") {
+            continue;
+        }
+        let field = |k: &str| -> f64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        mem.push(field("used_memory:") as u64);
+        cpu.push(field("used_cpu_sys:") + field("used_cpu_user:"));
+    }
+    (mem, cpu)
+}
+
+async fn fixes_written(http: SocketAddr) -> f64 {
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix("trackgate_fixes_written_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement for docs/scaling.md; run on demand"]
+async fn measure_scaling() {
+    use trackgate::loadgen::fleet::{self, FleetConfig, FleetStats};
+    let backend = match std::env::var("TG_MEASURE_BACKEND").as_deref() {
+        Ok("standalone") => Backend::standalone(),
+        _ => Backend::cluster(),
+    };
+    let devices = env_u64("TG_MEASURE_DEVICES", 1000) as usize;
+    let interval = Duration::from_millis(env_u64("TG_MEASURE_INTERVAL_MS", 200));
+    let seconds = env_u64("TG_MEASURE_SECONDS", 20);
+    let keys = Arc::new(KeyRing::ephemeral());
+    let mut gws = Vec::new();
+    for _ in 0..2 {
+        gws.push(
+            Gateway::start(backend.config(), keys.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let fleet_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("fleet")
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let stats = Arc::new(FleetStats::default());
+    let mut fleets = Vec::new();
+    for (g, gw) in gws.iter().enumerate() {
+        let mut fc = FleetConfig::new(gw.tracker_addrs[0], devices);
+        fc.report_interval = interval;
+        fc.imei_base = 350_000_000_000_000 + (g as u64) * 1_000_000;
+        fc.seed = g as u64 + 1;
+        fleets.push(fleet_rt.spawn(fleet::run(fc, stats.clone(), stop.clone())));
+    }
+    let http = gws[0].http_addr.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await; // connect, create every stream
+    let (mem0, rcpu0) = redis_usage(&backend);
+    let (fcpu0, gcpu0) = thread_cpu_s();
+    let w0 = fixes_written(http).await;
+    let t0 = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let w1 = fixes_written(http).await;
+    let el = t0.elapsed().as_secs_f64();
+    let (fcpu1, gcpu1) = thread_cpu_s();
+    let (mem1, rcpu1) = redis_usage(&backend);
+    let acks = stats.take_ack_percentiles();
+    stop.cancel();
+    for f in fleets {
+        let _ = f.await;
+    }
+    let fixes = w1 - w0;
+    let rate = fixes / el;
+    let shards = mem1.len();
+    let redis_cpu: Vec<f64> = rcpu1
+        .iter()
+        .zip(&rcpu0)
+        .map(|(a, b)| (a - b) / el)
+        .collect();
+    let mem_growth: i64 = mem1.iter().sum::<u64>() as i64 - mem0.iter().sum::<u64>() as i64;
+    let gw_cpu = (gcpu1 - gcpu0) / el;
+    println!(
+        "backend={} shards={shards} gateways=2 devices={} interval_ms={} window_s={el:.1}",
+        backend.name(),
+        2 * devices,
+        interval.as_millis()
+    );
+    println!("stored fixes/s (both gateways): {rate:.0}");
+    println!(
+        "gateway process CPU (2 gateways + test harness, not the fleet): {gw_cpu:.2} cores -> {:.0} fixes/s per gateway core",
+        rate / gw_cpu.max(1e-9)
+    );
+    println!("fleet CPU: {:.2} cores", (fcpu1 - fcpu0) / el);
+    for (i, c) in redis_cpu.iter().enumerate() {
+        println!(
+            "shard {i}: CPU {c:.2} cores, ~{:.0} fixes/s per shard core",
+            (rate / shards as f64) / c.max(1e-9)
+        );
+    }
+    println!(
+        "redis memory growth: {:.1} B per fix (all primaries, {} fixes)",
+        mem_growth as f64 / fixes.max(1.0),
+        fixes
+    );
+    if let Some((p50, p99, n)) = acks {
+        println!("CCE ack latency: p50 {p50:?} p99 {p99:?} ({n} batches)");
+    }
+    for gw in gws {
+        gw.shutdown();
+        gw.wait().await;
+    }
+    fleet_rt.shutdown_background();
+}

@@ -35,18 +35,40 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// A server with extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let mut r = RedisServer {
             port: free_port(),
             dir,
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         r.spawn();
         r
+    }
+
+    /// A replica of `primary`, waiting until its replication link is up.
+    pub fn start_replica_of(primary: &RedisServer) -> RedisServer {
+        let r = Self::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut c = r.client().get_connection().unwrap();
+        loop {
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut c).unwrap();
+            if info.contains("master_link_status:up") {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "replica did not sync");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn spawn(&mut self) {
@@ -56,6 +78,7 @@ impl RedisServer {
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--logfile", "redis.log"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
