@@ -145,7 +145,7 @@ pub struct Writers {
 /// sent concurrently, and the client's one multiplexed connection per node writes them
 /// back to back, so each node still receives the batch's share as one pipelined burst.
 /// With `wait_replicas > 0` a batch is confirmed only after `WAIT` (see
-/// [`Writer::replicated`]).
+/// `Writer::replicated`).
 pub fn start<C>(conn: C, config: &RedisConfig, abort: CancellationToken) -> Writers
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
@@ -282,7 +282,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
             attempt += 1;
             let mut retry_reason: Option<String> = None;
             match result {
-                Ok(results) => {
+                Ok((results, waited)) => {
                     metrics::histogram!(m::REDIS_WRITE_SECONDS)
                         .record(started.elapsed().as_secs_f64());
                     let mut applied: Vec<(&mut Group<'_>, i64)> = Vec::new();
@@ -311,7 +311,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
                     // Settle (and let the jobs be acknowledged) only what the replicas
                     // have too; otherwise the whole part is sent again (a replay is
                     // skipped by the script) and waited for again.
-                    match self.replicated(applied.is_empty()).await {
+                    match self.replicated(applied.is_empty(), waited).await {
                         Ok(()) => {
                             for (g, n) in applied {
                                 g.settled = true;
@@ -352,43 +352,62 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
     /// Send the batch's script calls: one pipeline (standalone) or one command each,
-    /// concurrently (cluster). Per call: its result.
-    async fn send(
-        &self,
-        calls: Vec<redis::Cmd>,
-    ) -> redis::RedisResult<Vec<redis::RedisResult<i64>>> {
+    /// concurrently (cluster). Per call: its result; and, in standalone mode with
+    /// `wait_replicas > 0`, the reply of the `WAIT` that ends the pipeline: on the very
+    /// connection that carried the writes, so a reconnect in between cannot make it
+    /// vacuous.
+    async fn send(&self, calls: Vec<redis::Cmd>) -> redis::RedisResult<SendOutcome> {
         if self.per_command {
             let sent = calls.into_iter().map(|cmd| {
                 let mut conn = self.conn.clone();
                 async move { cmd.query_async::<i64>(&mut conn).await }
             });
-            return Ok(futures::future::join_all(sent).await);
+            return Ok((futures::future::join_all(sent).await, None));
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for cmd in calls {
             pipe.add_command(cmd);
         }
+        let wait = self.wait_replicas > 0;
+        if wait {
+            pipe.cmd("WAIT")
+                .arg(self.wait_replicas)
+                .arg(self.wait_timeout_ms);
+        }
         let mut conn = self.conn.clone();
-        pipe.query_async::<Vec<redis::RedisResult<i64>>>(&mut conn)
-            .await
+        let mut results = pipe
+            .query_async::<Vec<redis::RedisResult<i64>>>(&mut conn)
+            .await?;
+        let waited = if wait { results.pop() } else { None };
+        Ok((results, waited))
     }
 
-    /// With `wait_replicas > 0`: `WAIT` until that many replicas have everything this
-    /// connection wrote (in cluster mode redis-rs sends it to every primary over the
-    /// node connections the writes used, and answers the smallest count). `Err` (with a
-    /// reason) when fewer confirmed in `wait_timeout_ms`: the caller retries the batch.
+    /// With `wait_replicas > 0`: did that many replicas confirm everything this
+    /// connection wrote? Standalone: the pipeline's own `WAIT` reply (`waited`). Cluster:
+    /// a `WAIT` now, which redis-rs sends to every primary over the node connections the
+    /// writes used and answers with the smallest count. `Err` (with a reason) when fewer
+    /// confirmed within `wait_timeout_ms`: the caller retries the batch.
     /// `nothing_written`: skip (a batch whose every part failed has nothing to wait for).
-    async fn replicated(&self, nothing_written: bool) -> Result<(), String> {
+    async fn replicated(
+        &self,
+        nothing_written: bool,
+        waited: Option<redis::RedisResult<i64>>,
+    ) -> Result<(), String> {
         if self.wait_replicas == 0 || nothing_written {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
-        let acked: redis::RedisResult<i64> = redis::cmd("WAIT")
-            .arg(self.wait_replicas)
-            .arg(self.wait_timeout_ms)
-            .query_async(&mut conn)
-            .await;
+        let acked = match waited {
+            Some(r) => r,
+            None => {
+                let mut conn = self.conn.clone();
+                redis::cmd("WAIT")
+                    .arg(self.wait_replicas)
+                    .arg(self.wait_timeout_ms)
+                    .query_async(&mut conn)
+                    .await
+            }
+        };
         match acked {
             Ok(n) if n >= i64::from(self.wait_replicas) => Ok(()),
             Ok(n) => {
@@ -405,6 +424,12 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
         }
     }
 }
+
+/// Per script call its result, and the standalone pipeline's `WAIT` reply.
+type SendOutcome = (
+    Vec<redis::RedisResult<i64>>,
+    Option<redis::RedisResult<i64>>,
+);
 
 /// Attempts after which a device's part of a batch that fails with a permanent error
 /// (not a connection problem) is given up.
