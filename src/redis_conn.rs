@@ -135,6 +135,46 @@ impl RedisConn {
         matches!(self, RedisConn::Cluster(_))
     }
 
+    /// The cluster's slot map (empty for a single server).
+    pub async fn slot_map(&self) -> RedisResult<SlotMap> {
+        match self {
+            RedisConn::Standalone(_) => Ok(SlotMap::default()),
+            RedisConn::Cluster(c) => {
+                let mut conn = c.get().await?;
+                let slots: Value = redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(SlotMap::from_reply(&slots))
+            }
+        }
+    }
+
+    /// Send `pipeline` (not a transaction) to one node as it is, whatever slots its keys
+    /// hash to (the node answers `MOVED` for a key it does not serve). One reply per
+    /// command, errors included as values. On a single server: to that server.
+    pub async fn node_pipeline(
+        &self,
+        node: &(String, u16),
+        pipeline: redis::Pipeline,
+    ) -> RedisResult<Vec<Value>> {
+        let count = pipeline.len();
+        match self {
+            RedisConn::Cluster(c) => {
+                let mut conn = c.get().await?;
+                let route = SingleNodeRoutingInfo::ByAddress {
+                    host: node.0.clone(),
+                    port: node.1,
+                };
+                conn.route_pipeline(pipeline, 0, count, route).await
+            }
+            RedisConn::Standalone(cm) => {
+                let mut cm = cm.clone();
+                cm.req_packed_commands(&pipeline, 0, count).await
+            }
+        }
+    }
+
     /// Where a full keyspace `SCAN` must run: the server, or every primary.
     pub async fn scan_targets(&self) -> RedisResult<Vec<ScanTarget>> {
         match self {
@@ -192,33 +232,103 @@ impl RedisConn {
     }
 }
 
+/// Number of hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16384;
+
+/// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the part between the first
+/// `{` and the next `}`, if not empty) or of the whole key, modulo 16384.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = key.get(open + 1..)?;
+            let close = rest.iter().position(|b| *b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &b in tagged {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS
+}
+
+/// Which primary serves which slots (from `CLUSTER SLOTS`), for per-node pipelines.
+/// A snapshot: a stale entry shows up as `MOVED` or a connection error, and the caller
+/// fetches a new one.
+#[derive(Debug, Clone, Default)]
+pub struct SlotMap {
+    /// (first slot, last slot, primary index into `nodes`), sorted.
+    ranges: Vec<(u16, u16, usize)>,
+    nodes: Vec<(String, u16)>,
+}
+
+impl SlotMap {
+    /// The primary `(host, port)` serving `slot`, if covered.
+    pub fn node(&self, slot: u16) -> Option<&(String, u16)> {
+        let i = self.ranges.partition_point(|r| r.1 < slot);
+        let (a, b, n) = *self.ranges.get(i)?;
+        (a <= slot && slot <= b)
+            .then(|| self.nodes.get(n))
+            .flatten()
+    }
+
+    fn from_reply(slots: &Value) -> SlotMap {
+        let mut map = SlotMap::default();
+        let Value::Array(ranges) = slots else {
+            return map;
+        };
+        for r in ranges {
+            let Value::Array(parts) = r else { continue };
+            let (Some(Value::Int(a)), Some(Value::Int(b))) = (parts.first(), parts.get(1)) else {
+                continue;
+            };
+            let (Ok(a), Ok(b)) = (u16::try_from(*a), u16::try_from(*b)) else {
+                continue;
+            };
+            let Some(node) = parts.get(2).and_then(node_addr) else {
+                continue;
+            };
+            let n = match map.nodes.iter().position(|x| *x == node) {
+                Some(n) => n,
+                None => {
+                    map.nodes.push(node);
+                    map.nodes.len() - 1
+                }
+            };
+            map.ranges.push((a, b, n));
+        }
+        map.ranges.sort_unstable();
+        map
+    }
+}
+
+/// `(host, port)` of a `CLUSTER SLOTS` node entry `[host, port, id, …]`.
+fn node_addr(v: &Value) -> Option<(String, u16)> {
+    let Value::Array(node) = v else { return None };
+    let host = match node.first()? {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        _ => return None,
+    };
+    match node.get(1)? {
+        Value::Int(p) => u16::try_from(*p).ok().map(|p| (host, p)),
+        _ => None,
+    }
+}
+
 /// Distinct primaries `(host, port)` in a `CLUSTER SLOTS` reply: each entry is
 /// `[start, end, [host, port, id, …], replicas…]`.
 fn primaries_of(slots: &Value) -> Vec<(String, u16)> {
-    let mut out: Vec<(String, u16)> = Vec::new();
-    let Value::Array(ranges) = slots else {
-        return out;
-    };
-    for r in ranges {
-        let Value::Array(parts) = r else { continue };
-        let Some(Value::Array(master)) = parts.get(2) else {
-            continue;
-        };
-        let host = match master.first() {
-            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-            Some(Value::SimpleString(s)) => s.clone(),
-            _ => continue,
-        };
-        let port = match master.get(1) {
-            Some(Value::Int(p)) => u16::try_from(*p).ok(),
-            _ => None,
-        };
-        let Some(port) = port else { continue };
-        if !out.iter().any(|(h, p)| *h == host && *p == port) {
-            out.push((host, port));
-        }
-    }
-    out
+    SlotMap::from_reply(slots).nodes
 }
 
 impl ConnectionLike for RedisConn {
@@ -292,5 +402,26 @@ mod tests {
             ]
         );
         assert!(primaries_of(&Value::Nil).is_empty());
+        let map = SlotMap::from_reply(&reply);
+        assert_eq!(map.node(0).map(|n| n.1), Some(7000));
+        assert_eq!(map.node(5461).map(|n| n.1), Some(7001));
+        assert_eq!(map.node(10922).map(|n| n.1), Some(7001));
+        assert_eq!(map.node(16383).map(|n| n.1), Some(7000));
+        assert!(SlotMap::default().node(1).is_none());
+    }
+
+    #[test]
+    fn key_slots_match_redis() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(key_slot(b"123456789"), 0x31C3);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
+        assert_ne!(
+            key_slot(b"foo{}{bar}"),
+            key_slot(b"bar"),
+            "empty tag: whole key"
+        );
+        assert_eq!(key_slot(b"tg:{p1_x}:fixes"), key_slot(b"tg:{p1_x}:tomb"));
     }
 }

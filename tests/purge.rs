@@ -118,7 +118,11 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
     let conn = redis.conn().await;
     let mut cfg = test_config(&redis).redis;
     cfg.writers = 1;
-    let writers = sink::start(conn.clone(), &cfg, CancellationToken::new());
+    let writers = sink::start(
+        trackgate::redis_conn::connect(&cfg).unwrap(),
+        &cfg,
+        CancellationToken::new(),
+    );
 
     let purger = Purger::new(conn.clone(), TOMB_TTL);
     let receipt = purger
@@ -351,9 +355,10 @@ async fn in_flight_range_fixes_are_refused_others_kept() {
     let keys = KeyRing::ephemeral();
     let p = keys.pseudonym(&Imei::new(&imei(75)).unwrap());
     let conn = redis.conn().await;
+    let cfg = test_config(&redis).redis;
     let writers = sink::start(
-        conn.clone(),
-        &test_config(&redis).redis,
+        trackgate::redis_conn::connect(&cfg).unwrap(),
+        &cfg,
         CancellationToken::new(),
     );
     let base = now_s().as_second() - 600;
