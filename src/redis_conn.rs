@@ -11,11 +11,12 @@
 //! What the callers must respect in cluster mode (and do, see DESIGN §5 and README):
 //! * a pipeline or `MULTI` is refused client-side (`CROSSSLOT`) if its keys hash to
 //!   different slots, so every multi-key unit of work uses one hash tag (`{P}` per device,
-//!   `{purge}` for the purge bookkeeping) and the writers send one command per device;
+//!   `{purge}` for the purge bookkeeping), and the writers group a batch by node
+//!   ([`SlotMap`], [`key_slot`]) and send each group to its node by address
+//!   ([`RedisConn::node_pipeline`]);
 //! * `SCAN` sees one node only: [`RedisConn::scan_targets`] lists the primaries and
 //!   [`RedisConn::scan_page`] routes a page to one of them;
-//! * `SCRIPT LOAD` and `WAIT` go to every primary (redis-rs routes them so; `WAIT`
-//!   answers the smallest replica count).
+//! * `SCRIPT LOAD` goes to every primary (redis-rs routes it so).
 
 use std::fmt;
 use std::sync::Arc;

@@ -523,29 +523,31 @@ fn thread_cpu_s() -> (f64, f64) {
     (fleet, rest)
 }
 
-/// (used_memory bytes, CPU seconds) summed over the primaries.
-fn redis_usage(backend: &Backend) -> (Vec<u64>, Vec<f64>) {
+/// Per primary (used_memory bytes, CPU seconds), and the replicas' CPU seconds in all.
+fn redis_usage(backend: &Backend) -> (Vec<u64>, Vec<f64>, f64) {
     let urls: Vec<String> = match backend {
         Backend::Standalone(r) => vec![r.url()],
         Backend::Cluster(c) => c.seed_urls(),
     };
-    let (mut mem, mut cpu) = (Vec::new(), Vec::new());
+    let (mut mem, mut cpu, mut replicas) = (Vec::new(), Vec::new(), 0.0);
     for u in urls {
         let mut c = redis::Client::open(u).unwrap().get_connection().unwrap();
         let info: String = redis::cmd("INFO").arg("all").query(&mut c).unwrap();
-        if !info.contains("role:master") {
-            continue;
-        }
         let field = |k: &str| -> f64 {
             info.lines()
                 .find_map(|l| l.strip_prefix(k))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0.0)
         };
+        let used = field("used_cpu_sys:") + field("used_cpu_user:");
+        if !info.contains("role:master") {
+            replicas += used;
+            continue;
+        }
         mem.push(field("used_memory:") as u64);
-        cpu.push(field("used_cpu_sys:") + field("used_cpu_user:"));
+        cpu.push(used);
     }
-    (mem, cpu)
+    (mem, cpu, replicas)
 }
 
 async fn fixes_written(http: SocketAddr) -> f64 {
@@ -572,14 +574,14 @@ async fn measure_scaling() {
     let devices = env_u64("TG_MEASURE_DEVICES", 1000) as usize;
     let interval = Duration::from_millis(env_u64("TG_MEASURE_INTERVAL_MS", 200));
     let seconds = env_u64("TG_MEASURE_SECONDS", 20);
+    let wait = env_u64("TG_MEASURE_WAIT", 0) as u32;
     let keys = Arc::new(KeyRing::ephemeral());
     let mut gws = Vec::new();
     for _ in 0..2 {
-        gws.push(
-            Gateway::start(backend.config(), keys.clone())
-                .await
-                .unwrap(),
-        );
+        let mut config = backend.config();
+        config.redis.wait_replicas = wait;
+        config.redis.wait_timeout_ms = 500;
+        gws.push(Gateway::start(config, keys.clone()).await.unwrap());
     }
     let fleet_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -599,7 +601,7 @@ async fn measure_scaling() {
     }
     let http = gws[0].http_addr.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await; // connect, create every stream
-    let (mem0, rcpu0) = redis_usage(&backend);
+    let (mem0, rcpu0, repl0) = redis_usage(&backend);
     let (fcpu0, gcpu0) = thread_cpu_s();
     let w0 = fixes_written(http).await;
     let t0 = std::time::Instant::now();
@@ -607,7 +609,7 @@ async fn measure_scaling() {
     let w1 = fixes_written(http).await;
     let el = t0.elapsed().as_secs_f64();
     let (fcpu1, gcpu1) = thread_cpu_s();
-    let (mem1, rcpu1) = redis_usage(&backend);
+    let (mem1, rcpu1, repl1) = redis_usage(&backend);
     let acks = stats.take_ack_percentiles();
     stop.cancel();
     for f in fleets {
@@ -624,7 +626,7 @@ async fn measure_scaling() {
     let mem_growth: i64 = mem1.iter().sum::<u64>() as i64 - mem0.iter().sum::<u64>() as i64;
     let gw_cpu = (gcpu1 - gcpu0) / el;
     println!(
-        "backend={} shards={shards} gateways=2 devices={} interval_ms={} window_s={el:.1}",
+        "backend={} shards={shards} gateways=2 devices={} interval_ms={} wait_replicas={wait} window_s={el:.1}",
         backend.name(),
         2 * devices,
         interval.as_millis()
@@ -641,6 +643,7 @@ async fn measure_scaling() {
             (rate / shards as f64) / c.max(1e-9)
         );
     }
+    println!("replicas CPU: {:.2} cores in all", (repl1 - repl0) / el);
     println!(
         "redis memory growth: {:.1} B per fix (all primaries, {} fixes)",
         mem_growth as f64 / fixes.max(1.0),
