@@ -652,6 +652,15 @@ async fn measure_scaling() {
     if let Some((p50, p99, n)) = acks {
         println!("CCE ack latency: p50 {p50:?} p99 {p99:?} ({n} batches)");
     }
+    // One full sweep over every stream (nothing to trim: the cost of looking).
+    let swept = std::time::Instant::now();
+    let retention = Retention::new(&trackgate::config::RetentionConfig::default());
+    sweep_once(&backend.conn(), &retention).await.unwrap();
+    println!(
+        "retention sweep over {} streams: {:?}",
+        2 * devices,
+        swept.elapsed()
+    );
     for gw in gws {
         gw.shutdown();
         gw.wait().await;
