@@ -2,7 +2,8 @@
 //! name, unknown fields refused (a typo must not silently fall back to a default).
 //!
 //! Secrets can come from the environment instead of the file: `TRACKGATE_REDIS_URL`,
-//! `TRACKGATE_REDIS_PASSWORD`, `TRACKGATE_KEY_FILE`.
+//! `TRACKGATE_REDIS_CLUSTER_NODES` (comma-separated), `TRACKGATE_REDIS_PASSWORD`,
+//! `TRACKGATE_KEY_FILE`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
