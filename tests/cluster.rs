@@ -487,6 +487,117 @@ async fn wait_withholds_the_ack_until_a_replica_has_the_write() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Resharding: a device's slot moves to another primary while it keeps sending; the
+// writers follow (ASK/TRYAGAIN while it moves, MOVED after: fetch the slot map again) and
+// nothing acknowledged is lost.
+
+fn node_id(port: u16) -> String {
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    redis::cmd("CLUSTER").arg("MYID").query(&mut c).unwrap()
+}
+
+/// Move `slot` from primary `from` to primary `to` (the steps of `redis-cli --cluster
+/// reshard`, for one slot).
+fn migrate_slot(cluster: &RedisCluster, slot: i64, from: u16, to: u16) {
+    let conn = |port: u16| {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    };
+    let (from_id, to_id) = (node_id(from), node_id(to));
+    let (mut src, mut dst) = (conn(from), conn(to));
+    let setslot = |c: &mut redis::Connection, state: &str, id: &str| {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(state)
+            .arg(id)
+            .query(c)
+            .unwrap();
+    };
+    setslot(&mut dst, "IMPORTING", &from_id);
+    setslot(&mut src, "MIGRATING", &to_id);
+    loop {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100)
+            .query(&mut src)
+            .unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        let _: () = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query(&mut src)
+            .unwrap();
+    }
+    for n in cluster
+        .nodes
+        .iter()
+        .filter(|n| n.port == from || n.port == to)
+    {
+        setslot(&mut conn(n.port), "NODE", &to_id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_follow_a_resharded_slot() {
+    let backend = Backend::cluster();
+    let (gw, keys) = start_gateway(backend.config()).await;
+    let Backend::Cluster(cluster) = &backend else {
+        unreachable!()
+    };
+    let id = imei(980);
+    let key = fixes_key(&pseudonym(&keys, &id));
+    let from = cluster.primary_of(&key);
+    // Another primary: the one serving some other key.
+    let to = (0..1000)
+        .map(|n| cluster.primary_of(&format!("probe{n}")))
+        .find(|p| *p != from)
+        .unwrap();
+    let stop = CancellationToken::new();
+    let t0 = std::time::Instant::now();
+    let sender = device(gw.tracker_addrs[0], id.clone(), stop.clone(), t0);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{from}"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&key)
+        .query(&mut c)
+        .unwrap();
+    migrate_slot(cluster, slot, from, to);
+    let moved_at = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let (_, acked, at) = sender.await.unwrap();
+    assert_eq!(cluster.primary_of(&key), to, "the slot moved");
+    let after = at.iter().filter(|t| **t > moved_at).count();
+    assert!(
+        after > 5,
+        "writes continued on the new primary ({after} frames)"
+    );
+    let stored = mileages(&mut backend.conn(), &pseudonym(&keys, &id)).await;
+    let lost: Vec<&i64> = acked.iter().filter(|m| !stored.contains(m)).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    gw.shutdown();
+    gw.wait().await;
+}
+
+// ---------------------------------------------------------------------------------------
 // Sizing measurement (docs/scaling.md), not a check: run on demand with
 //   cargo test --release --test cluster measure_scaling -- --ignored --nocapture
 // Env: TG_MEASURE_BACKEND=cluster|standalone, TG_MEASURE_DEVICES (per gateway),
