@@ -714,6 +714,7 @@ async fn measure_scaling() {
     tokio::time::sleep(Duration::from_secs(5)).await; // connect, create every stream
     let (mem0, rcpu0, repl0) = redis_usage(&backend);
     let (fcpu0, gcpu0) = thread_cpu_s();
+    let c0 = stats.counters();
     let w0 = fixes_written(http).await;
     let _ = stats.take_interval(); // latency of the window only
     let t0 = std::time::Instant::now();
@@ -723,6 +724,7 @@ async fn measure_scaling() {
     let (fcpu1, gcpu1) = thread_cpu_s();
     let (mem1, rcpu1, repl1) = redis_usage(&backend);
     let acks = stats.take_interval();
+    let c1 = stats.counters();
     stop.cancel();
     for f in fleets {
         let _ = f.await;
@@ -743,7 +745,10 @@ async fn measure_scaling() {
         2 * devices,
         interval.as_millis()
     );
-    println!("stored fixes/s (both gateways): {rate:.0}");
+    println!(
+        "stored fixes/s (both gateways): {rate:.0}; sent {:.2} fixes per frame",
+        (c1.fixes_sent - c0.fixes_sent) as f64 / (c1.frames_sent - c0.frames_sent).max(1) as f64
+    );
     println!(
         "gateway process CPU (2 gateways + test harness, not the fleet): {gw_cpu:.2} cores -> {:.0} fixes/s per gateway core",
         rate / gw_cpu.max(1e-9)
