@@ -299,6 +299,66 @@ async fn sweep_and_lease(backend: Backend) {
     assert!(try_lease(&mut conn, "gw-b", lease).await.unwrap());
 }
 
+/// `XTRIM` calls so far, summed over every primary (`INFO commandstats`).
+fn xtrim_calls(cluster: &RedisCluster) -> u64 {
+    cluster
+        .seed_urls()
+        .into_iter()
+        .filter_map(|u| redis::Client::open(u).ok()?.get_connection().ok())
+        .map(|mut c| {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut c)
+                .unwrap_or_default();
+            let role: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut c)
+                .unwrap_or_default();
+            if !role.contains("role:master") {
+                return 0;
+            }
+            info.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_xtrim:calls="))
+                .and_then(|v| v.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_sweep_once_per_interval() {
+    let backend = Backend::cluster();
+    let Backend::Cluster(cluster) = &backend else {
+        unreachable!()
+    };
+    let mut conn = backend.conn();
+    let keys = KeyRing::ephemeral();
+    const STREAMS: u64 = 20;
+    for n in 0..STREAMS as u32 {
+        let p = keys.pseudonym(&Imei::new(&imei(700 + n)).unwrap());
+        let _: String = conn.xadd(fixes_key(&p), "*", &[("t", 1)]).await.unwrap();
+    }
+    let before = xtrim_calls(cluster);
+    let mut config = backend.config();
+    config.retention.sweep_interval_s = 1;
+    let keys = Arc::new(KeyRing::ephemeral());
+    let a = Gateway::start(config.clone(), keys.clone()).await.unwrap();
+    let b = Gateway::start(config, keys).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    for gw in [a, b] {
+        gw.shutdown();
+        gw.wait().await;
+    }
+    // Ticks at about 0, 1, 2, 3 s on each gateway: one sweep per tick with the lease
+    // (4 × STREAMS trims), two without it (8 × STREAMS).
+    let sweeps = (xtrim_calls(cluster) - before) as f64 / STREAMS as f64;
+    eprintln!("two gateways, 3.5 s, 1 s interval: {sweeps} sweeps");
+    assert!(
+        (2.0..=5.0).contains(&sweeps),
+        "{sweeps} sweeps of every stream in 3.5 s by two gateways"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_and_lease_standalone() {
     sweep_and_lease(Backend::standalone()).await;
