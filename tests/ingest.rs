@@ -268,8 +268,11 @@ async fn bad_frames_are_survived_then_the_connection_is_closed() {
     let mut conn = redis.conn().await;
     assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &imei(31))).await, 0);
 
+    // The gateway may close before the last of these arrive: a failed write is expected.
     for _ in 0..4 {
-        t.send(&corrupt).await;
+        if t.try_send(&corrupt).await.is_err() {
+            break;
+        }
     }
     assert!(
         t.closed_within(LONG).await,

@@ -285,6 +285,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Tracker<S> {
         self.stream.write_all(bytes).await.unwrap();
     }
 
+    /// Send where the gateway may already have closed the connection (the write may fail).
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
     /// The next `@@…\r\n` reply, or `None` if none arrives within `wait` (or EOF).
     pub async fn reply(&mut self, wait: Duration) -> Option<String> {
         let deadline = tokio::time::Instant::now() + wait;
