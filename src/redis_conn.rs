@@ -38,6 +38,15 @@ pub enum RedisConn {
     Cluster(LazyCluster),
 }
 
+/// `CLUSTER SLOTS`: which node serves which slots (and their replicas).
+async fn cluster_slots(c: &LazyCluster) -> RedisResult<Value> {
+    let mut conn = c.get().await?;
+    redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut conn)
+        .await
+}
+
 impl fmt::Debug for RedisConn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -140,14 +149,7 @@ impl RedisConn {
     pub async fn slot_map(&self) -> RedisResult<SlotMap> {
         match self {
             RedisConn::Standalone(_) => Ok(SlotMap::default()),
-            RedisConn::Cluster(c) => {
-                let mut conn = c.get().await?;
-                let slots: Value = redis::cmd("CLUSTER")
-                    .arg("SLOTS")
-                    .query_async(&mut conn)
-                    .await?;
-                Ok(SlotMap::from_reply(&slots))
-            }
+            RedisConn::Cluster(c) => Ok(SlotMap::from_reply(&cluster_slots(c).await?)),
         }
     }
 
@@ -181,11 +183,7 @@ impl RedisConn {
         match self {
             RedisConn::Standalone(_) => Ok(vec![ScanTarget::Server]),
             RedisConn::Cluster(c) => {
-                let mut conn = c.get().await?;
-                let slots: Value = redis::cmd("CLUSTER")
-                    .arg("SLOTS")
-                    .query_async(&mut conn)
-                    .await?;
+                let slots = cluster_slots(c).await?;
                 Ok(primaries_of(&slots)
                     .into_iter()
                     .map(|(host, port)| ScanTarget::Node { host, port })

@@ -267,21 +267,6 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     gw.wait().await;
 }
 
-/// Undo HTTP/1.1 chunked transfer encoding.
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = &after[n + 2..];
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_and_export_cli_clients() {
     let redis = RedisServer::start();
