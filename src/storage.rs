@@ -70,6 +70,17 @@ pub enum FieldValue {
     Bytes(Vec<u8>),
 }
 
+impl FieldValue {
+    /// About how many bytes the value takes as a Redis argument.
+    pub fn len_hint(&self) -> usize {
+        match self {
+            FieldValue::Int(_) => 20,
+            FieldValue::Text(t) => t.len(),
+            FieldValue::Bytes(b) => b.len(),
+        }
+    }
+}
+
 /// Version byte of the packed layout.
 pub const PACKED_VERSION: u8 = 1;
 
