@@ -50,6 +50,9 @@ async fn http(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_api_is_owner_only_and_idempotent() {
+    if !standalone_only("purge_api_is_owner_only_and_idempotent") {
+        return;
+    }
     let redis = RedisServer::start();
     let (gw, keys) = start_gateway(test_config(&redis)).await;
     let api = gw.http_addr.unwrap();
@@ -172,13 +175,13 @@ async fn purge_api_is_owner_only_and_idempotent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_formats_parse_and_respect_owner_range_and_ttl() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
+    let redis = Backend::from_env();
+    let mut config = redis.config();
     config.retention.ttl_s = 5;
     config.retention.sweep_interval_s = 3600; // the sweeper must not be what hides old data
     let (gw, keys) = start_gateway(config).await;
     let api = gw.http_addr.unwrap();
-    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    let reg = Registry::new(redis.conn(), 365 * 86400);
     reg.add_customer(&Customer::new("acme", "ACME", "UTC"))
         .await
         .unwrap();
@@ -255,7 +258,7 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     // A fix whose fix time is past the TTL is not returned, though it is still stored
     // (the key itself expires TTL after the last write; the sweeper has not run).
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     assert_eq!(
         stream_len(&mut conn, &pseudonym(&keys, &id)).await,
         3,
@@ -269,10 +272,10 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_and_export_cli_clients() {
-    let redis = RedisServer::start();
-    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let redis = Backend::from_env();
+    let (gw, keys) = start_gateway(redis.config()).await;
     let api = format!("http://{}", gw.http_addr.unwrap());
-    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    let reg = Registry::new(redis.conn(), 365 * 86400);
     reg.add_customer(&Customer::new("acme", "ACME", "UTC"))
         .await
         .unwrap();
@@ -367,8 +370,8 @@ async fn purge_and_export_cli_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_manages_customers_tokens_devices_and_shows_the_audit() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
+    let redis = Backend::from_env();
+    let mut config = redis.config();
     config.apply_env(|k| {
         (k == "TRACKGATE_ADMIN_TOKEN").then(|| "admin-secret-for-tests".to_string())
     });
@@ -485,8 +488,8 @@ async fn admin_api_manages_customers_tokens_devices_and_shows_the_audit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_authentications_are_rate_limited_per_address() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
+    let redis = Backend::from_env();
+    let mut config = redis.config();
     config.http.auth_failures_per_minute = 5;
     let (gw, _keys) = start_gateway(config).await;
     let api = gw.http_addr.unwrap();

@@ -16,8 +16,8 @@ const LONG: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aaa_cce_ccc_are_stored_and_batches_acknowledged() {
-    let redis = RedisServer::start();
-    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let redis = Backend::from_env();
+    let (gw, keys) = start_gateway(redis.config()).await;
     let id = imei(1);
     let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
     let now = now_s();
@@ -36,7 +36,7 @@ async fn aaa_cce_ccc_are_stored_and_batches_acknowledged() {
 
     // Every fix is in the device's stream by the time its batch is confirmed: 1 + 5 + 3.
     let p = pseudonym(&keys, &id);
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     assert_eq!(stream_len(&mut conn, &p).await, 9);
     let entries: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(&p)).await.unwrap();
     let first = &entries.ids[0];
@@ -64,6 +64,9 @@ async fn aaa_cce_ccc_are_stored_and_batches_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_is_withheld_while_redis_is_frozen_and_nothing_is_lost() {
+    if !standalone_only("ack_is_withheld_while_redis_is_frozen_and_nothing_is_lost") {
+        return;
+    }
     let redis = RedisServer::start();
     let (gw, keys) = start_gateway(test_config(&redis)).await;
     let id = imei(2);
@@ -105,6 +108,9 @@ async fn ack_is_withheld_while_redis_is_frozen_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_resume_after_redis_restart() {
+    if !standalone_only("writes_resume_after_redis_restart") {
+        return;
+    }
     let mut redis = RedisServer::start();
     let (gw, keys) = start_gateway(test_config(&redis)).await;
     let id = imei(3);
@@ -126,8 +132,8 @@ async fn writes_resume_after_redis_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_writes_and_acknowledges_what_was_read() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
+    let redis = Backend::from_env();
+    let mut config = redis.config();
     config.redis.batch_max_delay_ms = 50;
     let (gw, keys) = start_gateway(config).await;
     let now = now_s();
@@ -153,7 +159,7 @@ async fn shutdown_writes_and_acknowledges_what_was_read() {
         assert!(t.closed_within(LONG).await, "closed after draining");
     }
     gw.wait().await;
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     for (id, _) in &trackers {
         assert_eq!(
             stream_len(&mut conn, &pseudonym(&keys, id)).await,
@@ -165,8 +171,8 @@ async fn shutdown_writes_and_acknowledges_what_was_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cap_rejects_the_excess_and_keeps_serving() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
+    let redis = Backend::from_env();
+    let mut config = redis.config();
     config.limits.max_connections = 2;
     let (gw, _keys) = start_gateway(config).await;
     let addr = gw.tracker_addrs[0];
@@ -206,8 +212,8 @@ async fn connection_cap_rejects_the_excess_and_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_idle_clients_are_closed() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
+    let redis = Backend::from_env();
+    let mut config = redis.config();
     config.limits.handshake_timeout_s = 1;
     config.limits.idle_timeout_s = 2;
     let (gw, _keys) = start_gateway(config).await;
@@ -244,8 +250,8 @@ async fn silent_and_idle_clients_are_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_are_survived_then_the_connection_is_closed() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
+    let redis = Backend::from_env();
+    let mut config = redis.config();
     config.limits.max_consecutive_bad_frames = 3;
     let (gw, keys) = start_gateway(config).await;
     let id = imei(30);
@@ -265,7 +271,7 @@ async fn bad_frames_are_survived_then_the_connection_is_closed() {
     // Another IMEI on a bound connection is refused.
     t.send(&ccc_frame(&imei(31), &[fix_at(now, 2)])).await;
     assert_eq!(t.reply(SHORT).await, None);
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &imei(31))).await, 0);
 
     // The gateway may close before the last of these arrive: a failed write is expected.
@@ -285,6 +291,9 @@ async fn bad_frames_are_survived_then_the_connection_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints_follow_redis() {
+    if !standalone_only("health_endpoints_follow_redis") {
+        return;
+    }
     let redis = RedisServer::start();
     let (gw, _keys) = start_gateway(test_config(&redis)).await;
     let http = gw.http_addr.expect("http bound");
@@ -314,6 +323,9 @@ async fn health_endpoints_follow_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_buffered_at_shutdown_are_still_stored() {
+    if !standalone_only("frames_buffered_at_shutdown_are_still_stored") {
+        return;
+    }
     let redis = RedisServer::start();
     let mut config = test_config(&redis);
     config.limits.max_inflight_frames = 1;
@@ -342,13 +354,13 @@ async fn frames_buffered_at_shutdown_are_still_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_broken_device_key_does_not_stall_the_others() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
+    let redis = Backend::from_env();
+    let mut config = redis.config();
     config.redis.writers = 1; // both devices share the writer
     let (gw, keys) = start_gateway(config).await;
     let broken = imei(51);
     let healthy = imei(52);
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     // A tombstone that is not a number: the append script fails for this device only.
     let _: () = conn
         .set(
@@ -380,6 +392,9 @@ async fn one_broken_device_key_does_not_stall_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gone_device_frees_its_slot_while_redis_is_down() {
+    if !standalone_only("a_gone_device_frees_its_slot_while_redis_is_down") {
+        return;
+    }
     let redis = RedisServer::start();
     let mut config = test_config(&redis);
     config.limits.max_connections = 2;

@@ -23,15 +23,21 @@ use trackgate_protocols::MessageKind;
 const LONG: Duration = Duration::from_secs(10);
 const TOMB_TTL: Duration = Duration::from_secs(3600);
 
-async fn customer(redis: &RedisServer) -> Customer {
-    let reg = Registry::new(redis.conn().await, 365 * 86400);
+async fn customer<C>(conn: C) -> Customer
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let reg = Registry::new(conn, 365 * 86400);
     let c = Customer::new("acme", "ACME Logistics", "Europe/Berlin");
     reg.add_customer(&c).await.unwrap();
     c
 }
 
 /// Fix times (Unix s) of the entries in a stream.
-async fn fix_times(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<i64> {
+async fn fix_times<C: redis::aio::ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    key: &str,
+) -> Vec<i64> {
     let r: redis::streams::StreamRangeReply = conn.xrange_all(key).await.unwrap();
     r.ids
         .iter()
@@ -45,12 +51,12 @@ fn entry_ms(id: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_purge_while_the_device_keeps_sending() {
-    let redis = RedisServer::start();
-    let (gw, keys) = start_gateway(test_config(&redis)).await;
-    let c = customer(&redis).await;
+    let redis = Backend::from_env();
+    let (gw, keys) = start_gateway(redis.config()).await;
+    let c = customer(redis.conn()).await;
     let id = imei(70);
     let p = pseudonym(&keys, &id);
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
 
     let stop = CancellationToken::new();
     let sender = {
@@ -110,13 +116,13 @@ async fn complete_purge_while_the_device_keeps_sending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
-    let redis = RedisServer::start();
-    let c = customer(&redis).await;
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
     let keys = KeyRing::ephemeral();
     let id = Imei::new(&imei(71)).unwrap();
     let p = keys.pseudonym(&id);
-    let conn = redis.conn().await;
-    let mut cfg = test_config(&redis).redis;
+    let conn = redis.conn();
+    let mut cfg = redis.config().redis;
     cfg.writers = 1;
     let writers = sink::start(
         trackgate::redis_conn::connect(&cfg).unwrap(),
@@ -158,7 +164,7 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
     writers.sink.submit(fresh).await.unwrap();
     late_done.await.unwrap();
     fresh_done.await.unwrap();
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     assert_eq!(
         stream_len(&mut conn, &p).await,
         1,
@@ -168,9 +174,9 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_purge_deletes_exactly_the_range() {
-    let redis = RedisServer::start();
-    let (gw, keys) = start_gateway(test_config(&redis)).await;
-    let c = customer(&redis).await;
+    let redis = Backend::from_env();
+    let (gw, keys) = start_gateway(redis.config()).await;
+    let c = customer(redis.conn()).await;
     let id = imei(72);
     let p = pseudonym(&keys, &id);
     let base = now_s().as_second() - 3600;
@@ -185,7 +191,7 @@ async fn range_purge_deletes_exactly_the_range() {
         t.send(&cce_frame(&id, &fixes)).await;
         assert!(t.reply(LONG).await.is_some());
     }
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     assert_eq!(stream_len(&mut conn, &p).await, 60);
 
     let (from, to) = (base + 10 * 60, base + 19 * 60); // fixes 10..=19, inclusive
@@ -240,8 +246,8 @@ async fn range_purge_deletes_exactly_the_range() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_covers_every_key_version() {
-    let redis = RedisServer::start();
-    let c = customer(&redis).await;
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("keys.toml");
     KeyRing::generate(&key_file).unwrap();
@@ -250,7 +256,7 @@ async fn purge_covers_every_key_version() {
 
     // Data written under key version 1 …
     let ring1 = Arc::new(KeyRing::load(&key_file).unwrap());
-    let gw = trackgate::gateway::Gateway::start(test_config(&redis), ring1.clone())
+    let gw = trackgate::gateway::Gateway::start(redis.config(), ring1.clone())
         .await
         .unwrap();
     let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
@@ -261,7 +267,7 @@ async fn purge_covers_every_key_version() {
     // … and, after rotation, under version 2.
     KeyRing::rotate(&key_file, Some(Timestamp::UNIX_EPOCH)).unwrap();
     let ring2 = Arc::new(KeyRing::load(&key_file).unwrap());
-    let gw = trackgate::gateway::Gateway::start(test_config(&redis), ring2.clone())
+    let gw = trackgate::gateway::Gateway::start(redis.config(), ring2.clone())
         .await
         .unwrap();
     let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
@@ -271,7 +277,7 @@ async fn purge_covers_every_key_version() {
 
     let all = ring2.all_pseudonyms(&imei_v);
     assert_eq!(all.len(), 2);
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     assert_eq!(stream_len(&mut conn, &all[0]).await, 1);
     assert_eq!(stream_len(&mut conn, &all[1]).await, 2);
     let purger = Purger::new(conn.clone(), TOMB_TTL);
@@ -296,8 +302,13 @@ async fn purge_covers_every_key_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_means_refused_never_lost_and_the_worker_finishes_journaled_purges() {
+    if !standalone_only(
+        "redis_down_means_refused_never_lost_and_the_worker_finishes_journaled_purges",
+    ) {
+        return;
+    }
     let redis = RedisServer::start();
-    let c = customer(&redis).await;
+    let c = customer(redis.conn().await).await;
     let keys = KeyRing::ephemeral();
     let p = keys.pseudonym(&Imei::new(&imei(74)).unwrap());
     let req = PurgeRequest {
@@ -350,12 +361,12 @@ async fn redis_down_means_refused_never_lost_and_the_worker_finishes_journaled_p
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_range_fixes_are_refused_others_kept() {
-    let redis = RedisServer::start();
-    let c = customer(&redis).await;
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
     let keys = KeyRing::ephemeral();
     let p = keys.pseudonym(&Imei::new(&imei(75)).unwrap());
-    let conn = redis.conn().await;
-    let cfg = test_config(&redis).redis;
+    let conn = redis.conn();
+    let cfg = redis.config().redis;
     let writers = sink::start(
         trackgate::redis_conn::connect(&cfg).unwrap(),
         &cfg,
@@ -399,18 +410,18 @@ async fn in_flight_range_fixes_are_refused_others_kept() {
     for w in waits {
         w.await.unwrap();
     }
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     assert_eq!(fix_times(&mut conn, &fixes_key(&p)).await, vec![base + 500]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overdue_purges_raise_the_metric() {
-    let redis = RedisServer::start();
-    let (gw, _keys) = start_gateway(test_config(&redis)).await; // installs the metrics recorder
-    let c = customer(&redis).await;
+    let redis = Backend::from_env();
+    let (gw, _keys) = start_gateway(redis.config()).await; // installs the metrics recorder
+    let c = customer(redis.conn()).await;
     let keys = KeyRing::ephemeral();
     let p = keys.pseudonym(&Imei::new(&imei(76)).unwrap());
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     // A key of the wrong type makes the purge fail until someone repairs it.
     let _: () = conn.set(fixes_key(&p), "not a stream").await.unwrap();
     let purger = Purger::new(conn.clone(), TOMB_TTL);
@@ -453,11 +464,11 @@ async fn overdue_purges_raise_the_metric() {
 async fn long_stream_range_purge_fast_path_then_worker_finishes_exactly() {
     use trackgate::purge::RANGE_FAST_FULL_SCAN_ENTRIES;
     use trackgate::storage::FieldValue;
-    let redis = RedisServer::start();
-    let c = customer(&redis).await;
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
     let keys = KeyRing::ephemeral();
     let p = keys.pseudonym(&Imei::new(&imei(77)).unwrap());
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     // One fix per 10 s, received on time, plus one fix from inside the range that was
     // delivered hours late (its entry id is far outside the range).
     let n = RANGE_FAST_FULL_SCAN_ENTRIES as i64 + 5_000;

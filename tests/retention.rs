@@ -14,8 +14,8 @@ use trackgate::storage::{fixes_key, meta_key};
 const TTL_S: u64 = 2;
 const SWEEP_S: u64 = 1;
 
-fn config(redis: &RedisServer) -> trackgate::config::Config {
-    let mut c = test_config(redis);
+fn config(redis: &Backend) -> trackgate::config::Config {
+    let mut c = redis.config();
     c.retention.ttl_s = TTL_S;
     c.retention.sweep_interval_s = SWEEP_S;
     c
@@ -27,7 +27,7 @@ fn id_ms(id: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixes_older_than_the_ttl_are_dropped_at_ingest_but_confirmed() {
-    let redis = RedisServer::start();
+    let redis = Backend::from_env();
     let (gw, keys) = start_gateway(config(&redis)).await;
     let id = imei(40);
     let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
@@ -39,7 +39,7 @@ async fn fixes_older_than_the_ttl_are_dropped_at_ingest_but_confirmed() {
         reply.contains(",CCE,2*"),
         "the device may delete both records: {reply}"
     );
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     assert_eq!(
         stream_len(&mut conn, &pseudonym(&keys, &id)).await,
         1,
@@ -51,7 +51,7 @@ async fn fixes_older_than_the_ttl_are_dropped_at_ingest_but_confirmed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_stream_is_trimmed_and_silent_device_vanishes() {
-    let redis = RedisServer::start();
+    let redis = Backend::from_env();
     let (gw, keys) = start_gateway(config(&redis)).await;
     let active = imei(41);
     let silent = imei(42);
@@ -59,7 +59,7 @@ async fn active_stream_is_trimmed_and_silent_device_vanishes() {
     let mut s = Tracker::connect(gw.tracker_addrs[0]).await;
     s.send(&ccc_frame(&silent, &[fix_at(now_s(), 0)])).await;
     assert!(s.reply(Duration::from_secs(10)).await.is_some());
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     let sp = pseudonym(&keys, &silent);
     assert!(conn.exists::<_, bool>(fixes_key(&sp)).await.unwrap());
 
@@ -97,11 +97,11 @@ async fn active_stream_is_trimmed_and_silent_device_vanishes() {
 async fn the_owners_agreed_retention_applies() {
     use trackgate::pseudonym::Imei;
     use trackgate::registry::{Customer, Registry};
-    let redis = RedisServer::start();
-    let mut c = test_config(&redis);
+    let redis = Backend::from_env();
+    let mut c = redis.config();
     c.retention.ttl_s = 3600; // default: an hour
     let (gw, keys) = start_gateway(c).await;
-    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    let reg = Registry::new(redis.conn(), 365 * 86400);
     let mut short = Customer::new("brief", "Brief Ltd", "UTC");
     short.retention_s = Some(3); // agreed: three seconds
     reg.add_customer(&short).await.unwrap();
@@ -116,7 +116,7 @@ async fn the_owners_agreed_retention_applies() {
         .await;
     assert!(t.reply(Duration::from_secs(10)).await.is_some());
     let p = pseudonym(&keys, &id);
-    let mut conn = redis.conn().await;
+    let mut conn = redis.conn();
     assert_eq!(
         stream_len(&mut conn, &p).await,
         1,

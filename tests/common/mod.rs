@@ -321,7 +321,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Tracker<S> {
 }
 
 /// Entries in a device's stream.
-pub async fn stream_len(conn: &mut redis::aio::MultiplexedConnection, p: &Pseudonym) -> usize {
+pub async fn stream_len<C: redis::aio::ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    p: &Pseudonym,
+) -> usize {
     conn.xlen(trackgate::storage::fixes_key(p)).await.unwrap()
 }
 
@@ -586,6 +589,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// What the backend-neutral tests of a suite run on: a standalone server, or the 3+3
+    /// cluster when `TRACKGATE_TEST_BACKEND=cluster` (CI runs those suites both ways).
+    pub fn from_env() -> Backend {
+        if cluster_pass() {
+            Backend::cluster()
+        } else {
+            Backend::standalone()
+        }
+    }
+
     pub fn standalone() -> Backend {
         Backend::Standalone(RedisServer::start())
     }
@@ -646,4 +659,19 @@ pub fn dechunk(body: &str) -> String {
         rest = &after[n + 2..];
     }
     out
+}
+
+/// This run is the cluster pass of the suites (`TRACKGATE_TEST_BACKEND=cluster`).
+pub fn cluster_pass() -> bool {
+    std::env::var("TRACKGATE_TEST_BACKEND").is_ok_and(|v| v == "cluster")
+}
+
+/// For tests that stop, freeze or restart a single Redis process: they run in the
+/// standalone pass only (the cluster's own fault tests are in `tests/cluster.rs`).
+pub fn standalone_only(test: &str) -> bool {
+    if cluster_pass() {
+        eprintln!("{test}: stops a single Redis process; runs in the standalone pass only");
+        return false;
+    }
+    true
 }
