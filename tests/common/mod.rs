@@ -23,6 +23,7 @@ use trackgate_protocols::{Cell, Direction, Fix};
 
 pub mod fleet;
 pub mod gwproc;
+pub mod redis_scan;
 pub mod results;
 
 /// A port nobody listens on right now.
