@@ -4,7 +4,9 @@
 # payload after `<cmd>,` (cut by the frame layout, so only well-formed vectors are used).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-for t in framer decode_aaa decode_cce decode_ccc decode_any; do mkdir -p "$here/corpus/$t"; done
+for t in framer decode_aaa decode_cce decode_ccc decode_any config_parse; do mkdir -p "$here/corpus/$t"; done
+# The config parser: the example config and a few variants, kept in fuzz/seeds/.
+cp "$here"/seeds/config_parse/*.toml "$here/corpus/config_parse/"
 for f in "$here"/../../shared/protocol/vectors/*.hex "$here"/../protocols/tests/vectors/*.hex; do
   [ -e "$f" ] || continue
   name="$(basename "$f" .hex)"
