@@ -5,8 +5,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 for t in framer decode_aaa decode_cce decode_ccc decode_any config_parse; do mkdir -p "$here/corpus/$t"; done
-# The config parser: the example config and a few variants, kept in fuzz/seeds/.
-cp "$here"/seeds/config_parse/*.toml "$here/corpus/config_parse/"
+# Seeds kept in fuzz/seeds/<target>/: the config parser's example config and variants,
+# and inputs of crashes found and fixed (regressions).
+for d in "$here"/seeds/*/; do cp "$d"* "$here/corpus/$(basename "$d")/"; done
 for f in "$here"/../../shared/protocol/vectors/*.hex "$here"/../protocols/tests/vectors/*.hex; do
   [ -e "$f" ] || continue
   name="$(basename "$f" .hex)"

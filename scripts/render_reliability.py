@@ -39,8 +39,8 @@ w("(`tests/faults.rs`). A simulated fleet (`tests/common/fleet.rs`) sends CCE ba
 w("unique fix times, keeps every unconfirmed batch, reconnects and resends it, and records exactly")
 w("which fixes were ACKed; afterwards every device's stream is read back from Redis.")
 w("")
-w("| Fault | Load held | Fixes sent | ACKed | Stored (distinct) | **ACKed but lost** | Duplicates stored | Batches resent | Recovery |")
-w("|---|---|---:|---:|---:|---:|---:|---:|---|")
+w("| Fault | Load held | ACKed fixes/s | Fixes sent | ACKed | Stored (distinct) | **ACKed but lost** | Duplicates stored | Batches resent | Recovery |")
+w("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
 total_lost = 0
 for f in faults:
     oc = f["outcome"]
@@ -48,7 +48,8 @@ for f in faults:
     ex = f.get("extra", {})
     rec = ex.get("recovered_ms")
     w(f"| {f['fault']} | {f['devices']} devices, {f['offered_fixes_per_s']:.0f} fixes/s offered"
-      f"{' + flooders' if 'flood_bytes_last_5s_of_stall' in ex else ''}, {f['ran_s']} s | {oc['sent']} | {oc['acked']} | {oc['stored']} | **{oc['lost']}** | "
+      f"{' + flooders (no ACK wait)' if 'flood_bytes_last_5s_of_stall' in ex else ''}, {f['ran_s']} s | "
+      f"{oc['acked'] / max(f['ran_s'], 0.1):,.0f} | {oc['sent']:,} | {oc['acked']:,} | {oc['stored']:,} | **{oc['lost']}** | "
       f"{oc['duplicates']} | {oc['resent_batches']} | {str(rec) + ' ms' if rec is not None else '-'} |")
 w("")
 w(f"ACKed fixes lost, all faults: **{total_lost}**.")
@@ -76,7 +77,7 @@ if bad:
     w("|---|---:|---|---:|---|")
     for cls, cs in classes.items():
         c = cs[0]
-        w(f"| {cls} | {len(cs)} | `{c['metric']}` | {c['metric_delta']:g} | {c['connection']} |")
+        w(f"| {cls} | {len(cs)} | `{c['metric']}` | {c['metric_delta']:,.0f} | {c['connection']} |")
     w("")
     w(f"Gateway RSS during the corpus: {bad['rss_start_kib']} KiB at start, peak {bad['rss_peak_kib']} KiB.")
 w("")
@@ -87,7 +88,7 @@ if slow:
 if flood:
     w(f"Connection flood: {flood['flood_connections']} connections against a cap of {flood['cap']}: "
       f"{flood['refused_within_500ms']} refused within 500 ms (median {flood['p50_close_ms']} ms), "
-      f"`max_connections` rejections counted {flood['rejected_metric']:g}; the connected devices had "
+      f"`max_connections` rejections counted {flood['rejected_metric']:.0f}; the connected devices had "
       f"{flood['fleet_acked_during_flood']} fixes confirmed during the flood, {flood['fleet_lost']} lost.")
 w("")
 w("## Security")
