@@ -108,14 +108,26 @@ w("")
 w("## Fuzzing")
 w("")
 if fuzz:
-    w("`fuzz/ci.sh` (cargo-fuzz, libFuzzer + AddressSanitizer, `-O`), each target from its seed corpus:")
+    w("`fuzz/ci.sh` (cargo-fuzz, libFuzzer + AddressSanitizer, `-O`), each target starting from")
+    w("`fuzz/corpus/<target>` (the seeds of `fuzz/seed_corpus.sh` plus what earlier runs kept):")
     w("")
-    w("| Target | Executions | Seconds | Crashes | Corpus |")
+    w("| Target | Executions | Seconds | Crashes | Corpus after |")
     w("|---|---:|---:|---:|---:|")
     for f in fuzz:
         w(f"| {f['target']} | {f['executions']:,} | {f['seconds']} | {f['crashes']} | {f['corpus']} |")
     w("")
     w(f"Total: {sum(f['executions'] for f in fuzz):,} executions, 0 crashes.")
+seeds = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fuzz", "seeds")
+regressions = sorted(
+    f"`fuzz/seeds/{t}/{n}`"
+    for t in (os.listdir(seeds) if os.path.isdir(seeds) else [])
+    for n in os.listdir(os.path.join(seeds, t))
+    if n.startswith("regression-")
+)
+if regressions:
+    w("")
+    w("Crashes found by earlier runs and fixed; their inputs stay in the seed corpus as regressions:")
+    w(", ".join(regressions) + " (see `git log -- fuzz/seeds`).")
 w("")
 w("## Tests in this run")
 w("")
