@@ -9,40 +9,13 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use jiff::Timestamp;
 use redis::Pipeline;
 use sha2::Digest;
+use trackgate::loadgen::fleet::sample_fixes;
 use trackgate::pseudonym::{Imei, KeyRing};
 use trackgate::sink::{WriteJob, append_script, build_pipeline};
 use trackgate::storage::StoredFix;
-use trackgate_protocols::{Cell, Fix, MessageKind};
-
-fn fix(i: i32) -> Fix<'static> {
-    Fix {
-        event: Some(35),
-        time: Timestamp::from_second(1_700_000_000 + i64::from(i)).ok(),
-        valid: Some(true),
-        lat_e6: Some(48_137_154 + i),
-        lon_e6: Some(11_576_124 - i),
-        speed_kmh_x10: Some(420),
-        course_deg: Some(90),
-        altitude_m: Some(519),
-        satellites: Some(9),
-        hdop_x10: Some(9),
-        gsm_signal: Some(20),
-        mileage_m: Some(1_000_000),
-        runtime_s: Some(5000),
-        cell: Some(Cell {
-            mcc: 262,
-            mnc: 1,
-            lac: 0x1234,
-            cell_id: 0x5678,
-        }),
-        inputs: Some(1),
-        outputs: Some(0),
-        ..Fix::default()
-    }
-}
+use trackgate_protocols::MessageKind;
 
 fn pseudonymize(c: &mut Criterion) {
     let ring = KeyRing::ephemeral();
@@ -60,6 +33,7 @@ fn pseudonymize(c: &mut Criterion) {
 fn write_batch(c: &mut Criterion) {
     let ring = KeyRing::ephemeral();
     let script = append_script();
+    let route = sample_fixes(1, 512);
     // 64 devices × 8 fixes: a typical batch under load.
     let jobs: Vec<WriteJob> = (0..64)
         .map(|d| {
@@ -67,7 +41,7 @@ fn write_batch(c: &mut Criterion) {
             WriteJob {
                 device: ring.pseudonym(&imei),
                 fixes: (0..8)
-                    .map(|i| StoredFix::from_fix(MessageKind::Aaa, &fix(i)))
+                    .map(|i| StoredFix::from_fix(MessageKind::Aaa, &route[d * 8 + i]))
                     .collect(),
                 received_ms: 1_700_000_000_000,
                 ttl: Duration::from_secs(90 * 86400),
@@ -85,7 +59,7 @@ fn write_batch(c: &mut Criterion) {
         b.iter(|| {
             (0..512)
                 .map(|i| {
-                    StoredFix::from_fix(MessageKind::Aaa, black_box(&fix(i)))
+                    StoredFix::from_fix(MessageKind::Aaa, black_box(&route[i]))
                         .fields
                         .len()
                 })

@@ -11,42 +11,23 @@
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
+use trackgate::loadgen::fleet::sample_fixes;
 use trackgate::pseudonym::{Imei, KeyRing};
 use trackgate::purge::{PurgeRequest, Purger};
 use trackgate::redis_child::RedisChild;
 use trackgate::registry::Customer;
 use trackgate::storage::{FieldValue, StoredFix, fixes_key};
-use trackgate_protocols::{Cell, Fix, MessageKind};
+use trackgate_protocols::{Fix, MessageKind};
 
 const FIXES: i64 = 777_600;
 const STEP_MS: i64 = 10_000;
 const TEMPLATE: &str = "bench:template";
 
-fn fix(t: i64, i: i64) -> Fix<'static> {
-    Fix {
-        event: Some(35),
-        time: Timestamp::from_second(t).ok(),
-        valid: Some(true),
-        lat_e6: Some(48_137_154 + (i % 1000) as i32),
-        lon_e6: Some(11_576_124 - (i % 1000) as i32),
-        speed_kmh_x10: Some(420),
-        course_deg: Some(90),
-        altitude_m: Some(519),
-        satellites: Some(9),
-        hdop_x10: Some(9),
-        gsm_signal: Some(20),
-        mileage_m: Some(1_000_000 + i as u64 * 100),
-        runtime_s: Some(5000 + i as u64 * 10),
-        cell: Some(Cell {
-            mcc: 262,
-            mnc: 1,
-            lac: 0x1234,
-            cell_id: 0x5678,
-        }),
-        inputs: Some(1),
-        outputs: Some(0),
-        ..Fix::default()
-    }
+/// A plausible fix at Unix second `t` (positions from the simulated fleet's route).
+fn fix(route: &[Fix<'static>], t: i64, i: i64) -> Fix<'static> {
+    let mut f = route[i as usize % route.len()].clone();
+    f.time = Timestamp::from_second(t).ok();
+    f
 }
 
 fn pct(samples: &mut [Duration], q: f64) -> Duration {
@@ -69,12 +50,13 @@ async fn main() {
 
     // The template stream: 90 days ending now, entry ids = receive times.
     let start_ms = Timestamp::now().as_millisecond() - FIXES * STEP_MS;
+    let route = sample_fixes(9, 10_000);
     let filled = Instant::now();
     for chunk in (0..FIXES).collect::<Vec<_>>().chunks(10_000) {
         let mut pipe = redis::pipe();
         for &i in chunk {
             let ms = start_ms + i * STEP_MS;
-            let s = StoredFix::from_fix(MessageKind::Aaa, &fix(ms / 1000, i));
+            let s = StoredFix::from_fix(MessageKind::Aaa, &fix(&route, ms / 1000, i));
             let cmd = pipe.cmd("XADD").arg(TEMPLATE).arg(format!("{ms}-0"));
             for (k, v) in &s.fields {
                 cmd.arg(*k);

@@ -11,9 +11,11 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::redis_conn::RedisConn;
+
 #[derive(Clone)]
 struct ApiState {
-    redis: redis::aio::ConnectionManager,
+    redis: RedisConn,
     prometheus: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 }
@@ -21,7 +23,7 @@ struct ApiState {
 /// The router; serve it with `axum::serve`. `/readyz` turns 503 once `shutdown` fires,
 /// so a load balancer stops sending devices to a draining gateway.
 pub fn router(
-    redis: redis::aio::ConnectionManager,
+    redis: RedisConn,
     prometheus: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Router {

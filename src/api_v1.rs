@@ -20,7 +20,7 @@ use crate::pseudonym::{Imei, KeyRing, Pseudonym};
 use crate::purge::{PurgeError, PurgeRequest, Purger, Receipt};
 use crate::registry::Registry;
 
-type Conn = redis::aio::ConnectionManager;
+type Conn = crate::redis_conn::RedisConn;
 
 /// What the `/v1` handlers share.
 #[derive(Clone, Debug)]

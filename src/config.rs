@@ -2,7 +2,8 @@
 //! name, unknown fields refused (a typo must not silently fall back to a default).
 //!
 //! Secrets can come from the environment instead of the file: `TRACKGATE_REDIS_URL`,
-//! `TRACKGATE_REDIS_PASSWORD`, `TRACKGATE_KEY_FILE`.
+//! `TRACKGATE_REDIS_CLUSTER_NODES` (comma-separated), `TRACKGATE_REDIS_PASSWORD`,
+//! `TRACKGATE_KEY_FILE`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,9 @@ pub const MAX_FRAME_BYTES: usize = 16 * 1024;
 
 /// Upper bound for TTLs (10 years): keeps millisecond arithmetic far from overflow.
 pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
+
+/// Upper bound for `redis.wait_replicas` (a typo such as 10 would stall every ACK).
+pub const MAX_WAIT_REPLICAS: u32 = 5;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -148,12 +152,35 @@ impl Default for ProtocolConfig {
     }
 }
 
+/// How the gateway talks to Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server (`redis.url`), optionally with replicas behind it.
+    Standalone,
+    /// A Redis Cluster, discovered from `redis.cluster_nodes`.
+    Cluster,
+}
+
 /// Redis and the write path.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`; env `TRACKGATE_REDIS_URL` overrides.
+    /// `standalone` (uses `url`) or `cluster` (uses `cluster_nodes`).
+    pub mode: RedisMode,
+    /// `redis://host:port/db`; env `TRACKGATE_REDIS_URL` overrides. Standalone mode.
     pub url: String,
+    /// Cluster mode: seed nodes (`redis://host:port`), a few are enough: the topology is
+    /// discovered from them. Env `TRACKGATE_REDIS_CLUSTER_NODES` (comma-separated)
+    /// overrides.
+    pub cluster_nodes: Vec<String>,
+    /// Replicas that must have a write before the device gets its ACK (`WAIT`); 0 acks
+    /// once the primary has it. With 1, no acknowledged fix is lost when a primary dies
+    /// and its replica takes over.
+    pub wait_replicas: u32,
+    /// Longest `WAIT` for those replicas; a batch not replicated in time is retried (the
+    /// append is idempotent), and its devices are not acknowledged meanwhile.
+    pub wait_timeout_ms: u64,
     /// Env `TRACKGATE_REDIS_PASSWORD` overrides. Never logged.
     #[serde(skip_serializing)]
     pub password: Option<String>,
@@ -178,7 +205,11 @@ pub struct RedisConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
+            mode: RedisMode::Standalone,
             url: "redis://127.0.0.1:6379".into(),
+            cluster_nodes: Vec::new(),
+            wait_replicas: 0,
+            wait_timeout_ms: 1000,
             password: None,
             writers: 2,
             queue_depth_jobs: 1024,
@@ -294,6 +325,14 @@ impl Config {
         if let Some(url) = get("TRACKGATE_REDIS_URL") {
             self.redis.url = url;
         }
+        if let Some(nodes) = get("TRACKGATE_REDIS_CLUSTER_NODES") {
+            self.redis.cluster_nodes = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
         if let Some(pw) = get("TRACKGATE_REDIS_PASSWORD") {
             self.redis.password = Some(pw);
         }
@@ -343,6 +382,7 @@ impl Config {
             ("redis.connect_timeout_ms", r.connect_timeout_ms),
             ("redis.retry_backoff_initial_ms", r.retry_backoff_initial_ms),
             ("redis.retry_backoff_max_ms", r.retry_backoff_max_ms),
+            ("redis.wait_timeout_ms", r.wait_timeout_ms),
             ("retention.ttl_s", self.retention.ttl_s),
             (
                 "retention.sweep_interval_s",
@@ -372,10 +412,43 @@ impl Config {
                 format!("must be at most {MAX_TTL_S} (10 years)"),
             ));
         }
-        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
+        let redis_url = |u: &str| u.starts_with("redis://") || u.starts_with("rediss://");
+        match r.mode {
+            RedisMode::Standalone => {
+                if !redis_url(&r.url) {
+                    return Err(invalid(
+                        "redis.url",
+                        "must start with redis:// or rediss://",
+                    ));
+                }
+            }
+            RedisMode::Cluster => {
+                if r.cluster_nodes.is_empty() {
+                    return Err(invalid(
+                        "redis.cluster_nodes",
+                        "cluster mode needs at least one seed node (redis://host:port)",
+                    ));
+                }
+                for (i, n) in r.cluster_nodes.iter().enumerate() {
+                    if !redis_url(n) {
+                        return Err(invalid(
+                            format!("redis.cluster_nodes[{i}]"),
+                            "must start with redis:// or rediss://",
+                        ));
+                    }
+                }
+            }
+        }
+        if r.wait_replicas > MAX_WAIT_REPLICAS {
             return Err(invalid(
-                "redis.url",
-                "must start with redis:// or rediss://",
+                "redis.wait_replicas",
+                format!("must be at most {MAX_WAIT_REPLICAS}"),
+            ));
+        }
+        if r.wait_replicas > 0 && r.wait_timeout_ms >= r.response_timeout_ms {
+            return Err(invalid(
+                "redis.wait_timeout_ms",
+                "must be below redis.response_timeout_ms (a WAIT is one response)",
             ));
         }
         if let Some(h) = &self.http.admin_token_sha256 {
@@ -456,6 +529,32 @@ mod tests {
         assert_eq!(c.keys.key_file, PathBuf::from("/run/keys"));
         let shown = toml::to_string(&c).unwrap();
         assert!(!shown.contains("s3cret"), "passwords are never serialized");
+    }
+
+    #[test]
+    fn cluster_mode_needs_seed_nodes_and_sane_wait() -> Result<(), Box<dyn std::error::Error>> {
+        let text = format!(
+            "{MINIMAL}\n[redis]\nmode = \"cluster\"\ncluster_nodes = [\"redis://10.0.0.1:7000\"]\nwait_replicas = 1\nwait_timeout_ms = 500\n"
+        );
+        let c = Config::parse(&text)?;
+        c.validate()?;
+        assert_eq!(c.redis.mode, RedisMode::Cluster);
+        let refused = |c: &Config| match c.validate() {
+            Ok(()) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let mut empty = c.clone();
+        empty.redis.cluster_nodes.clear();
+        assert!(refused(&empty).contains("redis.cluster_nodes"));
+        let mut bad = c.clone();
+        bad.redis.cluster_nodes = vec!["10.0.0.1:7000".into()];
+        assert!(refused(&bad).contains("redis.cluster_nodes[0]"));
+        let mut slow = c;
+        slow.redis.wait_timeout_ms = slow.redis.response_timeout_ms;
+        assert!(refused(&slow).contains("redis.wait_timeout_ms"));
+        let sentinel = Config::parse("[redis]\nmode = \"sentinel\"\n");
+        assert!(matches!(sentinel, Err(e) if e.to_string().contains("mode")));
+        Ok(())
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub struct Shared {
     /// Fired at shutdown: stop reading, finish what was read.
     pub shutdown: CancellationToken,
     /// For per-connection lookups (the owner's retention), not for writes.
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: crate::redis_conn::RedisConn,
 }
 
 /// A reply waiting for its write job.

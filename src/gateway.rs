@@ -27,7 +27,7 @@ use crate::pseudonym::KeyRing;
 use crate::purge::Purger;
 use crate::registry::Registry;
 use crate::retention::{self, Retention};
-use crate::{api, api_admin, api_v1, auth_limit, listener, metrics, sink};
+use crate::{api, api_admin, api_v1, auth_limit, listener, metrics, redis_conn, sink};
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +59,7 @@ impl Gateway {
     pub async fn start(config: Config, keys: Arc<KeyRing>) -> Result<Gateway, StartError> {
         let prometheus = metrics::install();
         let config = Arc::new(config);
-        let conn = sink::connect(&config.redis)?;
+        let conn = redis_conn::connect(&config.redis)?;
         let abort = CancellationToken::new();
         let writers = sink::start(conn.clone(), &config.redis, abort.clone());
         let shutdown = CancellationToken::new();
@@ -113,7 +113,7 @@ impl Gateway {
             http_addr = bound.local_addr().ok();
             tracing::info!(addr = ?http_addr, "serving /metrics, /healthz, /readyz");
             // Its own connection: a readiness PING must not queue behind big pipelines.
-            let api_conn = sink::connect(&config.redis)?;
+            let api_conn = redis_conn::connect(&config.redis)?;
             let v1 = api_v1::V1State {
                 registry: Registry::new(api_conn.clone(), MAX_TTL_S),
                 purger: Purger::new(api_conn.clone(), tomb_ttl),
@@ -151,6 +151,7 @@ impl Gateway {
             conn.clone(),
             retention,
             Duration::from_secs(config.retention.sweep_interval_s),
+            hex::encode(rand::random::<[u8; 8]>()),
             shutdown.clone(),
         ));
         let upkeep = prometheus.map(|h| {

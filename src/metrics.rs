@@ -24,10 +24,14 @@ pub const JOBS_UNWRITTEN: &str = "trackgate_jobs_unwritten_total";
 pub const QUEUE_DEPTH: &str = "trackgate_write_queue_depth";
 pub const REDIS_WRITE_SECONDS: &str = "trackgate_redis_write_seconds";
 pub const REDIS_WRITE_ERRORS: &str = "trackgate_redis_write_errors_total";
+/// Batches whose `WAIT` saw fewer replicas than `redis.wait_replicas` (retried, not ACKed).
+pub const REDIS_WAIT_SHORT: &str = "trackgate_redis_wait_short_total";
 pub const ACK_SECONDS: &str = "trackgate_ack_latency_seconds";
 pub const ACKS_SENT: &str = "trackgate_acks_sent_total";
 pub const RETENTION_TRIMMED: &str = "trackgate_retention_trimmed_total";
 pub const RETENTION_SWEEPS: &str = "trackgate_retention_sweeps_total";
+/// Sweep ticks skipped because another gateway holds the sweep lease.
+pub const RETENTION_SWEEPS_SKIPPED: &str = "trackgate_retention_sweeps_skipped_total";
 pub const PURGES_COMPLETED: &str = "trackgate_purges_completed_total";
 pub const PURGES_OVERDUE: &str = "trackgate_purges_overdue";
 pub const AUTH_RATE_LIMITED: &str = "trackgate_auth_rate_limited_total";

@@ -1,8 +1,8 @@
 //! Purges: a customer's deletion request, honoured at once by a fast path and in every
 //! case by the deadline of one business day (DESIGN §7).
 //!
-//! 1. **Journal first.** A request is written to `tg:purge:<id>` (hash), the pending set
-//!    `tg:purge:pending` and the event stream `tg:purge:journal` in one transaction before
+//! 1. **Journal first.** A request is written to `tg:{purge}:<id>` (hash), the pending set
+//!    `tg:{purge}:pending` and the event stream `tg:{purge}:journal` in one transaction before
 //!    anything else. If that fails the request is refused (the caller retries); once it
 //!    succeeds the purge cannot be lost: a worker finishes any pending purge, also after a
 //!    restart.
@@ -14,6 +14,13 @@
 //! 3. **Receipt.** id, state, counts, cutoff, deadline, completed_at.
 //!
 //! No raw IMEI is stored: the record holds pseudonyms only.
+//!
+//! **Redis Cluster.** The bookkeeping keys share the hash tag `{purge}`, so the journal
+//! transactions (`MULTI` over record, pending set, journal, idempotency key) stay in one
+//! slot; purges are rare, so that one slot is never hot. The per-device steps run one
+//! script per pseudonym, whose keys share the device's `{P}` tag: each lands on the
+//! device's shard, where the tombstone and the append script meet atomically whichever
+//! gateway wrote the fix.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,16 +37,19 @@ use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
 use crate::storage::{fixes_key, meta_key, tomb_key};
 
-const PENDING_KEY: &str = "tg:purge:pending";
-const JOURNAL_KEY: &str = "tg:purge:journal";
+/// Ids of purges not yet completed.
+pub const PENDING_KEY: &str = "tg:{purge}:pending";
+/// Stream of purge events (requested, completed).
+pub const JOURNAL_KEY: &str = "tg:{purge}:journal";
 
-fn record_key(id: &str) -> String {
-    format!("tg:purge:{id}")
+/// `tg:{purge}:<id>`, one purge's record.
+pub fn record_key(id: &str) -> String {
+    format!("tg:{{purge}}:{id}")
 }
 
 fn idem_key(customer: &str, key: &str) -> String {
     format!(
-        "tg:purge:idem:{customer}:{}",
+        "tg:{{purge}}:idem:{customer}:{}",
         hex::encode(Sha256::digest(key.as_bytes()))
     )
 }

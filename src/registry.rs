@@ -270,22 +270,21 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         keys: &KeyRing,
     ) -> Result<(), RegistryError> {
         self.require(customer).await?;
-        let mut pipe = redis::pipe();
-        for p in keys.all_pseudonyms(imei) {
-            pipe.set(owner_key(&p), customer).ignore();
-        }
+        // One command per key version: the owner keys carry different `{P}` tags, so in a
+        // cluster they live in different slots and one pipeline could not hold them.
+        // Setting them is idempotent; a failure half-way is reported and simply redone.
         let mut conn = self.conn.clone();
-        let _: () = pipe.query_async(&mut conn).await?;
+        for p in keys.all_pseudonyms(imei) {
+            let _: () = conn.set(owner_key(&p), customer).await?;
+        }
         Ok(())
     }
 
     pub async fn unassign(&self, imei: &Imei, keys: &KeyRing) -> Result<(), RegistryError> {
-        let mut pipe = redis::pipe();
-        for p in keys.all_pseudonyms(imei) {
-            pipe.del(owner_key(&p)).ignore();
-        }
         let mut conn = self.conn.clone();
-        let _: () = pipe.query_async(&mut conn).await?;
+        for p in keys.all_pseudonyms(imei) {
+            let _: () = conn.del(owner_key(&p)).await?;
+        }
         Ok(())
     }
 

@@ -9,6 +9,14 @@
 //! 3. **The sweeper** trims every stream exactly (`MINID now − TTL`) every
 //!    `sweep_interval_s`: an entry is physically gone by TTL + sweep interval at the latest.
 //!
+//! **Several gateways** share one Redis (or cluster): each sweep first takes a lease
+//! (`SET tg:{sweep}:lease <instance> NX PX <90 % of the interval>`), so of N gateways one
+//! sweeps per interval and the others skip. The lease is not released after a sweep: it
+//! expires just before the holder's next tick, so the holder tends to keep it and the
+//! others keep missing it; if the holder dies another gateway takes over within one
+//! interval (data is then physically gone by TTL + 2 sweep intervals at worst). In
+//! cluster mode the sweep SCANs every primary in turn.
+//!
 //! The entry ID (receive time) is what trimming compares; read paths additionally filter
 //! on both receive time and fix time, so nothing older than the TTL is ever returned.
 
@@ -21,8 +29,15 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetentionConfig;
 use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
+use crate::redis_conn::RedisConn;
 use crate::registry::owner_key;
-use crate::storage::{meta_key, pseudonym_of_key, scan_fixes_keys};
+use crate::storage::{FIXES_PATTERN, meta_key, pseudonym_of_key};
+
+/// The sweeper's lease (one slot of its own in a cluster).
+pub const SWEEP_LEASE_KEY: &str = "tg:{sweep}:lease";
+
+/// Keys asked for per SCAN page.
+const SCAN_COUNT: usize = 500;
 
 /// Meta hash field holding the device's TTL in ms (written by the append script).
 pub const META_TTL_MS: &str = "tt";
@@ -84,20 +99,31 @@ impl Retention {
 }
 
 /// Sweep every `interval` until `stop` fires (a sweep is idempotent: stopping half-way
-/// loses nothing).
-pub async fn run_sweeper<C>(
-    conn: C,
+/// loses nothing), when this gateway (`instance`) holds the sweep lease.
+pub async fn run_sweeper(
+    conn: RedisConn,
     retention: Retention,
     interval: Duration,
+    instance: String,
     stop: CancellationToken,
-) where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
+) {
     let retention = &retention;
+    let instance = instance.as_str();
     crate::periodic::every(interval, stop, || {
         let mut conn = conn.clone();
         async move {
-            match sweep_once(&mut conn, retention).await {
+            match try_lease(&mut conn, instance, lease_for(interval)).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    metrics::counter!(m::RETENTION_SWEEPS_SKIPPED).increment(1);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention sweep lease unavailable; will retry next interval");
+                    return;
+                }
+            }
+            match sweep_once(&conn, retention).await {
                 Ok(trimmed) => {
                     metrics::counter!(m::RETENTION_SWEEPS).increment(1);
                     if trimmed > 0 {
@@ -113,36 +139,62 @@ pub async fn run_sweeper<C>(
     .await;
 }
 
-/// Trim every fixes stream to its TTL exactly; returns the entries removed.
-pub async fn sweep_once<C: ConnectionLike + Send + Sync>(
+/// The lease lasts 90 % of the interval: it has expired by the holder's next tick (ticks
+/// do not drift much), and a sweep longer than that just overlaps harmlessly.
+pub fn lease_for(interval: Duration) -> Duration {
+    (interval * 9 / 10).max(Duration::from_millis(1))
+}
+
+/// Take the sweep lease for `ttl` if nobody holds it; true if `instance` now holds it.
+pub async fn try_lease<C: ConnectionLike + Send + Sync>(
     conn: &mut C,
-    retention: &Retention,
-) -> redis::RedisResult<u64> {
+    instance: &str,
+    ttl: Duration,
+) -> redis::RedisResult<bool> {
+    let set: Option<String> = redis::cmd("SET")
+        .arg(SWEEP_LEASE_KEY)
+        .arg(instance)
+        .arg("NX")
+        .arg("PX")
+        .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+        .query_async(conn)
+        .await?;
+    Ok(set.is_some())
+}
+
+/// Trim every fixes stream (on every primary, in cluster mode) to its TTL exactly;
+/// returns the entries removed.
+pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::RedisResult<u64> {
     let now_ms = jiff::Timestamp::now().as_millisecond();
-    let mut cursor: u64 = 0;
     let mut trimmed = 0u64;
-    loop {
-        let (next, keys) = scan_fixes_keys(conn, cursor).await?;
-        for key in keys {
-            let ttl_ms = match pseudonym_of_key(&key) {
-                Some(p) => {
-                    let stored: Option<i64> = conn.hget(meta_key(&p), META_TTL_MS).await?;
-                    stored.unwrap_or(retention.default_ttl().as_millis() as i64)
-                }
-                None => retention.default_ttl().as_millis() as i64,
-            };
-            let n: u64 = redis::cmd("XTRIM")
-                .arg(&key)
-                .arg("MINID")
-                .arg(now_ms - ttl_ms)
-                .query_async(conn)
+    let mut keyed = conn.clone();
+    for target in conn.scan_targets().await? {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys) = conn
+                .scan_page(&target, cursor, FIXES_PATTERN, SCAN_COUNT, "stream")
                 .await?;
-            trimmed += n;
+            for key in keys {
+                let ttl_ms = match pseudonym_of_key(&key) {
+                    Some(p) => {
+                        let stored: Option<i64> = keyed.hget(meta_key(&p), META_TTL_MS).await?;
+                        stored.unwrap_or(retention.default_ttl().as_millis() as i64)
+                    }
+                    None => retention.default_ttl().as_millis() as i64,
+                };
+                let n: u64 = redis::cmd("XTRIM")
+                    .arg(&key)
+                    .arg("MINID")
+                    .arg(now_ms - ttl_ms)
+                    .query_async(&mut keyed)
+                    .await?;
+                trimmed += n;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     metrics::counter!(m::RETENTION_TRIMMED).increment(trimmed);
     Ok(trimmed)

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionLike;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RedisConfig;
 use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
+use crate::redis_conn::{RedisConn, SlotMap, key_slot};
 use crate::storage::{FieldValue, StoredFix, fixes_key, meta_key, tomb_key};
 
 /// One decoded frame's worth of fixes for one device.
@@ -67,7 +67,9 @@ impl Sink {
 }
 
 /// Retention (trim, expiry) and the idempotent, purge-aware append, in one atomic step
-/// per device and batch. KEYS: fixes stream, meta hash, tombstone hash.
+/// per device and batch. A replay rewrites the batch id (a no-op write) so that it is
+/// replicated again: a `WAIT` after a retry on a new connection then also covers the
+/// first attempt's data. KEYS: fixes stream, meta hash, tombstone hash.
 /// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, then per entry:
 /// received ms, fix time s (or -1), field count, field/value pairs.
 ///
@@ -76,7 +78,10 @@ impl Sink {
 /// received at or before a cutoff that covers it is not written: a purge is final even
 /// for data that was already in flight when it ran.
 const APPEND_SCRIPT: &str = r#"
-if redis.call('HGET', KEYS[2], 'lb') == ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[2], 'lb') == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'lb', ARGV[1])
+  return -1
+end
 local tomb = redis.call('HGETALL', KEYS[3])
 local all = -1
 local ranges = {}
@@ -133,10 +138,17 @@ pub struct Writers {
 /// Start `config.writers` writer tasks on clones of `conn`. They run until every [`Sink`]
 /// clone is dropped and their queues are drained, or until `abort` fires (then unwritten
 /// jobs are dropped unconfirmed).
-pub fn start<C>(conn: C, config: &RedisConfig, abort: CancellationToken) -> Writers
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
+///
+/// A batch goes out as one pipeline per Redis node: on a single server one pipeline; on a
+/// cluster the devices are grouped by the primary serving their slot (from a cached slot
+/// map) and each group is one pipeline to that node, the groups concurrently. (redis-rs
+/// refuses a pipeline whose keys span slots when it routes by itself, so the writer routes
+/// by address.) A node that answers `MOVED`/`ASK`, or cannot be reached (failover),
+/// makes the writer fetch the slot map again and retry the affected devices; the append
+/// script makes retries idempotent. With `wait_replicas > 0` each node pipeline ends in
+/// `WAIT`, on the connection that carried the writes, and a device is confirmed only if
+/// its node's `WAIT` saw enough replicas.
+pub fn start(conn: RedisConn, config: &RedisConfig, abort: CancellationToken) -> Writers {
     let script = Arc::new(append_script());
     let batch_seq = Arc::new(AtomicU64::new(0));
     let instance: u32 = rand::random();
@@ -157,6 +169,9 @@ where
             batch_seq: batch_seq.clone(),
             instance,
             abort: abort.clone(),
+            slots: None,
+            wait_replicas: config.wait_replicas,
+            wait_timeout_ms: config.wait_timeout_ms,
         };
         tasks.push(tokio::spawn(w.run()));
     }
@@ -169,9 +184,9 @@ where
     }
 }
 
-struct Writer<C> {
+struct Writer {
     id: usize,
-    conn: C,
+    conn: RedisConn,
     rx: mpsc::Receiver<WriteJob>,
     script: Arc<redis::Script>,
     batch_max_fixes: usize,
@@ -181,9 +196,21 @@ struct Writer<C> {
     batch_seq: Arc<AtomicU64>,
     instance: u32,
     abort: CancellationToken,
+    /// Cluster slot map; `None` until fetched, and again after a routing error.
+    slots: Option<SlotMap>,
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
 }
 
-impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
+/// What became of one device's script call.
+enum Outcome {
+    /// Applied (count of fixes written; -1 for a replay), and replicated as configured.
+    Applied(i64),
+    /// Not confirmed: the call or its node failed, or `WAIT` came up short.
+    Failed(redis::RedisError),
+}
+
+impl Writer {
     async fn run(mut self) {
         // Best effort: with the script cached the first batch needs no NOSCRIPT round.
         let mut conn = self.conn.clone();
@@ -254,51 +281,51 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
             if pending.is_empty() {
                 return Some(written);
             }
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for g in &pending {
-                append_call(&mut pipe, &self.script, batch, g, &batch_id);
-            }
-            let result = pipe
-                .query_async::<Vec<redis::RedisResult<i64>>>(&mut self.conn)
-                .await;
+            let calls: Vec<(Vec<u8>, redis::Cmd)> = pending
+                .iter()
+                .map(|g| {
+                    (
+                        fixes_key(g.device).into_bytes(),
+                        append_call(&self.script, batch, g, &batch_id),
+                    )
+                })
+                .collect();
+            let outcomes = self.send(calls).await;
             attempt += 1;
+            metrics::histogram!(m::REDIS_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
             let mut retry_reason: Option<String> = None;
-            match result {
-                Ok(results) => {
-                    metrics::histogram!(m::REDIS_WRITE_SECONDS)
-                        .record(started.elapsed().as_secs_f64());
-                    for (g, r) in pending.into_iter().zip(results) {
-                        match r {
-                            Ok(n) => {
-                                g.settled = true;
-                                for &j in &g.jobs {
-                                    written[j] = true;
-                                }
-                                // -1: a replay of a batch already applied.
-                                metrics::counter!(m::FIXES_WRITTEN).increment(n.max(0) as u64);
-                            }
-                            Err(e) if is_transient(&e) => retry_reason = Some(e.to_string()),
-                            Err(e) => {
-                                g.permanent_failures += 1;
-                                if g.permanent_failures >= MAX_PERMANENT_FAILURES {
-                                    g.settled = true;
-                                    metrics::counter!(m::JOBS_UNWRITTEN)
-                                        .increment(g.jobs.len() as u64);
-                                    tracing::error!(
-                                        writer = self.id,
-                                        device = %g.device,
-                                        error = %e,
-                                        "giving up on this device's part of a batch; not acknowledged"
-                                    );
-                                } else {
-                                    retry_reason = Some(e.to_string());
-                                }
-                            }
+            for (g, outcome) in pending.into_iter().zip(outcomes) {
+                match outcome {
+                    Outcome::Applied(n) => {
+                        g.settled = true;
+                        for &j in &g.jobs {
+                            written[j] = true;
+                        }
+                        // -1: a replay of a batch already applied.
+                        metrics::counter!(m::FIXES_WRITTEN).increment(n.max(0) as u64);
+                    }
+                    Outcome::Failed(e) if is_transient(&e) => {
+                        if is_routing(&e) {
+                            self.slots = None;
+                        }
+                        retry_reason = Some(e.to_string());
+                    }
+                    Outcome::Failed(e) => {
+                        g.permanent_failures += 1;
+                        if g.permanent_failures >= MAX_PERMANENT_FAILURES {
+                            g.settled = true;
+                            metrics::counter!(m::JOBS_UNWRITTEN).increment(g.jobs.len() as u64);
+                            tracing::error!(
+                                writer = self.id,
+                                device = %g.device,
+                                error = %e,
+                                "giving up on this device's part of a batch; not acknowledged"
+                            );
+                        } else {
+                            retry_reason = Some(e.to_string());
                         }
                     }
                 }
-                Err(e) => retry_reason = Some(e.to_string()),
             }
             let Some(reason) = retry_reason else {
                 continue; // all settled (or given up): the loop head returns
@@ -316,11 +343,144 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Writer<C> {
                 () = self.abort.cancelled() => return None,
             }
             backoff = (backoff * 2).min(self.backoff_max);
-            // A restarted Redis has lost the script; loading it again is cheap.
+            // A restarted Redis (or a promoted replica) may lack the script; loading it
+            // again (on every primary) is cheap.
             let mut conn = self.conn.clone();
             let _ = self.script.prepare_invoke().load_async(&mut conn).await;
         }
     }
+
+    /// Send the calls `(routing key, command)`, one pipeline per node, and report per call.
+    async fn send(&mut self, calls: Vec<(Vec<u8>, redis::Cmd)>) -> Vec<Outcome> {
+        if !self.conn.is_cluster() {
+            let cmds: Vec<redis::Cmd> = calls.into_iter().map(|(_, c)| c).collect();
+            return self.node_send(&(String::new(), 0), cmds).await;
+        }
+        if self.slots.is_none() {
+            match self.conn.slot_map().await {
+                Ok(map) => self.slots = Some(map),
+                Err(e) => return calls.iter().map(|_| Outcome::Failed(e.clone())).collect(),
+            }
+        }
+        let map = self.slots.clone().unwrap_or_default();
+        // Group by node, keeping each call's index.
+        let mut by_node: Vec<NodeBatch> = Vec::new();
+        let mut unrouted: Vec<usize> = Vec::new();
+        for (i, (key, cmd)) in calls.into_iter().enumerate() {
+            let Some(node) = map.node(key_slot(&key)) else {
+                unrouted.push(i);
+                continue;
+            };
+            match by_node.iter_mut().find(|(n, _, _)| n == node) {
+                Some((_, idx, cmds)) => {
+                    idx.push(i);
+                    cmds.push(cmd);
+                }
+                None => by_node.push((node.clone(), vec![i], vec![cmd])),
+            }
+        }
+        let total = by_node.iter().map(|(_, idx, _)| idx.len()).sum::<usize>() + unrouted.len();
+        let this = &*self;
+        let sent = by_node.into_iter().map(|(node, idx, cmds)| async move {
+            let outcomes = this.node_send(&node, cmds).await;
+            (idx, outcomes)
+        });
+        let mut out: Vec<Option<Outcome>> = (0..total).map(|_| None).collect();
+        for (idx, outcomes) in futures::future::join_all(sent).await {
+            for (i, o) in idx.into_iter().zip(outcomes) {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(o);
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    Outcome::Failed(redis::RedisError::from((
+                        redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+                        "slot not covered by the cached slot map",
+                    )))
+                })
+            })
+            .collect()
+    }
+
+    /// One pipeline to one node (`node` is ignored on a single server): the calls, then
+    /// `WAIT` if configured. Per call: applied, or why not.
+    async fn node_send(&self, node: &(String, u16), cmds: Vec<redis::Cmd>) -> Vec<Outcome> {
+        let n = cmds.len();
+        let mut pipe = redis::pipe();
+        for cmd in cmds {
+            pipe.add_command(cmd);
+        }
+        let wait = self.wait_replicas > 0;
+        if wait {
+            pipe.cmd("WAIT")
+                .arg(self.wait_replicas)
+                .arg(self.wait_timeout_ms);
+        }
+        let replies = match self.conn.node_pipeline(node, pipe).await {
+            Ok(r) if r.len() == n + usize::from(wait) => r,
+            Ok(r) => {
+                let e = redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "pipeline answered with the wrong number of replies",
+                    format!("{} for {}", r.len(), n + usize::from(wait)),
+                ));
+                return (0..n).map(|_| Outcome::Failed(e.clone())).collect();
+            }
+            Err(e) => return (0..n).map(|_| Outcome::Failed(e.clone())).collect(),
+        };
+        let mut replies = replies.into_iter();
+        let results: Vec<redis::RedisResult<i64>> = replies
+            .by_ref()
+            .take(n)
+            .map(|v| {
+                v.extract_error()
+                    .and_then(|v| Ok(redis::from_redis_value(v)?))
+            })
+            .collect();
+        let short = if wait {
+            let acked: redis::RedisResult<i64> = replies
+                .next()
+                .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Client, "no WAIT reply")))
+                .and_then(|v| v.extract_error())
+                .and_then(|v| Ok(redis::from_redis_value(v)?));
+            match acked {
+                Ok(k) if k >= i64::from(self.wait_replicas) => None,
+                Ok(k) => Some(redis::RedisError::from((
+                    redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown),
+                    "WAIT: too few replicas confirmed in time",
+                    format!("{k} of {}", self.wait_replicas),
+                ))),
+                Err(e) => Some(e),
+            }
+        } else {
+            None
+        };
+        if short.is_some() {
+            metrics::counter!(m::REDIS_WAIT_SHORT).increment(1);
+        }
+        results
+            .into_iter()
+            .map(|r| match (r, &short) {
+                (Ok(_), Some(e)) => Outcome::Failed(e.clone()),
+                (Ok(k), None) => Outcome::Applied(k),
+                (Err(e), _) => Outcome::Failed(e),
+            })
+            .collect()
+    }
+}
+
+/// One node's share of a batch: its address, the calls' indices, the calls.
+type NodeBatch = ((String, u16), Vec<usize>, Vec<redis::Cmd>);
+
+/// Errors after which the cached slot map is suspect.
+fn is_routing(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || matches!(e.code(), Some("MOVED" | "ASK" | "CLUSTERDOWN" | "TRYAGAIN"))
 }
 
 /// Attempts after which a device's part of a batch that fails with a permanent error
@@ -387,18 +547,17 @@ pub fn build_pipeline(
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for g in group_by_device(batch) {
-        append_call(&mut pipe, script, batch, &g, batch_id);
+        pipe.add_command(append_call(script, batch, &g, batch_id));
     }
     pipe
 }
 
 fn append_call(
-    pipe: &mut redis::Pipeline,
     script: &redis::Script,
     batch: &[WriteJob],
     group: &Group<'_>,
     batch_id: &str,
-) {
+) -> redis::Cmd {
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let device = group.device;
     let ttl_ms = group
@@ -407,9 +566,8 @@ fn append_call(
         .map(|&j| i64::try_from(batch[j].ttl.as_millis()).unwrap_or(i64::MAX))
         .max()
         .unwrap_or(0);
-    let cmd = pipe
-        .cmd("EVALSHA")
-        .arg(script.get_hash())
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash())
         .arg(3)
         .arg(fixes_key(device))
         .arg(meta_key(device))
@@ -435,22 +593,5 @@ fn append_call(
             }
         }
     }
-}
-
-/// A Redis connection that (re)connects by itself, with the configured timeouts. Lazy:
-/// the gateway starts while Redis is down (`/readyz` says so) and writers retry.
-pub fn connect(config: &RedisConfig) -> redis::RedisResult<redis::aio::ConnectionManager> {
-    use redis::IntoConnectionInfo;
-    let mut info = config.url.as_str().into_connection_info()?;
-    if let Some(pw) = &config.password {
-        let settings = info.redis_settings().clone().set_password(pw);
-        info = info.set_redis_settings(settings);
-    }
-    let client = redis::Client::open(info)?;
-    let cm = redis::aio::ConnectionManagerConfig::new()
-        .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
-        .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
-        .set_max_delay(Duration::from_millis(config.retry_backoff_max_ms))
-        .set_number_of_retries(2);
-    redis::aio::ConnectionManager::new_lazy_with_config(client, cm)
+    cmd
 }

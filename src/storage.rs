@@ -38,7 +38,8 @@ pub fn tomb_key(p: &Pseudonym) -> String {
 pub const FIXES_PATTERN: &str = "tg:{*}:fixes";
 
 /// One page of a SCAN over every fixes stream: (next cursor, keys); cursor 0 starts and
-/// a returned 0 ends. (Single node; a cluster scans each primary, issue 8.)
+/// a returned 0 ends. Single node only: the sweeper scans each cluster primary
+/// through [`crate::redis_conn::RedisConn::scan_page`].
 pub async fn scan_fixes_keys<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
     cursor: u64,

@@ -96,8 +96,10 @@ async fn complete_purge_while_the_device_keeps_sending() {
             e.id
         );
     }
-    let journal: redis::streams::StreamRangeReply =
-        conn.xrange_all("tg:purge:journal").await.unwrap();
+    let journal: redis::streams::StreamRangeReply = conn
+        .xrange_all(trackgate::purge::JOURNAL_KEY)
+        .await
+        .unwrap();
     assert_eq!(journal.ids.len(), 2, "requested + completed");
     let audit: redis::streams::StreamRangeReply = conn.xrange_all("tg:audit").await.unwrap();
     assert!(audit.ids.len() >= 2);
@@ -116,7 +118,11 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
     let conn = redis.conn().await;
     let mut cfg = test_config(&redis).redis;
     cfg.writers = 1;
-    let writers = sink::start(conn.clone(), &cfg, CancellationToken::new());
+    let writers = sink::start(
+        trackgate::redis_conn::connect(&cfg).unwrap(),
+        &cfg,
+        CancellationToken::new(),
+    );
 
     let purger = Purger::new(conn.clone(), TOMB_TTL);
     let receipt = purger
@@ -306,7 +312,7 @@ async fn redis_down_means_refused_never_lost_and_the_worker_finishes_journaled_p
         c.response_timeout_ms = 300;
         c
     };
-    let down = Purger::new(sink::connect(&cfg).unwrap(), TOMB_TTL);
+    let down = Purger::new(trackgate::redis_conn::connect(&cfg).unwrap(), TOMB_TTL);
     redis.freeze();
     let refused = down.request(&c, &req).await;
     assert!(
@@ -315,7 +321,7 @@ async fn redis_down_means_refused_never_lost_and_the_worker_finishes_journaled_p
     );
     redis.thaw();
     let mut conn = redis.conn().await;
-    let pending: Vec<String> = conn.smembers("tg:purge:pending").await.unwrap();
+    let pending: Vec<String> = conn.smembers(trackgate::purge::PENDING_KEY).await.unwrap();
     assert!(pending.is_empty());
 
     // Journaled, then the process "dies" before the fast path: a new worker finishes it.
@@ -349,9 +355,10 @@ async fn in_flight_range_fixes_are_refused_others_kept() {
     let keys = KeyRing::ephemeral();
     let p = keys.pseudonym(&Imei::new(&imei(75)).unwrap());
     let conn = redis.conn().await;
+    let cfg = test_config(&redis).redis;
     let writers = sink::start(
-        conn.clone(),
-        &test_config(&redis).redis,
+        trackgate::redis_conn::connect(&cfg).unwrap(),
+        &cfg,
         CancellationToken::new(),
     );
     let base = now_s().as_second() - 600;
@@ -414,7 +421,7 @@ async fn overdue_purges_raise_the_metric() {
     };
     let id = purger.journal(&c, &req).await.unwrap();
     let _: () = conn
-        .hset(format!("tg:purge:{id}"), "deadline_ms", 1000)
+        .hset(trackgate::purge::record_key(&id), "deadline_ms", 1000)
         .await
         .unwrap();
     assert_eq!(purger.work_once().await.unwrap(), 0);

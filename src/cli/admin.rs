@@ -88,19 +88,19 @@ pub enum DeviceCommand {
 }
 
 type Ctx = (
-    Registry<redis::aio::ConnectionManager>,
-    redis::aio::ConnectionManager,
+    Registry<crate::redis_conn::RedisConn>,
+    crate::redis_conn::RedisConn,
     Config,
 );
 
 async fn context(config: &ConfigArg) -> Result<Ctx, String> {
     let config = Config::load(&config.config).map_err(|e| e.to_string())?;
-    let conn = crate::sink::connect(&config.redis).map_err(|e| e.to_string())?;
+    let conn = crate::redis_conn::connect(&config.redis).map_err(|e| e.to_string())?;
     Ok((Registry::new(conn.clone(), MAX_TTL_S), conn, config))
 }
 
 async fn audit_admin(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_conn::RedisConn,
     action: &str,
     devices: &str,
     detail: &str,

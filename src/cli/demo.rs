@@ -18,7 +18,6 @@ use crate::gateway::{Gateway, termination_signal};
 use crate::loadgen::fleet::{self, FleetConfig, FleetStats};
 use crate::pseudonym::KeyRing;
 use crate::redis_child::RedisChild;
-use crate::storage::scan_fixes_keys;
 
 /// Arguments of `trackgate demo`.
 #[derive(Debug, Args)]
@@ -42,15 +41,9 @@ pub struct DemoArgs {
 
 pub(super) fn run(args: &DemoArgs) -> ExitCode {
     super::serve::init_logging_quiet();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match super::runtime("demo", "tg-demo") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("trackgate demo: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(demo(args)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,7 +111,9 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
             _ = tick.tick() => {}
             () = &mut signal => break,
         }
-        let stored = total_entries(&mut conn).await.unwrap_or(last_stored);
+        let stored = super::count_stored_fixes(&mut conn)
+            .await
+            .unwrap_or(last_stored);
         let now = Instant::now();
         let rate = (stored.saturating_sub(last_stored)) as f64 / (now - last_at).as_secs_f64();
         (last_stored, last_at) = (stored, now);
@@ -128,9 +123,14 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
         } else {
             "-".into()
         };
-        let (p50, p99) = match stats.take_ack_percentiles() {
-            Some((a, b, _)) => (format!("{:.1}ms", ms(a)), format!("{:.1}ms", ms(b))),
-            None => ("-".into(), "-".into()),
+        let lat = stats.take_interval();
+        let (p50, p99) = if lat.count > 0 {
+            (
+                format!("{:.1}ms", lat.p50_ms),
+                format!("{:.1}ms", lat.p99_ms),
+            )
+        } else {
+            ("-".into(), "-".into())
         };
         println!(
             "{:>6} {:>9} {:>10} {:>8.0} {:>9} {:>9} {:>12}",
@@ -151,7 +151,9 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
     let _ = fleet.await;
     gateway.shutdown();
     gateway.wait().await;
-    let stored = total_entries(&mut conn).await.unwrap_or(last_stored);
+    let stored = super::count_stored_fixes(&mut conn)
+        .await
+        .unwrap_or(last_stored);
     println!(
         "sent {} fixes in {} frames; {} stored; {} batches confirmed; {} ACK timeouts",
         stats.fixes_sent.load(Ordering::Relaxed),
@@ -164,10 +166,6 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> Option<u64> {
     let info: String = redis::cmd("INFO")
         .arg("memory")
@@ -177,23 +175,4 @@ async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> Option<u64
     info.lines()
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse().ok())
-}
-
-/// Entries across all fixes streams (SCAN + XLEN; fine for a demo-sized fleet).
-async fn total_entries(conn: &mut redis::aio::MultiplexedConnection) -> Option<u64> {
-    let mut cursor = 0u64;
-    let mut total = 0u64;
-    loop {
-        let (next, keys) = scan_fixes_keys(conn, cursor).await.ok()?;
-        let mut pipe = redis::pipe();
-        for k in &keys {
-            pipe.cmd("XLEN").arg(k);
-        }
-        let lens: Vec<u64> = pipe.query_async(conn).await.ok()?;
-        total += lens.iter().sum::<u64>();
-        if next == 0 {
-            return Some(total);
-        }
-        cursor = next;
-    }
 }

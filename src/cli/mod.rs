@@ -5,19 +5,23 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod admin;
+mod bench;
 mod client;
 mod config_cmd;
 mod decode;
 mod demo;
 mod keys;
+mod loadgen;
 mod serve;
 
 pub use admin::{CustomerCommand, DeviceCommand, TokenCommand};
+pub use bench::BenchArgs;
 pub use client::{ExportArgs, PurgeArgs};
 pub use config_cmd::ConfigCommand;
 pub use decode::DecodeArgs;
 pub use demo::DemoArgs;
 pub use keys::KeysCommand;
+pub use loadgen::LoadgenArgs;
 pub use serve::ServeArgs;
 
 /// trackgate: privacy-first ingest gateway for Meitrack GPS trackers.
@@ -35,6 +39,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run Redis, the gateway and a simulated fleet on this machine, with live stats.
     Demo(DemoArgs),
+    /// Simulate a fleet of trackers against a running gateway (loopback only by default).
+    Loadgen(LoadgenArgs),
+    /// Measure this machine: Redis ceiling, sustained rate, latency, memory (writes a report).
+    Bench(BenchArgs),
     /// Decode Meitrack frames to JSON Lines (one object per fix).
     Decode(DecodeArgs),
     /// Configuration file tools.
@@ -63,6 +71,8 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Loadgen(args) => loadgen::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Decode(args) => decode::run(&args),
         Command::Config(cmd) => config_cmd::run(&cmd),
         Command::Keys(cmd) => keys::run(&cmd),
@@ -71,5 +81,40 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Device(cmd) => admin::device(&cmd),
         Command::Purge(args) => client::purge(&args),
         Command::Export(args) => client::export(&args),
+    }
+}
+
+/// The multi-thread runtime of a subcommand, its threads named `thread_name` (so profiles,
+/// e.g. `perf report --sort comm`, tell the gateway and the load generator apart). On
+/// failure the error is printed and the exit code returned.
+fn runtime(command: &str, thread_name: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(thread_name)
+        .build()
+        .map_err(|e| {
+            eprintln!("trackgate {command}: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Entries across all fixes streams (SCAN + XLEN; for demo- and bench-sized data).
+async fn count_stored_fixes(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> redis::RedisResult<u64> {
+    let mut cursor = 0u64;
+    let mut total = 0u64;
+    loop {
+        let (next, keys) = crate::storage::scan_fixes_keys(conn, cursor).await?;
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("XLEN").arg(k);
+        }
+        let lens: Vec<u64> = pipe.query_async(conn).await?;
+        total += lens.iter().sum::<u64>();
+        if next == 0 {
+            return Ok(total);
+        }
+        cursor = next;
     }
 }

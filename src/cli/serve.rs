@@ -34,15 +34,14 @@ pub(super) fn run(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // Room for every allowed connection (the default soft limit is often 1024).
+    let connections: usize = config.limits.max_connections;
+    if let Err(e) = crate::fd_limit::ensure(connections) {
+        tracing::warn!("{e}; connections beyond the limit will fail to be accepted");
+    }
+    let rt = match super::runtime("serve", "tg-gateway") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("trackgate serve: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let gateway = match Gateway::start(config, keys).await {

@@ -1,106 +1,118 @@
 //! A simulated fleet: devices that drive plausible routes and talk to a gateway the way
-//! Meitrack trackers do. Used by `trackgate demo` and the load generator.
+//! Meitrack trackers do. Used by `trackgate demo` and `trackgate loadgen`.
 //!
-//! Each device keeps one connection open (reconnecting with backoff), sends an AAA report
-//! per interval while it has coverage, and now and then loses coverage for a while: it
-//! then caches its fixes and, back in coverage, sends them as one CCE batch and waits for
-//! the `CCE,<n>` confirmation before deleting them from its cache, like the real firmware.
-//! The time from sending a batch to its confirmation is the ACK latency reported.
+//! Each device keeps one connection open (reconnecting with backoff) and, on an
+//! open-loop schedule ([`Pacer`]), sends either an AAA report or a CCE batch of cached
+//! fixes. It does not wait for a confirmation before its next send; CCE batches stay in
+//! its [`Outbox`] until the gateway's `CCE,<n>` reply confirms them, and are sent again
+//! after a reconnect otherwise, like the real firmware. Now and then a device loses
+//! coverage: it then caches its fixes and sends them as one batch when it is back. The
+//! time from a batch falling due to its confirmation is the ACK latency reported.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trackgate_protocols::encode::{self, aaa_payload, cce_payload};
 use trackgate_protocols::{Cell, Direction, Fix};
 
+use super::net::Route;
+use super::outbox::Outbox;
+use super::pacer::Pacer;
+pub use super::stats::FleetStats;
+
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
-    pub gateway: SocketAddr,
+    /// Gateway address(es), source addresses and TLS.
+    pub route: Route,
     pub devices: usize,
-    /// Time between two fixes of one device.
+    /// Time between two sends of one device (its report interval).
     pub report_interval: Duration,
-    /// Chance per report of losing coverage (then 5–20 fixes are cached).
+    /// Chance per report of losing coverage (then 5–20 fixes are cached and sent as a batch).
     pub outage_probability: f64,
+    /// Chance per send of a CCE batch of `batch_fixes` fixes instead of an AAA report.
+    pub cce_share: f64,
+    /// Fixes in a scheduled CCE batch.
+    pub batch_fixes: usize,
+    /// Most fixes in one CCE frame when sending cached records.
+    pub max_batch_fixes: usize,
+    /// Most records a device caches while it cannot send (the oldest are dropped beyond).
+    pub cache_capacity_fixes: usize,
+    /// Connect, send one AAA report (so the gateway binds the connection) and stay silent.
+    pub idle: bool,
+    /// The first connections are spread evenly over this time.
+    pub start_spread: Duration,
+    /// Stop after this many frames in all (`None`: until cancelled).
+    pub max_frames: Option<u64>,
     /// IMEIs are `imei_base + index` (15 digits; keep the fake `35…` prefix).
     pub imei_base: u64,
     pub seed: u64,
     /// Time to wait for a batch confirmation before reconnecting.
     pub ack_timeout: Duration,
+    /// After the stop, time to wait for the confirmations of batches already sent.
+    pub drain_timeout: Duration,
 }
 
 impl FleetConfig {
-    pub fn new(gateway: SocketAddr, devices: usize) -> Self {
+    pub fn new(gateway: std::net::SocketAddr, devices: usize) -> Self {
         FleetConfig {
-            gateway,
+            route: Route::plain(gateway),
             devices,
             report_interval: Duration::from_secs(1),
             outage_probability: 0.02,
+            cce_share: 0.0,
+            batch_fixes: 10,
+            // ≈ 70 B per fix: 16 fixes stay well inside the gateway's default 2 KiB frame cap.
+            max_batch_fixes: 16,
+            cache_capacity_fixes: 1000,
+            idle: false,
+            start_spread: Duration::from_secs(1),
+            max_frames: None,
             imei_base: 350_000_000_000_000,
             seed: 1,
             ack_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }
 
-/// Live counters, shared with whoever prints them.
-#[derive(Debug, Default)]
-pub struct FleetStats {
-    pub connected: AtomicUsize,
-    pub fixes_sent: AtomicU64,
-    pub frames_sent: AtomicU64,
-    pub batches_confirmed: AtomicU64,
-    pub connect_errors: AtomicU64,
-    pub ack_timeouts: AtomicU64,
-    ack_micros: std::sync::Mutex<Vec<u32>>,
-}
-
-impl FleetStats {
-    fn record_ack(&self, d: Duration) {
-        if let Ok(mut v) = self.ack_micros.lock() {
-            v.push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
-        }
-    }
-
-    /// ACK latency percentiles (p50, p99) since the last call, and the sample count.
-    pub fn take_ack_percentiles(&self) -> Option<(Duration, Duration, usize)> {
-        let mut v = self.ack_micros.lock().ok()?;
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_unstable();
-        let pick = |q: f64| {
-            let i = ((v.len() as f64 - 1.0) * q).round() as usize;
-            Duration::from_micros(u64::from(v[i.min(v.len() - 1)]))
-        };
-        let out = (pick(0.50), pick(0.99), v.len());
-        v.clear();
-        Some(out)
-    }
-}
-
-/// Run the fleet until `stop` fires; returns when every device has hung up.
+/// Run the fleet until `stop` fires (or `max_frames` were sent); returns when every
+/// device has hung up.
 pub async fn run(config: FleetConfig, stats: Arc<FleetStats>, stop: CancellationToken) {
     let tracker = TaskTracker::new();
+    let config = Arc::new(config);
+    let start = Instant::now();
     for i in 0..config.devices {
         let device = Device::new(&config, i);
-        tracker.spawn(device.run(config.clone(), stats.clone(), stop.clone()));
+        let offset = config
+            .start_spread
+            .mul_f64(i as f64 / config.devices.max(1) as f64);
+        tracker.spawn(device.run(start + offset, config.clone(), stats.clone(), stop.clone()));
     }
     tracker.close();
     tracker.wait().await;
 }
 
+/// `n` consecutive fixes of one simulated vehicle, one second apart: plausible values in
+/// every field a Meitrack AAA report carries (for benches and tests).
+pub fn sample_fixes(seed: u64, n: usize) -> Vec<Fix<'static>> {
+    let mut config = FleetConfig::new(([127, 0, 0, 1], 0).into(), 1);
+    config.seed = seed;
+    let mut d = Device::new(&config, 0);
+    (0..n).map(|_| d.step(Duration::from_secs(1))).collect()
+}
+
 /// A vehicle on a random but smooth route.
 struct Device {
+    index: usize,
     imei: String,
     rng: SmallRng,
     lat: f64,
@@ -109,7 +121,6 @@ struct Device {
     speed_kmh: f64,
     mileage_m: f64,
     started: Instant,
-    cached: Vec<Fix<'static>>,
     outage_left: u32,
 }
 
@@ -128,6 +139,7 @@ impl Device {
         let mut rng = SmallRng::seed_from_u64(config.seed.wrapping_mul(1_000_003) ^ index as u64);
         let (lat, lon) = CITIES[index % CITIES.len()];
         Device {
+            index,
             imei: format!("{:015}", config.imei_base + index as u64),
             lat: lat + rng.random_range(-0.05..0.05),
             lon: lon + rng.random_range(-0.05..0.05),
@@ -135,7 +147,6 @@ impl Device {
             speed_kmh: rng.random_range(20.0..90.0),
             mileage_m: rng.random_range(0.0..200_000_000.0),
             started: Instant::now(),
-            cached: Vec::new(),
             outage_left: 0,
             rng,
         }
@@ -181,32 +192,67 @@ impl Device {
         }
     }
 
-    async fn run(mut self, config: FleetConfig, stats: Arc<FleetStats>, stop: CancellationToken) {
-        // Spread the first reports over one interval, like a fleet that was already running.
-        let offset = self
-            .rng
-            .random_range(0..config.report_interval.as_millis().max(1) as u64);
-        let mut backoff = Duration::from_millis(200);
+    async fn run(
+        mut self,
+        first_connect: Instant,
+        config: Arc<FleetConfig>,
+        stats: Arc<FleetStats>,
+        stop: CancellationToken,
+    ) {
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(offset)) => {}
+            () = tokio::time::sleep_until(first_connect.into()) => {}
             () = stop.cancelled() => return,
         }
+        // The schedule starts at the first connection and runs on through reconnects: a
+        // device keeps recording fixes while it cannot send them.
+        let mut pacer = Pacer::new(Instant::now(), config.report_interval);
+        let outbox = Mutex::new(Outbox::new(config.cache_capacity_fixes));
+        let mut backoff = Duration::from_millis(200);
         while !stop.is_cancelled() {
-            let stream = tokio::select! {
-                s = TcpStream::connect(config.gateway) => s,
+            let tcp = tokio::select! {
+                s = config.route.connect_tcp(self.index) => s,
                 () = stop.cancelled() => return,
             };
-            match stream {
-                Ok(s) => {
-                    backoff = Duration::from_millis(200);
-                    stats.connected.fetch_add(1, Ordering::Relaxed);
-                    let _ = self.session(s, &config, &stats, &stop).await;
-                    stats.connected.fetch_sub(1, Ordering::Relaxed);
+            let session = match tcp {
+                Err(_) => None,
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    match &config.route.tls {
+                        None => Some(
+                            self.session(tcp, &outbox, &mut pacer, &config, &stats, &stop)
+                                .await,
+                        ),
+                        Some(tls) => {
+                            let handshake = Route::tls_handshake(tls, tcp);
+                            match tokio::time::timeout(config.ack_timeout, handshake).await {
+                                Ok(Ok(s)) => Some(
+                                    self.session(s, &outbox, &mut pacer, &config, &stats, &stop)
+                                        .await,
+                                ),
+                                _ => None,
+                            }
+                        }
+                    }
                 }
-                Err(_) => {
+            };
+            match session {
+                None => {
                     stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                 }
+                Some(result) => {
+                    backoff = Duration::from_millis(200);
+                    if result.is_err() {
+                        stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
+            let again = lock(&outbox).requeue();
+            if stop.is_cancelled() {
+                return; // stopped: nothing is sent again
+            }
+            stats
+                .fixes_resent
+                .fetch_add(again as u64, Ordering::Relaxed);
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 () = stop.cancelled() => return,
@@ -215,100 +261,259 @@ impl Device {
         }
     }
 
-    /// One connection's life; `Err` means reconnect.
-    async fn session(
+    /// One connection's life. `Ok` after a stop (and the drain of confirmations); `Err`
+    /// means the connection failed and the device reconnects.
+    async fn session<S>(
         &mut self,
-        mut s: TcpStream,
+        stream: S,
+        outbox: &Mutex<Outbox>,
+        pacer: &mut Pacer,
+        config: &FleetConfig,
+        stats: &FleetStats,
+        stop: &CancellationToken,
+    ) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin,
+    {
+        stats.connected.fetch_add(1, Ordering::Relaxed);
+        let (rd, mut wr) = tokio::io::split(stream);
+        let reader = read_acks(rd, outbox, config, stats, stop);
+        let writer = self.write_loop(&mut wr, outbox, pacer, config, stats, stop);
+        tokio::pin!(reader, writer);
+        let result = tokio::select! {
+            r = &mut reader => r,
+            w = &mut writer => match w {
+                // Stopped: collect the confirmations of what was sent.
+                Ok(()) => tokio::time::timeout(config.drain_timeout, &mut reader)
+                    .await
+                    .unwrap_or(Ok(())),
+                Err(e) => Err(e),
+            },
+        };
+        stats.connected.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn write_loop<W: AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+        outbox: &Mutex<Outbox>,
+        pacer: &mut Pacer,
         config: &FleetConfig,
         stats: &FleetStats,
         stop: &CancellationToken,
     ) -> std::io::Result<()> {
-        let mut tick = tokio::time::interval(config.report_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out = Vec::with_capacity(1024);
-        let mut payload = Vec::with_capacity(1024);
+        let interval = config.report_interval;
+        // Records from before (a dropped connection, an outage): send them first.
+        self.flush(wr, &mut out, outbox, Instant::now(), config, stats)
+            .await?;
+        if config.idle {
+            let fix = self.step(interval);
+            self.send_aaa(wr, &mut out, &fix, stats).await?;
+            stop.cancelled().await;
+            return Ok(());
+        }
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(pacer.due().into()) => {}
                 () = stop.cancelled() => return Ok(()),
             }
-            let fix = self.step(config.report_interval);
-            if self.outage_left == 0 && self.rng.random_bool(config.outage_probability) {
+            let due = pacer.take();
+            // Sends that fell due while this device could not send (disconnected, or held
+            // up by the gateway): the device recorded a fix for each and sends them now as
+            // one batch, latency counted from the first one's due time.
+            let missed = pacer.overdue(Instant::now());
+            for _ in 0..missed {
+                pacer.take();
+                let fix = self.step(interval);
+                lock(outbox).hold(fix);
+            }
+            let fix = self.step(interval);
+            if self.outage_left == 0 && chance(&mut self.rng, config.outage_probability) {
                 self.outage_left = self.rng.random_range(5..20);
             }
             if self.outage_left > 0 {
-                self.cached.push(fix);
+                lock(outbox).hold(fix);
                 self.outage_left -= 1;
-                if self.outage_left > 0 {
-                    continue;
+                if self.outage_left == 0 {
+                    // Coverage is back.
+                    self.flush(wr, &mut out, outbox, due, config, stats).await?;
                 }
-                // Coverage is back: send the cache as one batch and wait for the ACK.
-                payload.clear();
-                out.clear();
-                cce_payload(&self.cached, 0, &mut payload).map_err(std::io::Error::other)?;
+            } else if lock(outbox).pending() > 0 || chance(&mut self.rng, config.cce_share) {
+                let mut batch = vec![fix];
+                if missed == 0 {
+                    for _ in 1..config.batch_fixes {
+                        batch.push(self.step(interval / config.batch_fixes.max(1) as u32));
+                    }
+                }
+                {
+                    let mut o = lock(outbox);
+                    for f in batch {
+                        o.hold(f);
+                    }
+                }
+                self.flush(wr, &mut out, outbox, due, config, stats).await?;
+            } else {
+                self.send_aaa(wr, &mut out, &fix, stats).await?;
+            }
+            if config
+                .max_frames
+                .is_some_and(|max| stats.frames_sent.load(Ordering::Relaxed) >= max)
+            {
+                stop.cancel();
+            }
+        }
+    }
+
+    async fn send_aaa<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        out: &mut Vec<u8>,
+        fix: &Fix<'static>,
+        stats: &FleetStats,
+    ) -> std::io::Result<()> {
+        let mut payload = Vec::with_capacity(160);
+        aaa_payload(fix, &mut payload).map_err(std::io::Error::other)?;
+        out.clear();
+        encode::frame(
+            Direction::DeviceToServer,
+            b'A',
+            &self.imei,
+            b"AAA",
+            &payload,
+            out,
+        )
+        .map_err(std::io::Error::other)?;
+        wr.write_all(out).await?;
+        stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+        stats.fixes_sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Send every pending record as CCE batches of at most `max_batch_fixes`.
+    async fn flush<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        out: &mut Vec<u8>,
+        outbox: &Mutex<Outbox>,
+        due: Instant,
+        config: &FleetConfig,
+        stats: &FleetStats,
+    ) -> std::io::Result<()> {
+        let mut payload = Vec::with_capacity(1024);
+        loop {
+            out.clear();
+            payload.clear();
+            let n = {
+                let mut o = lock(outbox);
+                let batch = o.next_batch(config.max_batch_fixes);
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                cce_payload(
+                    &batch,
+                    u32::try_from(o.pending()).unwrap_or(u32::MAX),
+                    &mut payload,
+                )
+                .map_err(std::io::Error::other)?;
                 encode::frame(
                     Direction::DeviceToServer,
                     b'C',
                     &self.imei,
                     b"CCE",
                     &payload,
-                    &mut out,
+                    out,
                 )
                 .map_err(std::io::Error::other)?;
-                let sent = Instant::now();
-                s.write_all(&out).await?;
-                stats.frames_sent.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .fixes_sent
-                    .fetch_add(self.cached.len() as u64, Ordering::Relaxed);
-                match tokio::time::timeout(config.ack_timeout, read_reply(&mut s)).await {
-                    Ok(Ok(reply)) if reply.contains(",CCE,") => {
-                        stats.record_ack(sent.elapsed());
-                        stats.batches_confirmed.fetch_add(1, Ordering::Relaxed);
-                        self.cached.clear();
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => {
-                        stats.ack_timeouts.fetch_add(1, Ordering::Relaxed);
-                        return Err(std::io::ErrorKind::TimedOut.into()); // resend after reconnect
-                    }
-                }
-            } else {
-                payload.clear();
-                out.clear();
-                aaa_payload(&fix, &mut payload).map_err(std::io::Error::other)?;
-                encode::frame(
-                    Direction::DeviceToServer,
-                    b'A',
-                    &self.imei,
-                    b"AAA",
-                    &payload,
-                    &mut out,
-                )
-                .map_err(std::io::Error::other)?;
-                s.write_all(&out).await?;
-                stats.frames_sent.fetch_add(1, Ordering::Relaxed);
-                stats.fixes_sent.fetch_add(1, Ordering::Relaxed);
-            }
+                let n = batch.len();
+                // In flight before it is written: the reply cannot overtake the record.
+                o.sent(due, batch);
+                n
+            };
+            wr.write_all(out).await?;
+            stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+            stats.fixes_sent.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }
 
-/// Read one `@@…\r\n` reply.
-async fn read_reply(s: &mut TcpStream) -> std::io::Result<String> {
+/// A draw that is true with probability `p` (never panics: NaN or ≤ 0 is never, ≥ 1 always).
+fn chance(rng: &mut SmallRng, p: f64) -> bool {
+    rng.random::<f64>() < p
+}
+
+/// The outbox lock is never held across an await and nothing panics under it; a poisoned
+/// lock still holds consistent data.
+fn lock(outbox: &Mutex<Outbox>) -> std::sync::MutexGuard<'_, Outbox> {
+    outbox
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Longest reply line accepted from the gateway.
+const MAX_REPLY_BYTES: usize = 256;
+
+/// Read the gateway's replies; each `CCE`/`CCC` confirmation settles the oldest batch in
+/// flight. Fails on EOF, a garbled reply, or a batch unconfirmed for `ack_timeout`;
+/// returns `Ok` once stopped and nothing is in flight.
+async fn read_acks<R: AsyncRead + Unpin>(
+    rd: R,
+    outbox: &Mutex<Outbox>,
+    config: &FleetConfig,
+    stats: &FleetStats,
+    stop: &CancellationToken,
+) -> std::io::Result<()> {
+    let mut rd = BufReader::with_capacity(512, rd);
     let mut line = Vec::with_capacity(64);
-    let mut byte = [0u8; 1];
-    while !line.ends_with(b"\r\n") {
-        if s.read(&mut byte).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        line.push(byte[0]);
-        if line.len() > 256 {
-            return Err(std::io::ErrorKind::InvalidData.into());
+    let mut stopping = false;
+    loop {
+        let deadline = {
+            let o = lock(outbox);
+            if stopping && o.unconfirmed() == 0 {
+                return Ok(());
+            }
+            o.oldest_sent().unwrap_or_else(Instant::now) + config.ack_timeout
+        };
+        tokio::select! {
+            r = rd.fill_buf() => {
+                let buf = r?;
+                if buf.is_empty() {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                let (take, complete) = match buf.iter().position(|&b| b == b'\n') {
+                    Some(i) => (i + 1, true),
+                    None => (buf.len(), false),
+                };
+                line.extend_from_slice(&buf[..take]);
+                rd.consume(take);
+                if line.len() > MAX_REPLY_BYTES {
+                    return Err(std::io::ErrorKind::InvalidData.into());
+                }
+                if complete {
+                    if is_batch_confirmation(&line)
+                        && let Some(batch) = lock(outbox).confirmed()
+                    {
+                        stats.record_ack(batch.fixes.len(), batch.due.elapsed());
+                    }
+                    line.clear();
+                }
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                if lock(outbox).oldest_sent().is_some_and(|s| s.elapsed() >= config.ack_timeout) {
+                    stats.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err(std::io::ErrorKind::TimedOut.into()); // resend after reconnect
+                }
+            }
+            () = stop.cancelled(), if !stopping => stopping = true,
         }
     }
-    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// `@@…,<imei>,CCE,<n>*XX\r\n` (or CCC): the reply that confirms a batch.
+fn is_batch_confirmation(line: &[u8]) -> bool {
+    line.starts_with(b"@@")
+        && (line.windows(5).any(|w| w == b",CCE,") || line.windows(5).any(|w| w == b",CCC,"))
 }
 
 #[cfg(test)]
@@ -317,7 +522,7 @@ mod tests {
 
     #[test]
     fn routes_stay_on_the_globe_and_move() {
-        let cfg = FleetConfig::new("127.0.0.1:1".parse().unwrap(), 1);
+        let cfg = FleetConfig::new(([127, 0, 0, 1], 1).into(), 1);
         let mut d = Device::new(&cfg, 0);
         let first = d.step(Duration::from_secs(1));
         let mut last = first.clone();
@@ -329,5 +534,32 @@ mod tests {
         assert_ne!(first.lat_e6, last.lat_e6);
         assert!(last.mileage_m > first.mileage_m);
         assert!(d.imei.starts_with("35") && d.imei.len() == 15);
+    }
+
+    #[test]
+    fn a_full_batch_fits_the_gateways_default_frame_cap()
+    -> Result<(), trackgate_protocols::EncodeError> {
+        let cfg = FleetConfig::new(([127, 0, 0, 1], 1).into(), 1);
+        let mut d = Device::new(&cfg, 0);
+        let fixes: Vec<_> = (0..cfg.max_batch_fixes)
+            .map(|_| d.step(Duration::from_secs(1)))
+            .collect();
+        let mut payload = Vec::new();
+        cce_payload(&fixes, 999, &mut payload)?;
+        let mut out = Vec::new();
+        encode::frame(
+            Direction::DeviceToServer,
+            b'C',
+            &d.imei,
+            b"CCE",
+            &payload,
+            &mut out,
+        )?;
+        assert!(
+            out.len() <= trackgate_protocols::DEFAULT_MAX_FRAME_BYTES,
+            "{} bytes",
+            out.len()
+        );
+        Ok(())
     }
 }

@@ -46,14 +46,14 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        RedisServer::start_with(&[])
+        Self::start_with(&[])
     }
 
-    /// Start with extra arguments, e.g. AOF: `["--appendonly", "yes", "--appendfsync",
-    /// "always"]` (then [`RedisServer::restart`] keeps the data).
+    /// A server with extra `redis-server` arguments, e.g. AOF: `["--appendonly", "yes",
+    /// "--appendfsync", "always"]` (then [`RedisServer::restart`] keeps the data).
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let mut r = RedisServer::unstarted(free_port());
-        r.extra = extra.iter().map(|s| s.to_string()).collect();
+        r.extra = extra.iter().map(|a| a.to_string()).collect();
         r.spawn();
         r
     }
@@ -69,14 +69,29 @@ impl RedisServer {
         }
     }
 
+    /// A replica of `primary`, waiting until its replication link is up.
+    pub fn start_replica_of(primary: &RedisServer) -> RedisServer {
+        let r = Self::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut c = r.client().get_connection().unwrap();
+        loop {
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut c).unwrap();
+            if info.contains("master_link_status:up") {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "replica did not sync");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
-            .args(&self.extra)
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--logfile", "redis.log"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -338,4 +353,296 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis Cluster: 3 primaries + 3 replicas on free ports in a temp dir.
+
+/// A port that is free, below 55536 (the cluster bus uses port + 10000), whose bus port
+/// is free too, and that this test process has not handed out before (parallel tests
+/// each start clusters).
+fn free_cluster_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let p = free_port();
+        if p < 55_000 && StdListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            let mut given = GIVEN.lock().unwrap();
+            if !given.contains(&p) {
+                given.push(p);
+                return p;
+            }
+        }
+    }
+}
+
+/// One cluster node process.
+pub struct ClusterNode {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            // Fast failover in tests: a dead primary is noticed after 1 s.
+            .args(["--cluster-node-timeout", "1000"])
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--cluster-require-full-coverage", "no"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--logfile", "redis.log"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (apt-get install redis-server)");
+        self.child = Some(child);
+    }
+
+    /// Wait until this node answers, and it is our process answering: if the port was
+    /// taken meanwhile (another test, another program), start again on another port.
+    fn wait_started(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < deadline, "cluster node did not start");
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                self.kill();
+                self.port = free_cluster_port();
+                self.spawn();
+                continue;
+            }
+            let pid = self.child.as_ref().map(Child::id);
+            let ours = self.sync_conn().is_some_and(|mut c| {
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query::<String>(&mut c)
+                    .is_ok_and(|i| {
+                        pid.is_some_and(|pid| i.contains(&format!("process_id:{pid}\r\n")))
+                    })
+            });
+            if ours {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn sync_conn(&self) -> Option<redis::Connection> {
+        redis::Client::open(self.url())
+            .ok()?
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .ok()
+    }
+
+    /// Start the killed node again from its `nodes.conf`: it rejoins the cluster (as a
+    /// replica of whoever took over its slots).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Kill the process (SIGKILL: no goodbye to the cluster).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A local Redis Cluster owned by the test; killed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<ClusterNode>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Start 3 primaries + 3 replicas and wait until every node reports `cluster_state:ok`.
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for i in 0..6 {
+            let d = dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let mut n = ClusterNode {
+                port: free_cluster_port(),
+                dir: d,
+                child: None,
+            };
+            n.spawn();
+            nodes.push(n);
+        }
+        let mut cluster = RedisCluster { nodes, _dir: dir };
+        for n in &mut cluster.nodes {
+            n.wait_started();
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli on PATH");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        cluster.wait_ok(Duration::from_secs(20));
+        cluster
+    }
+
+    /// Wait until every live node says `cluster_state:ok` and every live replica's link
+    /// to its primary is up.
+    pub fn wait_ok(&self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                n.sync_conn().is_some_and(|mut c| {
+                    let cluster_ok = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query::<String>(&mut c)
+                        .is_ok_and(|i| i.contains("cluster_state:ok"));
+                    // A replica counts once its link to the primary is up (WAIT needs it).
+                    let replication_ok = redis::cmd("INFO")
+                        .arg("replication")
+                        .query::<String>(&mut c)
+                        .is_ok_and(|i| {
+                            i.contains("role:master") || i.contains("master_link_status:up")
+                        });
+                    cluster_ok && replication_ok
+                })
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn seed_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(ClusterNode::url).collect()
+    }
+
+    /// The port of the primary serving `key`'s slot, asked from a live node.
+    pub fn primary_of(&self, key: &str) -> u16 {
+        let mut c = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .find_map(ClusterNode::sync_conn)
+            .expect("a live node");
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut c)
+            .unwrap();
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut c).unwrap();
+        for r in slots {
+            let redis::Value::Array(parts) = r else {
+                continue;
+            };
+            let (Some(redis::Value::Int(a)), Some(redis::Value::Int(b))) =
+                (parts.first(), parts.get(1))
+            else {
+                continue;
+            };
+            if (*a..=*b).contains(&slot) {
+                if let Some(redis::Value::Array(m)) = parts.get(2) {
+                    if let Some(redis::Value::Int(p)) = m.get(1) {
+                        return *p as u16;
+                    }
+                }
+            }
+        }
+        panic!("no primary for slot {slot}");
+    }
+
+    pub fn node_mut(&mut self, port: u16) -> &mut ClusterNode {
+        let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}; nodes: {ports:?}"))
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+    }
+}
+
+/// Either backend, so one test body runs against both.
+pub enum Backend {
+    Standalone(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    pub fn standalone() -> Backend {
+        Backend::Standalone(RedisServer::start())
+    }
+
+    pub fn cluster() -> Backend {
+        Backend::Cluster(RedisCluster::start())
+    }
+
+    /// `test_config`, pointed at this backend.
+    pub fn config(&self) -> Config {
+        match self {
+            Backend::Standalone(r) => test_config(r),
+            Backend::Cluster(c) => {
+                let mut cfg = Config {
+                    listeners: vec![ListenerConfig {
+                        bind: "127.0.0.1:0".parse().unwrap(),
+                        tls: None,
+                    }],
+                    ..Config::default()
+                };
+                cfg.redis.mode = trackgate::config::RedisMode::Cluster;
+                cfg.redis.cluster_nodes = c.seed_urls();
+                cfg.redis.response_timeout_ms = 1500;
+                cfg.redis.connect_timeout_ms = 1000;
+                cfg.redis.retry_backoff_initial_ms = 20;
+                cfg.redis.retry_backoff_max_ms = 200;
+                cfg.http.bind = Some("127.0.0.1:0".parse().unwrap());
+                cfg.keys.key_file = PathBuf::from("unused-in-tests");
+                cfg.limits.shutdown_grace_s = 10;
+                cfg
+            }
+        }
+    }
+
+    /// A connection of the gateway's own kind (cluster-aware in cluster mode).
+    pub fn conn(&self) -> trackgate::redis_conn::RedisConn {
+        trackgate::redis_conn::connect(&self.config().redis).unwrap()
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Standalone(_) => "standalone",
+            Backend::Cluster(_) => "cluster",
+        }
+    }
 }

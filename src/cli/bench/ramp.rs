@@ -1,0 +1,148 @@
+//! Finding the highest rate the gateway keeps up with: raise the offered load step by
+//! step; a step passes while confirmations keep pace with the offer and the p99 ACK
+//! latency stays under the limit. After the first failing step, one more step halfway
+//! between the last pass and the failure narrows it down (a first step that fails
+//! halves the rate until one passes).
+
+use serde::{Deserialize, Serialize};
+
+use crate::loadgen::report::LoadReport;
+
+/// Seconds at the start of a step left out of its rate (connections ramping up).
+const WARMUP_S: f64 = 2.0;
+/// Confirmed rate, as a share of the offered one, that still counts as keeping up.
+const KEEP_UP_SHARE: f64 = 0.9;
+
+/// How one step went.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub(crate) struct Step {
+    pub offered_fixes_per_s: f64,
+    pub acked_fixes_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub passed: bool,
+}
+
+/// Judge a load run against the p99 limit.
+pub(crate) fn judge(r: &LoadReport, p99_limit_ms: f64) -> Step {
+    let steady: Vec<f64> = r
+        .timeline
+        .iter()
+        .filter(|s| s.t_s > WARMUP_S)
+        .map(|s| s.fixes_acked_per_s)
+        .collect();
+    let acked = if steady.is_empty() {
+        r.totals.fixes_acked as f64 / r.duration_s.max(1e-6)
+    } else {
+        steady.iter().sum::<f64>() / steady.len() as f64
+    };
+    let offered = r.offered.fixes_per_s;
+    Step {
+        offered_fixes_per_s: offered,
+        acked_fixes_per_s: acked,
+        p50_ms: r.latency.p50_ms,
+        p99_ms: r.latency.p99_ms,
+        passed: r.latency.count > 0
+            && r.latency.p99_ms < p99_limit_ms
+            && acked >= KEEP_UP_SHARE * offered
+            && r.totals.ack_timeouts == 0,
+    }
+}
+
+/// The rate to try after `steps`, or `None` when the search is over.
+pub(crate) fn next_rate(steps: &[Step], growth: f64, max_steps: usize) -> Option<f64> {
+    let last = steps.last()?;
+    if steps.len() >= max_steps {
+        return None;
+    }
+    let failures = steps.iter().filter(|s| !s.passed).count();
+    match (failures, last.passed) {
+        // Nothing passed yet: halve.
+        (_, false) if best_pass(steps).is_none() => Some(last.offered_fixes_per_s / 2.0),
+        (0, _) => Some(last.offered_fixes_per_s * growth),
+        // First failure: one step between the best pass and it; then stop.
+        (1, false) => {
+            best_pass(steps).map(|b| (b.offered_fixes_per_s + last.offered_fixes_per_s) / 2.0)
+        }
+        _ => None,
+    }
+}
+
+/// The passing step with the highest confirmed rate.
+pub(crate) fn best_pass(steps: &[Step]) -> Option<&Step> {
+    steps
+        .iter()
+        .filter(|s| s.passed)
+        .max_by(|a, b| a.acked_fixes_per_s.total_cmp(&b.acked_fixes_per_s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loadgen::report::{Offered, Sample};
+
+    fn report(offered: f64, acked: f64, p99: f64) -> LoadReport {
+        let mut r = LoadReport {
+            offered: Offered {
+                fixes_per_s: offered,
+                ..Offered::default()
+            },
+            duration_s: 10.0,
+            ..LoadReport::default()
+        };
+        r.latency.count = 100;
+        r.latency.p99_ms = p99;
+        r.timeline = (1..=10)
+            .map(|t| Sample {
+                t_s: f64::from(t),
+                // The warm-up seconds are slow and must not count.
+                fixes_acked_per_s: if t <= 2 { 0.0 } else { acked },
+                ..Sample::default()
+            })
+            .collect();
+        r
+    }
+
+    #[test]
+    fn a_step_passes_only_when_acks_keep_up_within_the_latency_limit() {
+        assert!(judge(&report(1000.0, 995.0, 20.0), 100.0).passed);
+        assert!(
+            !judge(&report(1000.0, 995.0, 150.0), 100.0).passed,
+            "p99 too high"
+        );
+        assert!(
+            !judge(&report(1000.0, 700.0, 20.0), 100.0).passed,
+            "falling behind"
+        );
+        let s = judge(&report(1000.0, 995.0, 20.0), 100.0);
+        assert_eq!(s.acked_fixes_per_s, 995.0);
+    }
+
+    #[test]
+    fn the_search_grows_then_bisects_once() {
+        let step = |rate: f64, passed: bool| Step {
+            offered_fixes_per_s: rate,
+            acked_fixes_per_s: if passed { rate } else { rate * 0.5 },
+            passed,
+            ..Step::default()
+        };
+        let mut steps = vec![step(1000.0, true)];
+        assert_eq!(next_rate(&steps, 1.5, 10), Some(1500.0));
+        steps.push(step(1500.0, true));
+        steps.push(step(2250.0, false));
+        assert_eq!(next_rate(&steps, 1.5, 10), Some(1875.0));
+        steps.push(step(1875.0, true));
+        assert_eq!(next_rate(&steps, 1.5, 10), None, "narrowed down once: done");
+        assert_eq!(
+            best_pass(&steps).map(|s| s.offered_fixes_per_s),
+            Some(1875.0)
+        );
+        let failed_first = [step(1000.0, false)];
+        assert_eq!(
+            next_rate(&failed_first, 1.5, 10),
+            Some(500.0),
+            "nothing passed: go lower"
+        );
+        assert_eq!(next_rate(&steps[..1], 1.5, 1), None, "step budget");
+    }
+}
