@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
-use trackgate_protocols::{FrameError, Framer, Message, Scan, decode, expected_reply};
+use trackgate_protocols::{FrameError, Framer, Message, MessageKind, Scan, decode, expected_reply};
 
 use crate::config::Config;
 use crate::metrics as m;
@@ -397,14 +397,26 @@ impl Conn {
             Ok(msg) => msg,
             Err(e) => {
                 metrics::counter!(m::FRAMES, "type" => type_label(kind), "outcome" => "decode_error").increment(1);
+                metrics::counter!(m::DECODE_ERRORS, "scope" => "frame", "reason" => e.reason())
+                    .increment(1);
                 self.frame_error("decode", &e.to_string());
                 return Ok(None);
             }
         };
         self.bad_in_row = 0;
-        metrics::counter!(m::FRAMES, "type" => type_label(kind), "outcome" => "ok").increment(1);
+        let outcome = if let MessageKind::Other(_) = msg.kind {
+            // Well-formed, but nothing we model (no position, no reply owed): counted and
+            // logged, never stored. The command is 3 checked alphanumerics, safe to log.
+            tracing::warn!(device = %pseudonym, command = kind, "frame with an unknown command ignored");
+            "unknown_command"
+        } else {
+            "ok"
+        };
+        metrics::counter!(m::FRAMES, "type" => type_label(kind), "outcome" => outcome).increment(1);
         for e in &msg.rejected {
             metrics::counter!(m::RECORDS_REJECTED).increment(1);
+            metrics::counter!(m::DECODE_ERRORS, "scope" => "record", "reason" => e.reason())
+                .increment(1);
             tracing::warn!(device = %pseudonym, command = kind, detail = %e, "record in batch skipped");
         }
         let fixes = self.stored_fixes(&msg);

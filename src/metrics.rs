@@ -13,6 +13,10 @@ pub const FRAMES: &str = "trackgate_frames_total";
 pub const FRAME_ERRORS: &str = "trackgate_frame_errors_total";
 pub const JUNK_BYTES: &str = "trackgate_junk_bytes_total";
 pub const RECORDS_REJECTED: &str = "trackgate_records_rejected_total";
+/// Decode errors by `scope` (`frame`: the whole frame refused; `record`: one record of a
+/// batch skipped) and `reason` (`truncated`, `syntax`, `out_of_range`, `overrun`,
+/// `non_utf8`).
+pub const DECODE_ERRORS: &str = "trackgate_decode_errors_total";
 pub const FIXES_RECEIVED: &str = "trackgate_fixes_received_total";
 pub const FIXES_EXPIRED_AT_INGEST: &str = "trackgate_fixes_expired_at_ingest_total";
 pub const FIXES_WRITTEN: &str = "trackgate_fixes_written_total";

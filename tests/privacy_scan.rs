@@ -1,5 +1,6 @@
-//! The raw IMEI never reaches Redis (keys, values, or any command sent), the logs (at
-//! every level, including error paths), or the metrics.
+//! The raw IMEI never reaches Redis (keys, DUMP of every key, values, or any command
+//! sent), the logs (at every level, including error paths), or the metrics; API tokens
+//! are stored only as hashes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -11,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use redis::AsyncCommands;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -88,41 +88,11 @@ async fn raw_imeis_appear_nowhere() {
     gw.shutdown();
     gw.wait().await;
 
-    // Everything stored: every key, every field and value.
+    // Everything stored: every key (SCAN), its DUMP (uncompressed) and its values.
     let mut conn = redis.conn().await;
-    let mut stored = String::new();
-    let keys: Vec<String> = conn.keys("*").await.unwrap();
-    assert!(!keys.is_empty());
-    for k in &keys {
-        stored.push_str(k);
-        stored.push('\n');
-        let kind: String = redis::cmd("TYPE")
-            .arg(k)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let dump: redis::Value = match kind.as_str() {
-            "stream" => redis::cmd("XRANGE")
-                .arg(k)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await
-                .unwrap(),
-            "hash" => redis::cmd("HGETALL")
-                .arg(k)
-                .query_async(&mut conn)
-                .await
-                .unwrap(),
-            "string" => redis::cmd("GET")
-                .arg(k)
-                .query_async(&mut conn)
-                .await
-                .unwrap(),
-            other => panic!("unexpected key type {other} for {k}"),
-        };
-        stored.push_str(&format!("{dump:?}\n"));
-    }
+    let (keys, stored) = redis_scan::everything(&mut conn).await;
+    assert!(keys.len() >= 8, "streams and metas of 4 devices: {keys:?}");
+    let stored = String::from_utf8_lossy(&stored).into_owned();
     let _ = monitor.kill();
     let monitored = {
         let out = monitor.wait_with_output().unwrap();
@@ -143,4 +113,67 @@ async fn raw_imeis_appear_nowhere() {
             assert!(!text.contains(id.as_str()), "raw IMEI found in {what}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_tokens_are_stored_only_hashed() {
+    use trackgate::registry::{Customer, Registry};
+    let redis = RedisServer::start();
+    let admin_token = "admin-secret-never-stored-0123456789";
+    let mut config = test_config(&redis);
+    config.apply_env(|k| (k == "TRACKGATE_ADMIN_TOKEN").then(|| admin_token.to_string()));
+    let (gw, _keys) = start_gateway(config).await;
+    let api = gw.http_addr.unwrap();
+    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    reg.add_customer(&Customer::new("acme", "ACME", "UTC"))
+        .await
+        .unwrap();
+    let (_, cli_token) = reg.issue_token("acme").await.unwrap();
+    let admin_auth = format!("Bearer {admin_token}");
+    let (status, body) = common::gwproc::http(
+        api,
+        "POST",
+        "/v1/admin/customers/acme/tokens",
+        &[("Authorization", &admin_auth)],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let issued: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let api_token = issued["token"].as_str().unwrap().to_owned();
+    // Both tokens work (so they are stored in some form) …
+    for token in [&cli_token, &api_token] {
+        let (status, _) = common::gwproc::http(
+            api,
+            "GET",
+            &format!("/v1/devices/{}/fixes", imei(1)),
+            &[("Authorization", &format!("Bearer {token}"))],
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 404, "authenticated (unknown device), not 401");
+    }
+    gw.shutdown();
+    gw.wait().await;
+
+    // … but only as hashes: no token, no secret part of one, anywhere in Redis.
+    let mut conn = redis.conn().await;
+    let (keys, stored) = redis_scan::everything(&mut conn).await;
+    assert!(!keys.is_empty());
+    for token in [cli_token.as_str(), api_token.as_str(), admin_token] {
+        let secret = token.rsplit('.').next().unwrap();
+        assert!(secret.len() >= 32, "{token}: a secret part");
+        assert!(
+            !redis_scan::contains(&stored, token.as_bytes()),
+            "raw token in Redis"
+        );
+        assert!(
+            !redis_scan::contains(&stored, secret.as_bytes()),
+            "a token's secret in Redis"
+        );
+    }
+    // Positive control: the scan does see what is stored (the customer record).
+    assert!(redis_scan::contains(&stored, b"ACME"));
 }

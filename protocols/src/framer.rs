@@ -188,19 +188,22 @@ impl Framer {
         if !(0x21..=0x7e).contains(&flag) || flag == b',' || flag == b'*' {
             return header_error(2, "flag");
         }
-        // 3. Length digits up to the first comma.
+        // 3. Length digits up to the first comma: one more than the cap needs (a leading
+        // zero). The same limit applies whether or not the comma has arrived yet, so the
+        // verdict never depends on where the socket cut the bytes.
+        let max_digits = self.max_len_digits + 1;
         let mut declared = 0usize;
         let mut i = 3;
         loop {
             let Some(&b) = buf.get(i) else {
-                return if i - 3 > self.max_len_digits {
+                return if i - 3 > max_digits {
                     header_error(i, "length")
                 } else {
                     Scan::Incomplete { needed: None }
                 };
             };
             match b {
-                b'0'..=b'9' if i - 3 < self.max_len_digits + 1 => {
+                b'0'..=b'9' if i - 3 < max_digits => {
                     declared = declared * 10 + usize::from(b - b'0');
                     i += 1;
                     // More digits only make it larger: say "too long" as soon as it is
@@ -466,6 +469,34 @@ mod tests {
     fn lowercase_checksum_is_accepted() {
         let f = b"$$z27,350000000000099,AAC,1*b9\r\n";
         assert!(matches!(framer().scan(f), Scan::Frame(_)));
+    }
+
+    /// Found by the `framer` fuzz target: a zero-padded length (one digit more than the
+    /// cap needs) was refused when the bytes ended right after the digits, yet accepted
+    /// when the comma was already there, so a TCP split changed the frames.
+    #[test]
+    fn padded_length_verdict_does_not_depend_on_the_split() {
+        let body = b"$$z00027,350000000000099,AAC,1*";
+        let mut f = body.to_vec();
+        f.extend_from_slice(&crate::checksum::hex_digits(checksum(body)));
+        f.extend_from_slice(b"\r\n");
+        assert!(matches!(framer().scan(&f), Scan::Frame(_)));
+        for cut in 2..f.len() {
+            assert!(
+                matches!(framer().scan(&f[..cut]), Scan::Incomplete { .. }),
+                "prefix of {cut} bytes"
+            );
+        }
+        // Two leading zeros are one digit too many, with or without the comma.
+        for input in [&b"$$z000027,"[..], &b"$$z000027"[..]] {
+            assert!(matches!(
+                framer().scan(input),
+                Scan::Reject {
+                    error: FrameError::Header { .. },
+                    ..
+                }
+            ));
+        }
     }
 
     #[test]

@@ -21,6 +21,11 @@ use trackgate::pseudonym::{Imei, KeyRing, Pseudonym};
 use trackgate_protocols::encode::{self, aaa_payload, ccc_payload, cce_payload};
 use trackgate_protocols::{Cell, Direction, Fix};
 
+pub mod fleet;
+pub mod gwproc;
+pub mod redis_scan;
+pub mod results;
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -35,6 +40,7 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra `redis-server` arguments (after the defaults, so they win).
     extra: Vec<String>,
 }
 
@@ -43,17 +49,24 @@ impl RedisServer {
         Self::start_with(&[])
     }
 
-    /// A server with extra `redis-server` arguments.
+    /// A server with extra `redis-server` arguments, e.g. AOF: `["--appendonly", "yes",
+    /// "--appendfsync", "always"]` (then [`RedisServer::restart`] keeps the data).
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        let dir = tempfile::tempdir().unwrap();
-        let mut r = RedisServer {
-            port: free_port(),
-            dir,
-            child: None,
-            extra: extra.iter().map(|a| a.to_string()).collect(),
-        };
+        let mut r = RedisServer::unstarted(free_port());
+        r.extra = extra.iter().map(|a| a.to_string()).collect();
         r.spawn();
         r
+    }
+
+    /// A server object for `port` that is not running yet ([`RedisServer::restart`]
+    /// starts it): for "Redis unreachable at start-up".
+    pub fn unstarted(port: u16) -> RedisServer {
+        RedisServer {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            extra: Vec::new(),
+        }
     }
 
     /// A replica of `primary`, waiting until its replication link is up.
@@ -115,6 +128,10 @@ impl RedisServer {
         self.child.as_ref().unwrap().id()
     }
 
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// Freeze the server (SIGSTOP): connections stay open, nothing answers.
     pub fn freeze(&self) {
         signal(self.pid(), "-STOP");
@@ -124,13 +141,15 @@ impl RedisServer {
         signal(self.pid(), "-CONT");
     }
 
-    /// Kill and start again on the same port (data is gone: no persistence).
+    /// Kill (SIGKILL) and start again on the same port. Data is gone unless the server
+    /// was started with persistence (e.g. AOF via [`RedisServer::start_with`]).
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
     }
 
-    fn kill(&mut self) {
+    /// SIGKILL, no restart.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -147,7 +166,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
+pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &pid.to_string()])
         .status()
