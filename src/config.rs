@@ -108,6 +108,9 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// Rejected frames in a row before the connection is closed.
     pub max_consecutive_bad_frames: u32,
+    /// Bytes outside any frame (junk) since the last frame before the connection is closed:
+    /// a stream of noise would otherwise keep its slot and burn CPU until the idle timeout.
+    pub max_junk_bytes: usize,
     /// Frames read from one connection but not yet written to Redis; reading pauses
     /// when reached.
     pub max_inflight_frames: usize,
@@ -129,6 +132,7 @@ impl Default for Limits {
             idle_timeout_s: 900,
             max_frame_bytes: trackgate_protocols::DEFAULT_MAX_FRAME_BYTES,
             max_consecutive_bad_frames: 8,
+            max_junk_bytes: 65_536,
             max_inflight_frames: 16,
             read_buffer_bytes: 1024,
             accept_backoff_max_ms: 1000,
@@ -372,6 +376,7 @@ impl Config {
                 "limits.max_consecutive_bad_frames",
                 u64::from(l.max_consecutive_bad_frames),
             ),
+            ("limits.max_junk_bytes", l.max_junk_bytes as u64),
             ("limits.max_inflight_frames", l.max_inflight_frames as u64),
             ("limits.read_buffer_bytes", l.read_buffer_bytes as u64),
             ("limits.write_timeout_s", l.write_timeout_s),

@@ -65,18 +65,26 @@ pub enum CodecError {
     Io(#[from] std::io::Error),
     #[error("fatal framing error: {0}")]
     Fatal(FrameError),
+    #[error("{0} bytes of junk since the last frame")]
+    TooMuchJunk(usize),
 }
 
 /// tokio-util `Decoder` over [`Framer`]: no copies (a frame is split off the read buffer),
-/// junk skipped and counted.
+/// junk skipped and counted, and too much junk since the last frame is an error.
 #[derive(Debug)]
 pub struct MeitrackCodec {
     framer: Framer,
+    junk_since_frame: usize,
+    max_junk_bytes: usize,
 }
 
 impl MeitrackCodec {
-    pub fn new(framer: Framer) -> Self {
-        MeitrackCodec { framer }
+    pub fn new(framer: Framer, max_junk_bytes: usize) -> Self {
+        MeitrackCodec {
+            framer,
+            junk_since_frame: 0,
+            max_junk_bytes,
+        }
     }
 }
 
@@ -89,6 +97,7 @@ impl Decoder for MeitrackCodec {
             match self.framer.scan(src) {
                 Scan::Frame(f) => {
                     let n = f.len();
+                    self.junk_since_frame = 0;
                     return Ok(Some(Inbound::Frame(src.split_to(n).freeze())));
                 }
                 Scan::Incomplete { needed } => {
@@ -103,6 +112,10 @@ impl Decoder for MeitrackCodec {
                 } => {
                     metrics::counter!(m::JUNK_BYTES).increment(skip as u64);
                     src.advance(skip);
+                    self.junk_since_frame = self.junk_since_frame.saturating_add(skip);
+                    if self.junk_since_frame > self.max_junk_bytes {
+                        return Err(CodecError::TooMuchJunk(self.junk_since_frame));
+                    }
                 }
                 Scan::Reject { error, skip } => {
                     src.advance(skip);
@@ -166,6 +179,7 @@ pub enum CloseReason {
     HandshakeTimeout,
     IdleTimeout,
     BadFrames,
+    Junk,
     FatalFrame,
     Io,
     WriteTimeout,
@@ -180,6 +194,7 @@ impl CloseReason {
             CloseReason::HandshakeTimeout => "handshake_timeout",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::BadFrames => "bad_frames",
+            CloseReason::Junk => "junk",
             CloseReason::FatalFrame => "fatal_frame",
             CloseReason::Io => "io_error",
             CloseReason::WriteTimeout => "write_timeout",
@@ -196,7 +211,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let limits = &shared.config.limits;
-    let codec = MeitrackCodec::new(shared.framer);
+    let codec = MeitrackCodec::new(shared.framer, shared.config.limits.max_junk_bytes);
     let mut framed = FramedRead::with_capacity(stream, codec, limits.read_buffer_bytes);
     let mut conn = Conn {
         shared: shared.clone(),
@@ -252,6 +267,13 @@ where
                     Ok(Some(Err(CodecError::Fatal(e)))) => {
                         conn.frame_error(e.kind(), &e.to_string());
                         break CloseReason::FatalFrame;
+                    }
+                    Ok(Some(Err(CodecError::TooMuchJunk(n)))) => {
+                        tracing::warn!(
+                            junk_bytes = n,
+                            "closing: junk without a frame beyond limits.max_junk_bytes"
+                        );
+                        break CloseReason::Junk;
                     }
                     Ok(Some(Ok(item))) => item,
                 };
@@ -514,7 +536,24 @@ mod tests {
     const AAC: &[u8] = b"$$z27,350000000000099,AAC,1*B9\r\n";
 
     fn codec() -> MeitrackCodec {
-        MeitrackCodec::new(Framer::default().with_early_resync(true))
+        MeitrackCodec::new(Framer::default().with_early_resync(true), 64)
+    }
+
+    #[test]
+    fn junk_beyond_the_limit_since_the_last_frame_is_an_error() {
+        let mut c = codec();
+        // 60 bytes of noise, a frame (resets the count), 60 more: under the limit each time.
+        let mut buf = BytesMut::from(&[b'x'; 60][..]);
+        buf.extend_from_slice(AAC);
+        buf.extend_from_slice(&[b'y'; 60]);
+        assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Frame(_)))));
+        assert!(matches!(c.decode(&mut buf), Ok(None)));
+        // 10 more bytes of noise cross the 64-byte limit.
+        buf.extend_from_slice(&[b'z'; 10]);
+        assert!(matches!(
+            c.decode(&mut buf),
+            Err(CodecError::TooMuchJunk(70))
+        ));
     }
 
     #[test]

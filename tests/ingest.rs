@@ -290,6 +290,34 @@ async fn bad_frames_are_survived_then_the_connection_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identified_device_sending_endless_junk_is_closed() {
+    let redis = Backend::from_env();
+    let mut config = redis.config();
+    config.limits.max_junk_bytes = 4096;
+    let (gw, _keys) = start_gateway(config).await;
+    let id = imei(40);
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    t.send(&ccc_frame(&id, &[fix_at(now_s(), 0)])).await;
+    assert!(t.reply(LONG).await.is_some(), "identified and served");
+    // Junk under the limit between frames is survived ...
+    t.send(&[b'#'; 3000]).await;
+    t.send(&ccc_frame(&id, &[fix_at(now_s(), 1)])).await;
+    assert!(
+        t.reply(LONG).await.is_some(),
+        "a frame resets the junk count"
+    );
+    // ... endless junk is not: the slot is freed long before the idle timeout.
+    for _ in 0..16 {
+        if t.try_send(&[b'#'; 1024]).await.is_err() {
+            break;
+        }
+    }
+    assert!(t.closed_within(SHORT * 4).await, "closed for junk");
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints_follow_redis() {
     if !standalone_only("health_endpoints_follow_redis") {
         return;
