@@ -159,7 +159,16 @@ pub(super) fn run(args: &BenchArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(bench(args)) {
+    // On Ctrl-C/SIGTERM the run is dropped, and with it every child process it started
+    // (redis-server, gateways, load generators are all killed on drop): nothing is left
+    // running behind an interrupted benchmark.
+    let interruptible = async {
+        tokio::select! {
+            r = bench(args) => r,
+            () = crate::gateway::termination_signal() => Err("interrupted".to_string()),
+        }
+    };
+    match rt.block_on(interruptible) {
         Ok(dir) => {
             println!("report: {}", dir.join("summary.md").display());
             ExitCode::SUCCESS
