@@ -22,29 +22,13 @@ async fn http(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> (u16, String, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(&body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status: u16 = out[9..12].parse().unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let (status, head, body) = common::gwproc::http_full(addr, method, path, headers, body)
+        .await
+        .expect("the API answers");
     (
         status,
-        head.to_owned(),
-        serde_json::from_str(body).unwrap_or(Value::Null),
+        head,
+        serde_json::from_str(&body).unwrap_or(Value::Null),
     )
 }
 
@@ -214,7 +198,7 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
         s.read_to_end(&mut out).await.unwrap();
         let text = String::from_utf8(out).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        (head.to_owned(), dechunk(body))
+        (head.to_owned(), common::gwproc::dechunk(body))
     };
     let base = format!("/v1/devices/{id}/fixes");
 

@@ -239,6 +239,19 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: Option<&serde_json::Value>,
 ) -> Option<(u16, String)> {
+    http_full(addr, method, path, headers, body)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// [`http`], also returning the response head (status line and headers).
+pub async fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&serde_json::Value>,
+) -> Option<(u16, String, String)> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -268,7 +281,7 @@ pub async fn http(
         } else {
             body.to_owned()
         };
-        Some((status, body))
+        Some((status, head.to_owned(), body))
     };
     tokio::time::timeout(Duration::from_secs(5), fut)
         .await

@@ -665,21 +665,6 @@ impl Backend {
     }
 }
 
-/// Undo HTTP/1.1 chunked transfer encoding.
-pub fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = &after[n + 2..];
-    }
-    out
-}
-
 /// This run is the cluster pass of the suites (`TRACKGATE_TEST_BACKEND=cluster`).
 pub fn cluster_pass() -> bool {
     std::env::var("TRACKGATE_TEST_BACKEND").is_ok_and(|v| v == "cluster")
