@@ -193,7 +193,13 @@ pub struct RedisConfig {
     /// Write jobs (one decoded frame each) queued per writer; connections stop reading
     /// when their writer's queue is full.
     pub queue_depth_jobs: usize,
-    /// Fixes per Redis pipeline.
+    /// Jobs a writer holds once taken from its queue: being written, or waiting for their
+    /// device's earlier job, or for a retry after their shard failed (a Redis Cluster node
+    /// that is down, or whose `WAIT` comes up short). Devices on healthy shards keep being
+    /// written meanwhile; at this bound the writer stops taking jobs (backpressure for
+    /// every device of that writer).
+    pub held_max_jobs: usize,
+    /// Fixes per Redis pipeline (per node on a cluster).
     pub batch_max_fixes: usize,
     /// Longest wait for a batch to fill before it is written anyway.
     pub batch_max_delay_ms: u64,
@@ -217,6 +223,7 @@ impl Default for RedisConfig {
             password: None,
             writers: 2,
             queue_depth_jobs: 1024,
+            held_max_jobs: 16384,
             batch_max_fixes: 512,
             batch_max_delay_ms: 2,
             response_timeout_ms: 2000,
@@ -382,6 +389,7 @@ impl Config {
             ("limits.write_timeout_s", l.write_timeout_s),
             ("redis.writers", r.writers as u64),
             ("redis.queue_depth_jobs", r.queue_depth_jobs as u64),
+            ("redis.held_max_jobs", r.held_max_jobs as u64),
             ("redis.batch_max_fixes", r.batch_max_fixes as u64),
             ("redis.response_timeout_ms", r.response_timeout_ms),
             ("redis.connect_timeout_ms", r.connect_timeout_ms),

@@ -22,6 +22,9 @@ pub const FIXES_EXPIRED_AT_INGEST: &str = "trackgate_fixes_expired_at_ingest_tot
 pub const FIXES_WRITTEN: &str = "trackgate_fixes_written_total";
 pub const JOBS_UNWRITTEN: &str = "trackgate_jobs_unwritten_total";
 pub const QUEUE_DEPTH: &str = "trackgate_write_queue_depth";
+/// Jobs a writer has taken from its queue and not yet settled (in flight, or waiting for
+/// a retry behind a failing shard); at `redis.held_max_jobs` the writer stops taking more.
+pub const WRITER_HELD_JOBS: &str = "trackgate_writer_held_jobs";
 pub const REDIS_WRITE_SECONDS: &str = "trackgate_redis_write_seconds";
 pub const REDIS_WRITE_ERRORS: &str = "trackgate_redis_write_errors_total";
 /// Batches whose `WAIT` saw fewer replicas than `redis.wait_replicas` (retried, not ACKed).

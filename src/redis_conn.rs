@@ -263,7 +263,7 @@ pub fn key_slot(key: &[u8]) -> u16 {
 /// Which primary serves which slots (from `CLUSTER SLOTS`), for per-node pipelines.
 /// A snapshot: a stale entry shows up as `MOVED` or a connection error, and the caller
 /// fetches a new one.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotMap {
     /// (first slot, last slot, primary index into `nodes`), sorted.
     ranges: Vec<(u16, u16, usize)>,

@@ -1,13 +1,17 @@
 //! The Redis writer: a bounded queue per writer task, batched pipelined writes, and the
 //! completion signal that lets a connection acknowledge its device.
 //!
-//! * **Backpressure.** Each writer owns a bounded queue (`queue_depth_jobs`). A connection
-//!   awaits room before it reads its next frame, so a slow or paused Redis stops reading
-//!   from sockets instead of growing memory.
+//! * **Backpressure.** Each writer owns a bounded queue (`queue_depth_jobs`) and holds at
+//!   most `held_max_jobs` jobs taken from it. A connection awaits room before it reads its
+//!   next frame, so a slow or paused Redis stops reading from sockets instead of growing
+//!   memory.
 //! * **Order.** A device always goes to the same writer (hash of its pseudonym), and a
-//!   writer finishes one batch before it starts the next, so a device's fixes reach its
-//!   stream in the order they were read.
-//! * **Nothing lost.** A batch that fails is retried with capped exponential backoff until
+//!   writer sends a device's next call only once its previous one is settled, so a
+//!   device's fixes reach its stream in the order they were read.
+//! * **Isolation.** A writer keeps one pipeline in flight per Redis node and retries each
+//!   device on its own backoff: a cluster shard that fails (primary down, `WAIT` short of
+//!   replicas) holds back its own devices only.
+//! * **Nothing lost.** A call that fails is retried with capped exponential backoff until
 //!   it succeeds or the process is told to give up (shutdown grace over). A job's `done`
 //!   fires only after Redis confirmed it; a job that is never written is never confirmed,
 //!   so the device keeps (and resends) its cached records.
@@ -17,12 +21,15 @@
 //!   retry never duplicates fixes. The same script applies retention (trim + expiry, once
 //!   per device per batch) and refuses entries received before a purge cutoff.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::hash::BuildHasher;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -136,22 +143,33 @@ pub struct Writers {
 }
 
 /// Start `config.writers` writer tasks on clones of `conn`. They run until every [`Sink`]
-/// clone is dropped and their queues are drained, or until `abort` fires (then unwritten
+/// clone is dropped and their jobs are written, or until `abort` fires (then unwritten
 /// jobs are dropped unconfirmed).
 ///
-/// A batch goes out as one pipeline per Redis node: on a single server one pipeline; on a
-/// cluster the devices are grouped by the primary serving their slot (from a cached slot
-/// map) and each group is one pipeline to that node, the groups concurrently. (redis-rs
-/// refuses a pipeline whose keys span slots when it routes by itself, so the writer routes
-/// by address.) A node that answers `MOVED`/`ASK`, or cannot be reached (failover),
-/// makes the writer fetch the slot map again and retry the affected devices; the append
-/// script makes retries idempotent. With `wait_replicas > 0` each node pipeline ends in
-/// `WAIT`, on the connection that carried the writes, and a device is confirmed only if
-/// its node's `WAIT` saw enough replicas.
+/// Work goes out as one pipeline per Redis node, at most one in flight per node and
+/// writer: on a single server that is one pipeline at a time; on a cluster the devices
+/// are grouped by the primary serving their slot (from a cached slot map) and each node
+/// gets its own pipeline, independently of the others. (redis-rs refuses a pipeline whose
+/// keys span slots when it routes by itself, so the writer routes by address.) With
+/// `wait_replicas > 0` each node pipeline ends in `WAIT`, on the connection that carried
+/// the writes, and a device is confirmed only if its node's `WAIT` saw enough replicas.
+///
+/// A device whose call fails is retried with its own backoff while the writer goes on
+/// with everyone else, so one failing shard (a primary down, a replica that cannot keep
+/// up with `WAIT`) holds back only its own devices' ACKs. A failing device's later jobs
+/// wait behind the failed one (order, and the replay rule of the append script), up to
+/// `held_max_jobs` jobs held per writer. A node that answers `MOVED`/`ASK`, or cannot be
+/// reached, makes the writer fetch the slot map again (in the background, routing with the
+/// old map meanwhile).
 pub fn start(conn: RedisConn, config: &RedisConfig, abort: CancellationToken) -> Writers {
     let script = Arc::new(append_script());
     let batch_seq = Arc::new(AtomicU64::new(0));
     let instance: u32 = rand::random();
+    let sender = NodeSender {
+        conn: conn.clone(),
+        wait_replicas: config.wait_replicas,
+        wait_timeout_ms: config.wait_timeout_ms,
+    };
     let mut queues = Vec::with_capacity(config.writers);
     let mut tasks = Vec::with_capacity(config.writers);
     for id in 0..config.writers {
@@ -160,18 +178,34 @@ pub fn start(conn: RedisConn, config: &RedisConfig, abort: CancellationToken) ->
         let w = Writer {
             id,
             conn: conn.clone(),
+            sender: sender.clone(),
             rx,
             script: script.clone(),
             batch_max_fixes: config.batch_max_fixes,
             batch_max_delay: Duration::from_millis(config.batch_max_delay_ms),
             backoff_initial: Duration::from_millis(config.retry_backoff_initial_ms),
             backoff_max: Duration::from_millis(config.retry_backoff_max_ms),
+            held_max_jobs: config.held_max_jobs,
             batch_seq: batch_seq.clone(),
             instance,
             abort: abort.clone(),
             slots: None,
-            wait_replicas: config.wait_replicas,
-            wait_timeout_ms: config.wait_timeout_ms,
+            slots_stale: false,
+            suspect: HashSet::new(),
+            slot_fetch: None,
+            fetch_not_before: None,
+            fetch_backoff: Duration::from_millis(config.retry_backoff_initial_ms),
+            script_load: None,
+            queue_gauge: metrics::gauge!(m::QUEUE_DEPTH, "writer" => id.to_string()),
+            held_gauge: metrics::gauge!(m::WRITER_HELD_JOBS, "writer" => id.to_string()),
+            devices: HashMap::new(),
+            group_seq: 0,
+            held_jobs: 0,
+            fresh_fixes: 0,
+            window_start: None,
+            next_retry: None,
+            in_flight: FuturesUnordered::new(),
+            busy: HashSet::new(),
         };
         tasks.push(tokio::spawn(w.run()));
     }
@@ -184,22 +218,37 @@ pub fn start(conn: RedisConn, config: &RedisConfig, abort: CancellationToken) ->
     }
 }
 
-struct Writer {
-    id: usize,
-    conn: RedisConn,
-    rx: mpsc::Receiver<WriteJob>,
-    script: Arc<redis::Script>,
-    batch_max_fixes: usize,
-    batch_max_delay: Duration,
-    backoff_initial: Duration,
-    backoff_max: Duration,
-    batch_seq: Arc<AtomicU64>,
-    instance: u32,
-    abort: CancellationToken,
-    /// Cluster slot map; `None` until fetched, and again after a routing error.
-    slots: Option<SlotMap>,
-    wait_replicas: u32,
-    wait_timeout_ms: u64,
+/// A node's address; `("", 0)` stands for the single server.
+type NodeAddr = (String, u16);
+
+/// One device's share of the work: one script call each time it is sent.
+struct Group {
+    /// Given at the first send and kept for every retry: the script recognises a replay
+    /// by it. Jobs never join a group once it has one (a retry carrying them would be
+    /// taken for a replay, and they would be skipped).
+    batch_id: Option<Arc<str>>,
+    jobs: Vec<WriteJob>,
+    /// Fixes in `jobs`: a group is closed at `batch_max_fixes`, so one call stays small.
+    fixes: usize,
+    /// Writer-wide creation order, so the oldest work goes first.
+    seq: u64,
+    /// Backoff after a failure: not sent again before this.
+    not_before: Option<Instant>,
+    backoff: Duration,
+    /// Failed on routing (node gone, `MOVED`): a new slot map ends the backoff.
+    waiting_route: bool,
+    permanent_failures: u32,
+}
+
+/// A device's groups, oldest first. Only the head is sent, and only while nothing else of
+/// the device is in flight: its fixes reach the stream in the order they were read, and a
+/// retry never races a newer call.
+#[derive(Default)]
+struct DeviceQueue {
+    groups: VecDeque<Group>,
+    in_flight: bool,
+    /// The device's cluster slot, computed on first need.
+    slot: Option<u16>,
 }
 
 /// What became of one device's script call.
@@ -210,49 +259,109 @@ enum Outcome {
     Failed(redis::RedisError),
 }
 
+/// A node pipeline's answer: per device, in the order sent.
+struct NodeDone {
+    node: NodeAddr,
+    devices: Vec<Pseudonym>,
+    outcomes: Vec<Outcome>,
+    elapsed: Duration,
+}
+
+type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = NodeDone> + Send>>>;
+type SlotFetch = Pin<Box<dyn Future<Output = redis::RedisResult<SlotMap>> + Send>>;
+type ScriptLoad = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+struct Writer {
+    id: usize,
+    conn: RedisConn,
+    sender: NodeSender,
+    rx: mpsc::Receiver<WriteJob>,
+    script: Arc<redis::Script>,
+    batch_max_fixes: usize,
+    batch_max_delay: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    held_max_jobs: usize,
+    batch_seq: Arc<AtomicU64>,
+    instance: u32,
+    abort: CancellationToken,
+    /// Cluster slot map; `None` until first fetched.
+    slots: Option<SlotMap>,
+    /// A routing error was seen: fetch the map again (still routing with the old one,
+    /// except to the nodes that failed).
+    slots_stale: bool,
+    /// Nodes that failed with a routing error: nothing is sent to them until a new slot
+    /// map has arrived (after a failover it routes elsewhere).
+    suspect: HashSet<NodeAddr>,
+    slot_fetch: Option<SlotFetch>,
+    /// After a failed fetch: not again before this (doubling, like the write backoff).
+    fetch_not_before: Option<Instant>,
+    fetch_backoff: Duration,
+    /// `SCRIPT LOAD` after a `NOSCRIPT`, in the background.
+    script_load: Option<ScriptLoad>,
+    queue_gauge: metrics::Gauge,
+    held_gauge: metrics::Gauge,
+    /// Devices with work held by this writer.
+    devices: HashMap<Pseudonym, DeviceQueue>,
+    group_seq: u64,
+    /// Jobs taken from the queue and not yet settled.
+    held_jobs: usize,
+    /// Fixes taken since the last dispatch (a full batch is sent without waiting).
+    fresh_fixes: usize,
+    /// When the oldest job not yet considered for sending arrived.
+    window_start: Option<Instant>,
+    /// Earliest backoff expiry among the devices waiting for a retry.
+    next_retry: Option<Instant>,
+    in_flight: InFlight,
+    /// Nodes with a pipeline of this writer in flight.
+    busy: HashSet<NodeAddr>,
+}
+
 impl Writer {
     async fn run(mut self) {
         // Best effort: with the script cached the first batch needs no NOSCRIPT round.
-        let mut conn = self.conn.clone();
-        let load = self.script.prepare_invoke();
-        let _ = tokio::time::timeout(Duration::from_secs(1), load.load_async(&mut conn)).await;
-        let mut batch: Vec<WriteJob> = Vec::new();
+        self.load_script().await;
+        let mut rx_open = true;
         loop {
-            let first = tokio::select! {
-                job = self.rx.recv() => job,
-                () = self.abort.cancelled() => None,
-            };
-            let Some(first) = first else { break };
-            let mut fixes = first.fixes.len();
-            batch.push(first);
-            let deadline = tokio::time::Instant::now() + self.batch_max_delay;
-            while fixes < self.batch_max_fixes {
-                // Take what is already queued without waiting; wait only up to the deadline.
-                let next = match self.rx.try_recv() {
-                    Ok(job) => Some(job),
-                    Err(mpsc::error::TryRecvError::Disconnected) => None,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        tokio::time::timeout_at(deadline, self.rx.recv())
-                            .await
-                            .unwrap_or_default()
-                    }
-                };
-                let Some(job) = next else { break };
-                fixes += job.fixes.len();
-                batch.push(job);
+            if !rx_open && self.devices.is_empty() && self.in_flight.is_empty() {
+                break;
             }
-            metrics::gauge!(m::QUEUE_DEPTH, "writer" => self.id.to_string())
-                .set(self.rx.len() as f64);
-            let Some(written) = self.write_with_retry(&batch).await else {
-                break; // aborted: the batch stays unconfirmed
-            };
-            for (job, ok) in batch.drain(..).zip(written) {
-                if let (true, Some(done)) = (ok, job.done) {
-                    let _ = done.send(()); // the connection may have gone; that is fine
+            let take = rx_open && self.held_jobs < self.held_max_jobs;
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                () = self.abort.cancelled() => break,
+                Some(done) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.settle(done);
+                    self.dispatch();
                 }
+                () = poll_opt(&mut self.script_load), if self.script_load.is_some() => {
+                    self.script_load = None;
+                }
+                fetched = poll_opt(&mut self.slot_fetch), if self.slot_fetch.is_some() => {
+                    self.slot_fetch = None;
+                    self.slots_fetched(fetched);
+                    self.dispatch();
+                }
+                () = sleep_until_opt(wake), if wake.is_some() => self.dispatch(),
+                job = self.rx.recv(), if take => match job {
+                    Some(job) => {
+                        self.take(job);
+                        rx_open = self.take_queued();
+                        if self.fresh_fixes >= self.batch_max_fixes || !rx_open {
+                            self.dispatch();
+                        }
+                    }
+                    None => {
+                        rx_open = false;
+                        self.dispatch();
+                    }
+                },
             }
+            self.queue_gauge.set(self.rx.len() as f64);
+            self.held_gauge.set(self.held_jobs as f64);
         }
-        let left = batch.len() + self.rx.len();
+        let left = self.held_jobs + self.rx.len();
         if left > 0 {
             tracing::error!(
                 writer = self.id,
@@ -263,152 +372,352 @@ impl Writer {
         }
     }
 
-    /// Write until Redis confirms every device's part of the batch; `None` if aborted
-    /// first. Returns, per job, whether it was written. A device whose part keeps failing
-    /// with a permanent error (wrong key type, script error) is given up after
-    /// [`MAX_PERMANENT_FAILURES`] attempts, unacknowledged, so one broken key cannot stall
-    /// every other device on this writer.
-    async fn write_with_retry(&mut self, batch: &[WriteJob]) -> Option<Vec<bool>> {
-        let seq = self.batch_seq.fetch_add(1, Ordering::Relaxed);
-        let batch_id = format!("{:08x}-{seq:x}", self.instance);
-        let mut groups = group_by_device(batch);
-        let mut written = vec![false; batch.len()];
-        let mut backoff = self.backoff_initial;
-        let mut attempt = 0u32;
-        loop {
-            let started = Instant::now();
-            let pending: Vec<&mut Group<'_>> = groups.iter_mut().filter(|g| !g.settled).collect();
-            if pending.is_empty() {
-                return Some(written);
+    fn load_script(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut conn = self.conn.clone();
+        let script = self.script.clone();
+        async move {
+            let load = script.prepare_invoke();
+            let _ = tokio::time::timeout(Duration::from_secs(1), load.load_async(&mut conn)).await;
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let window = self.window_start.map(|t| t + self.batch_max_delay);
+        [window, self.next_retry, self.fetch_not_before]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Hold `job` in its device's queue: in the open (never sent) last group, or a new one.
+    fn take(&mut self, job: WriteJob) {
+        self.held_jobs += 1;
+        self.fresh_fixes += job.fixes.len();
+        if self.window_start.is_none() {
+            self.window_start = Some(Instant::now());
+        }
+        let dq = match self.devices.get_mut(&job.device) {
+            Some(dq) => dq,
+            None => self.devices.entry(job.device.clone()).or_default(),
+        };
+        let fixes = job.fixes.len();
+        match dq.groups.back_mut() {
+            Some(open) if open.batch_id.is_none() && open.fixes < self.batch_max_fixes => {
+                open.fixes += fixes;
+                open.jobs.push(job);
             }
-            let now_ms = jiff::Timestamp::now().as_millisecond();
-            let calls: Vec<(Vec<u8>, redis::Cmd)> = pending
-                .iter()
-                .map(|g| {
-                    (
-                        fixes_key(g.device).into_bytes(),
-                        append_call(&self.script, batch, g, &batch_id, now_ms),
-                    )
-                })
-                .collect();
-            let outcomes = self.send(calls).await;
-            attempt += 1;
-            metrics::histogram!(m::REDIS_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
-            let mut retry_reason: Option<String> = None;
-            for (g, outcome) in pending.into_iter().zip(outcomes) {
-                match outcome {
-                    Outcome::Applied(n) => {
-                        g.settled = true;
-                        for &j in &g.jobs {
-                            written[j] = true;
-                        }
-                        // -1: a replay of a batch already applied.
-                        metrics::counter!(m::FIXES_WRITTEN).increment(n.max(0) as u64);
-                    }
-                    Outcome::Failed(e) if is_transient(&e) => {
-                        if is_routing(&e) {
-                            self.slots = None;
-                        }
-                        retry_reason = Some(e.to_string());
-                    }
-                    Outcome::Failed(e) => {
-                        g.permanent_failures += 1;
-                        if g.permanent_failures >= MAX_PERMANENT_FAILURES {
-                            g.settled = true;
-                            metrics::counter!(m::JOBS_UNWRITTEN).increment(g.jobs.len() as u64);
-                            tracing::error!(
-                                writer = self.id,
-                                device = %g.device,
-                                error = %e,
-                                "giving up on this device's part of a batch; not acknowledged"
-                            );
-                        } else {
-                            retry_reason = Some(e.to_string());
+            _ => {
+                self.group_seq += 1;
+                dq.groups.push_back(Group {
+                    batch_id: None,
+                    jobs: vec![job],
+                    fixes,
+                    seq: self.group_seq,
+                    not_before: None,
+                    backoff: self.backoff_initial,
+                    waiting_route: false,
+                    permanent_failures: 0,
+                });
+            }
+        }
+    }
+
+    /// Take what is already queued, without waiting, up to a batch; false once the queue
+    /// is closed and empty.
+    fn take_queued(&mut self) -> bool {
+        while self.fresh_fixes < self.batch_max_fixes && self.held_jobs < self.held_max_jobs {
+            match self.rx.try_recv() {
+                Ok(job) => self.take(job),
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+        true
+    }
+
+    /// Send every device whose turn it is, one pipeline per idle node (about
+    /// `batch_max_fixes` fixes each, the oldest work first). Devices left behind wait for
+    /// their node's pipeline to come back, a new slot map, or the end of their backoff.
+    fn dispatch(&mut self) {
+        self.window_start = None;
+        self.fresh_fixes = 0;
+        self.next_retry = None;
+        let now = Instant::now();
+        let mut due: Vec<(u64, Pseudonym)> = Vec::new();
+        for (p, dq) in &self.devices {
+            let Some(head) = dq.groups.front() else {
+                continue;
+            };
+            if dq.in_flight {
+                continue;
+            }
+            match head.not_before {
+                Some(t) if t > now => {
+                    self.next_retry = Some(self.next_retry.map_or(t, |r| r.min(t)));
+                }
+                _ => due.push((head.seq, p.clone())),
+            }
+        }
+        let cluster = self.conn.is_cluster();
+        let want_map = cluster && (self.slots.is_none() || self.slots_stale);
+        if want_map && self.slot_fetch.is_none() && self.fetch_not_before.is_none_or(|t| t <= now) {
+            let conn = self.conn.clone();
+            self.slot_fetch = Some(Box::pin(async move { conn.slot_map().await }));
+            self.slots_stale = false;
+            self.fetch_not_before = None;
+        }
+        if due.is_empty() || (cluster && self.slots.is_none()) {
+            return; // nothing to send, or routed once the map arrives
+        }
+        due.sort_unstable_by_key(|(seq, _)| *seq);
+        // Per node: the devices and the fixes of their head calls.
+        let mut per_node: Vec<(NodeAddr, Vec<Pseudonym>, usize)> = Vec::new();
+        let mut unrouted = 0usize;
+        for (_, p) in due {
+            let Some(dq) = self.devices.get_mut(&p) else {
+                continue;
+            };
+            let node = match &self.slots {
+                Some(map) if cluster => {
+                    let slot = *dq
+                        .slot
+                        .get_or_insert_with(|| key_slot(fixes_key(&p).as_bytes()));
+                    match map.node(slot) {
+                        Some(n) => n.clone(),
+                        None => {
+                            // Not covered (resharding, cluster down): ask for a new map.
+                            unrouted += 1;
+                            self.slots_stale = true;
+                            if let Some(head) = dq.groups.front_mut() {
+                                head.waiting_route = true;
+                                let at = now + head.backoff;
+                                head.not_before = Some(at);
+                                head.backoff = (head.backoff * 2).min(self.backoff_max);
+                                self.next_retry = Some(self.next_retry.map_or(at, |r| r.min(at)));
+                            }
+                            continue;
                         }
                     }
                 }
-            }
-            let Some(reason) = retry_reason else {
-                continue; // all settled (or given up): the loop head returns
+                _ => (String::new(), 0),
             };
+            if self.busy.contains(&node) || self.suspect.contains(&node) {
+                continue; // sent when the node's pipeline returns, or the new map arrives
+            }
+            let fixes = dq.groups.front().map_or(0, |g| g.fixes);
+            match per_node.iter_mut().find(|(n, _, _)| *n == node) {
+                Some((_, devices, n)) => {
+                    if *n + fixes <= self.batch_max_fixes {
+                        devices.push(p);
+                        *n += fixes;
+                    } // else: full; goes with this node's next pipeline
+                }
+                None => per_node.push((node, vec![p], fixes)),
+            }
+        }
+        if unrouted > 0 {
+            tracing::warn!(
+                writer = self.id,
+                devices = unrouted,
+                "slots not covered by the cached cluster map; retrying"
+            );
+        }
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        for (node, candidates, _) in per_node {
+            let seq = self.batch_seq.fetch_add(1, Ordering::Relaxed);
+            let fresh_id: Arc<str> = format!("{:08x}-{seq:x}", self.instance).into();
+            let mut devices = Vec::with_capacity(candidates.len());
+            let mut cmds = Vec::with_capacity(candidates.len());
+            for p in candidates {
+                let Some(dq) = self.devices.get_mut(&p) else {
+                    continue;
+                };
+                let Some(head) = dq.groups.front_mut() else {
+                    continue;
+                };
+                dq.in_flight = true;
+                let id = head.batch_id.get_or_insert_with(|| fresh_id.clone());
+                cmds.push(append_call(&self.script, &p, &head.jobs, id, now_ms));
+                devices.push(p);
+            }
+            self.busy.insert(node.clone());
+            let sender = self.sender.clone();
+            self.in_flight.push(Box::pin(async move {
+                let started = Instant::now();
+                let outcomes = sender.send(&node, cmds).await;
+                NodeDone {
+                    node,
+                    devices,
+                    outcomes,
+                    elapsed: started.elapsed(),
+                }
+            }));
+        }
+    }
+
+    fn slots_fetched(&mut self, fetched: redis::RedisResult<SlotMap>) {
+        match fetched {
+            Ok(map) => {
+                if self.slots.as_ref() != Some(&map) {
+                    // The cluster changed (failover, resharding): devices that back off
+                    // after a routing error may have a working route now.
+                    for dq in self.devices.values_mut().filter(|dq| !dq.in_flight) {
+                        if let Some(head) = dq.groups.front_mut().filter(|h| h.waiting_route) {
+                            head.not_before = None;
+                            head.waiting_route = false;
+                        }
+                    }
+                }
+                self.slots = Some(map);
+                self.suspect.clear();
+                self.fetch_backoff = self.backoff_initial;
+            }
+            Err(e) => {
+                tracing::warn!(writer = self.id, error = %e, retry_in_ms = self.fetch_backoff.as_millis() as u64, "could not fetch the cluster slot map");
+                metrics::counter!(m::REDIS_WRITE_ERRORS).increment(1);
+                // Ask again after a backoff; devices on the suspect nodes (or all, without
+                // any map yet) wait for it, everyone else goes on.
+                self.slots_stale = true;
+                self.fetch_not_before = Some(Instant::now() + self.fetch_backoff);
+                self.fetch_backoff = (self.fetch_backoff * 2).min(self.backoff_max);
+            }
+        }
+    }
+
+    /// Record the outcome of a node pipeline: confirm what was applied, set the rest back
+    /// for a retry after its own backoff.
+    fn settle(&mut self, done: NodeDone) {
+        self.busy.remove(&done.node);
+        metrics::histogram!(m::REDIS_WRITE_SECONDS).record(done.elapsed.as_secs_f64());
+        let now = Instant::now();
+        let mut failed: Option<(usize, String)> = None;
+        let mut noscript = false;
+        for (p, outcome) in done.devices.iter().zip(done.outcomes) {
+            let Some(dq) = self.devices.get_mut(p) else {
+                continue;
+            };
+            dq.in_flight = false;
+            match outcome {
+                Outcome::Applied(n) => {
+                    if let Some(g) = dq.groups.pop_front() {
+                        self.held_jobs -= g.jobs.len();
+                        for job in g.jobs {
+                            if let Some(done) = job.done {
+                                let _ = done.send(()); // the connection may be gone; fine
+                            }
+                        }
+                    }
+                    if dq.groups.is_empty() {
+                        self.devices.remove(p);
+                    }
+                    // -1: a replay of a call already applied.
+                    metrics::counter!(m::FIXES_WRITTEN).increment(n.max(0) as u64);
+                }
+                Outcome::Failed(e) => {
+                    noscript |= e.code() == Some("NOSCRIPT");
+                    let routing = is_routing(&e) && self.conn.is_cluster();
+                    if routing {
+                        self.slots_stale = true;
+                        self.suspect.insert(done.node.clone());
+                        if let Some(head) = dq.groups.front_mut() {
+                            head.waiting_route = true;
+                        }
+                    }
+                    if self.failed(p, &e, now) {
+                        let f = failed.get_or_insert_with(|| (0, e.to_string()));
+                        f.0 += 1;
+                    }
+                }
+            }
+        }
+        if let Some((devices, error)) = failed {
             metrics::counter!(m::REDIS_WRITE_ERRORS).increment(1);
             tracing::warn!(
                 writer = self.id,
-                attempt,
-                error = %reason,
-                retry_in_ms = backoff.as_millis() as u64,
-                "redis write failed; keeping the batch"
+                node = %format_args!("{}:{}", done.node.0, done.node.1),
+                devices,
+                error = %error,
+                "redis write failed; these devices' fixes are kept for a retry"
             );
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = self.abort.cancelled() => return None,
-            }
-            backoff = (backoff * 2).min(self.backoff_max);
-            // A restarted Redis (or a promoted replica) may lack the script; loading it
-            // again (on every primary) is cheap.
-            let mut conn = self.conn.clone();
-            let _ = self.script.prepare_invoke().load_async(&mut conn).await;
+        }
+        if noscript && self.script_load.is_none() {
+            // A restarted Redis (or a promoted replica) lacks the script; the devices
+            // retry after their backoff, by when it is loaded (on every primary).
+            self.script_load = Some(Box::pin(self.load_script()));
         }
     }
 
-    /// Send the calls `(routing key, command)`, one pipeline per node, and report per call.
-    async fn send(&mut self, calls: Vec<(Vec<u8>, redis::Cmd)>) -> Vec<Outcome> {
-        if !self.conn.is_cluster() {
-            let cmds: Vec<redis::Cmd> = calls.into_iter().map(|(_, c)| c).collect();
-            return self.node_send(&(String::new(), 0), cmds).await;
-        }
-        if self.slots.is_none() {
-            match self.conn.slot_map().await {
-                Ok(map) => self.slots = Some(map),
-                Err(e) => return calls.iter().map(|_| Outcome::Failed(e.clone())).collect(),
-            }
-        }
-        let map = self.slots.clone().unwrap_or_default();
-        // Group by node, keeping each call's index.
-        let mut by_node: Vec<NodeBatch> = Vec::new();
-        let mut unrouted: Vec<usize> = Vec::new();
-        for (i, (key, cmd)) in calls.into_iter().enumerate() {
-            let Some(node) = map.node(key_slot(&key)) else {
-                unrouted.push(i);
-                continue;
-            };
-            match by_node.iter_mut().find(|(n, _, _)| n == node) {
-                Some((_, idx, cmds)) => {
-                    idx.push(i);
-                    cmds.push(cmd);
+    /// The head call of `p` failed with `e`: back off, or give up on a permanent error
+    /// after [`MAX_PERMANENT_FAILURES`] attempts (unacknowledged, so one broken key cannot
+    /// hold the device forever). True if it will be retried.
+    fn failed(&mut self, p: &Pseudonym, e: &redis::RedisError, now: Instant) -> bool {
+        let Some(dq) = self.devices.get_mut(p) else {
+            return false;
+        };
+        let Some(head) = dq.groups.front_mut() else {
+            return false;
+        };
+        if !is_transient(e) {
+            head.permanent_failures += 1;
+            if head.permanent_failures >= MAX_PERMANENT_FAILURES {
+                let jobs = dq.groups.pop_front().map_or(0, |g| g.jobs.len());
+                if dq.groups.is_empty() {
+                    self.devices.remove(p);
                 }
-                None => by_node.push((node.clone(), vec![i], vec![cmd])),
+                self.held_jobs -= jobs;
+                metrics::counter!(m::JOBS_UNWRITTEN).increment(jobs as u64);
+                tracing::error!(
+                    writer = self.id,
+                    device = %p,
+                    error = %e,
+                    "giving up on this device's write; not acknowledged"
+                );
+                return false;
             }
         }
-        let total = by_node.iter().map(|(_, idx, _)| idx.len()).sum::<usize>() + unrouted.len();
-        let this = &*self;
-        let sent = by_node.into_iter().map(|(node, idx, cmds)| async move {
-            let outcomes = this.node_send(&node, cmds).await;
-            (idx, outcomes)
-        });
-        let mut out: Vec<Option<Outcome>> = (0..total).map(|_| None).collect();
-        for (idx, outcomes) in futures::future::join_all(sent).await {
-            for (i, o) in idx.into_iter().zip(outcomes) {
-                if let Some(slot) = out.get_mut(i) {
-                    *slot = Some(o);
-                }
-            }
-        }
-        out.into_iter()
-            .map(|o| {
-                o.unwrap_or_else(|| {
-                    Outcome::Failed(redis::RedisError::from((
-                        redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
-                        "slot not covered by the cached slot map",
-                    )))
-                })
-            })
-            .collect()
+        self.back_off(p, now);
+        true
     }
 
+    /// Hold the head call of `p` back for its backoff, which then doubles.
+    fn back_off(&mut self, p: &Pseudonym, now: Instant) {
+        let Some(head) = self.devices.get_mut(p).and_then(|dq| dq.groups.front_mut()) else {
+            return;
+        };
+        let at = now + head.backoff;
+        head.not_before = Some(at);
+        head.backoff = (head.backoff * 2).min(self.backoff_max);
+        self.next_retry = Some(self.next_retry.map_or(at, |r| r.min(at)));
+    }
+}
+
+/// Await the future in `slot`, or never if there is none.
+async fn poll_opt<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends node pipelines; owns what it needs so that pipelines run on their own.
+#[derive(Clone)]
+struct NodeSender {
+    conn: RedisConn,
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
+}
+
+impl NodeSender {
     /// One pipeline to one node (`node` is ignored on a single server): the calls, then
     /// `WAIT` if configured. Per call: applied, or why not.
-    async fn node_send(&self, node: &(String, u16), cmds: Vec<redis::Cmd>) -> Vec<Outcome> {
+    async fn send(&self, node: &NodeAddr, cmds: Vec<redis::Cmd>) -> Vec<Outcome> {
         let n = cmds.len();
         let mut pipe = redis::pipe();
         for cmd in cmds {
@@ -473,9 +782,6 @@ impl Writer {
     }
 }
 
-/// One node's share of a batch: its address, the calls' indices, the calls.
-type NodeBatch = ((String, u16), Vec<usize>, Vec<redis::Cmd>);
-
 /// Errors after which the cached slot map is suspect.
 fn is_routing(e: &redis::RedisError) -> bool {
     e.is_io_error()
@@ -512,33 +818,6 @@ fn is_transient(e: &redis::RedisError) -> bool {
     )
 }
 
-/// One device's share of a batch.
-struct Group<'a> {
-    device: &'a Pseudonym,
-    /// Indices into the batch, in order.
-    jobs: Vec<usize>,
-    settled: bool,
-    permanent_failures: u32,
-}
-
-fn group_by_device(batch: &[WriteJob]) -> Vec<Group<'_>> {
-    let mut index: HashMap<&Pseudonym, usize> = HashMap::new();
-    let mut groups: Vec<Group<'_>> = Vec::new();
-    for (j, job) in batch.iter().enumerate() {
-        let g = *index.entry(&job.device).or_insert_with(|| {
-            groups.push(Group {
-                device: &job.device,
-                jobs: Vec::new(),
-                settled: false,
-                permanent_failures: 0,
-            });
-            groups.len() - 1
-        });
-        groups[g].jobs.push(j);
-    }
-    groups
-}
-
 /// The Redis pipeline for one batch: one EVALSHA per device, in first-seen order.
 /// Public for the write-path benchmark.
 pub fn build_pipeline(
@@ -547,33 +826,53 @@ pub fn build_pipeline(
     batch_id: &str,
 ) -> redis::Pipeline {
     let now_ms = jiff::Timestamp::now().as_millisecond();
-    let groups = group_by_device(batch);
-    let mut pipe = redis::Pipeline::with_capacity(groups.len());
-    for g in &groups {
-        pipe.add_command(append_call(script, batch, g, batch_id, now_ms));
+    let mut order: Vec<&Pseudonym> = Vec::new();
+    let mut by_device: HashMap<&Pseudonym, Vec<&WriteJob>> = HashMap::new();
+    for job in batch {
+        by_device
+            .entry(&job.device)
+            .or_insert_with(|| {
+                order.push(&job.device);
+                Vec::new()
+            })
+            .push(job);
+    }
+    let mut pipe = redis::Pipeline::with_capacity(order.len());
+    for device in order {
+        let jobs = by_device.get(device).map(Vec::as_slice).unwrap_or_default();
+        pipe.add_command(append_call(
+            script,
+            device,
+            jobs.iter().copied(),
+            batch_id,
+            now_ms,
+        ));
     }
     pipe
 }
 
-fn append_call(
+/// One device's script call over `jobs` (all of that device, in order).
+fn append_call<'a, J>(
     script: &redis::Script,
-    batch: &[WriteJob],
-    group: &Group<'_>,
+    device: &Pseudonym,
+    jobs: J,
     batch_id: &str,
     now_ms: i64,
-) -> redis::Cmd {
-    let device = group.device;
-    let ttl_ms = group
-        .jobs
-        .iter()
-        .map(|&j| i64::try_from(batch[j].ttl.as_millis()).unwrap_or(i64::MAX))
+) -> redis::Cmd
+where
+    J: IntoIterator<Item = &'a WriteJob> + Clone,
+{
+    let ttl_ms = jobs
+        .clone()
+        .into_iter()
+        .map(|j| i64::try_from(j.ttl.as_millis()).unwrap_or(i64::MAX))
         .max()
         .unwrap_or(0);
     // Sized up front: the command is built arg by arg, and growing its buffers as it goes
     // was a visible share of the gateway's profile (realloc + memmove).
     let (mut args, mut bytes) = (11, 160 + batch_id.len());
-    for &j in &group.jobs {
-        for fix in &batch[j].fixes {
+    for job in jobs.clone() {
+        for fix in &job.fixes {
             args += 3 + fix.arg_count();
             bytes += 40
                 + fix
@@ -595,8 +894,7 @@ fn append_call(
         .arg(now_ms.saturating_sub(ttl_ms))
         .arg(now_ms)
         .arg(device.key_version());
-    for &j in &group.jobs {
-        let job = &batch[j];
+    for job in jobs {
         for fix in &job.fixes {
             cmd.arg(job.received_ms)
                 .arg(fix.fix_time_s.unwrap_or(-1))

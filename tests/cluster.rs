@@ -26,7 +26,7 @@ use trackgate::redis_conn::RedisConn;
 use trackgate::registry::{Customer, Registry};
 use trackgate::retention::{Retention, sweep_once, try_lease};
 use trackgate::sink::{self, WriteJob};
-use trackgate::storage::{F_PACKED, PACKED_FIELDS, StoredFix, fixes_key, meta_key, unpack};
+use trackgate::storage::{StoredFix, fixes_key, meta_key};
 use trackgate_protocols::MessageKind;
 
 const LONG: Duration = Duration::from_secs(15);
@@ -37,19 +37,7 @@ async fn xlen(conn: &mut RedisConn, p: &Pseudonym) -> usize {
 
 /// Mileage values (the tests' per-fix marker) stored in a device's stream.
 async fn mileages(conn: &mut RedisConn, p: &Pseudonym) -> HashSet<i64> {
-    let r: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(p)).await.unwrap();
-    let mileage = PACKED_FIELDS
-        .iter()
-        .position(|(n, _)| *n == "mileage_m")
-        .unwrap();
-    r.ids
-        .iter()
-        .filter_map(|e| {
-            let d: Vec<u8> = redis::from_redis_value(e.map[F_PACKED].clone()).ok()?;
-            let (_, values) = unpack(&d)?;
-            values.iter().find(|(i, _)| *i == mileage).map(|(_, v)| *v)
-        })
-        .collect()
+    stored_mileages(conn, p).await.into_iter().collect()
 }
 
 async fn http(
@@ -511,6 +499,110 @@ async fn wait_withholds_the_ack_until_a_replica_has_the_write() {
         2,
         "and replicated"
     );
+    gw.shutdown();
+    gw.wait().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A shard that cannot satisfy `WAIT` holds back only its own devices: one writer carries
+// every device, one shard's replica is frozen, and devices on the other shards keep
+// getting their ACKs; the frozen shard's devices get theirs once the replica is back, and
+// every fix is stored once.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_without_its_replica_holds_back_only_its_own_devices() {
+    let mut backend = Backend::cluster();
+    let keys = Arc::new(KeyRing::ephemeral());
+    let mut config = backend.config();
+    config.redis.wait_replicas = 1;
+    config.redis.wait_timeout_ms = 300;
+    config.redis.writers = 1; // every device on one writer: the worst case
+    let gw = Gateway::start(config, keys.clone()).await.unwrap();
+    let Backend::Cluster(cluster) = &mut backend else {
+        unreachable!()
+    };
+    let shard = |c: &RedisCluster, id: &str| c.primary_of(&fixes_key(&pseudonym(&keys, id)));
+    let ids: Vec<String> = (700..760).map(imei).collect();
+    let stalled_primary = shard(cluster, &ids[0]);
+    let stalled_ids: Vec<String> = ids
+        .iter()
+        .filter(|id| shard(cluster, id) == stalled_primary)
+        .take(3)
+        .cloned()
+        .collect();
+    let healthy_ids: Vec<String> = ids
+        .iter()
+        .filter(|id| shard(cluster, id) != stalled_primary)
+        .take(6)
+        .cloned()
+        .collect();
+    let healthy_shards: HashSet<u16> = healthy_ids.iter().map(|id| shard(cluster, id)).collect();
+    assert_eq!(
+        healthy_shards.len(),
+        2,
+        "the healthy devices span both other shards"
+    );
+
+    let addr = gw.tracker_addrs[0];
+    let mut stalled = Vec::new();
+    let mut healthy = Vec::new();
+    for (ids, trackers) in [(&stalled_ids, &mut stalled), (&healthy_ids, &mut healthy)] {
+        for id in ids {
+            let mut t = Tracker::connect(addr).await;
+            t.send(&ccc_frame(id, &[fix_at(now_s(), 0)])).await;
+            assert!(
+                t.reply(LONG).await.is_some(),
+                "{id}: confirmed before the freeze"
+            );
+            trackers.push((id.clone(), t));
+        }
+    }
+
+    let replica = cluster.replica_of(stalled_primary);
+    cluster.node_mut(replica).freeze();
+    for (id, t) in &mut stalled {
+        t.send(&ccc_frame(id, &[fix_at(now_s(), 1)])).await;
+    }
+    // Several rounds while the stalled shard's writes are retried (each retry waits
+    // out its WAIT): the other shards' devices are confirmed all along.
+    for round in 1..=5 {
+        for (id, t) in &mut healthy {
+            t.send(&ccc_frame(id, &[fix_at(now_s(), round)])).await;
+            assert!(
+                t.reply(Duration::from_secs(2)).await.is_some(),
+                "{id}: confirmed in round {round} although another shard cannot replicate"
+            );
+        }
+    }
+    for (id, t) in &mut stalled {
+        assert_eq!(
+            t.reply(Duration::from_millis(200)).await,
+            None,
+            "{id}: not confirmed while its shard's replica is frozen"
+        );
+    }
+    cluster.node_mut(replica).thaw();
+    for (id, t) in &mut stalled {
+        assert!(
+            t.reply(Duration::from_secs(30)).await.is_some(),
+            "{id}: confirmed once the replica is back"
+        );
+    }
+    let mut conn = backend.conn();
+    for (id, _) in &stalled {
+        assert_eq!(
+            xlen(&mut conn, &pseudonym(&keys, id)).await,
+            2,
+            "{id}: written once"
+        );
+    }
+    for (id, _) in &healthy {
+        assert_eq!(
+            xlen(&mut conn, &pseudonym(&keys, id)).await,
+            6,
+            "{id}: written once"
+        );
+    }
     gw.shutdown();
     gw.wait().await;
 }

@@ -348,6 +348,28 @@ pub async fn stream_len<C: redis::aio::ConnectionLike + Send + Sync>(
 }
 
 /// Wait until `f` holds (polling), or panic after `wait`.
+/// The mileage values (the tests' per-fix marker) stored in a device's stream, in stream
+/// order.
+pub async fn stored_mileages<C: redis::aio::ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    p: &Pseudonym,
+) -> Vec<i64> {
+    use trackgate::storage::{F_PACKED, PACKED_FIELDS, fixes_key, unpack};
+    let r: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(p)).await.unwrap();
+    let mileage = PACKED_FIELDS
+        .iter()
+        .position(|(n, _)| *n == "mileage_m")
+        .unwrap();
+    r.ids
+        .iter()
+        .filter_map(|e| {
+            let d: Vec<u8> = redis::from_redis_value(e.map.get(F_PACKED)?.clone()).ok()?;
+            let (_, values) = unpack(&d)?;
+            values.iter().find(|(i, _)| *i == mileage).map(|(_, v)| *v)
+        })
+        .collect()
+}
+
 pub async fn eventually<F, Fut>(wait: Duration, what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
@@ -461,8 +483,24 @@ impl ClusterNode {
         self.spawn();
     }
 
+    /// Freeze the node (SIGSTOP): its connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            signal(c.id(), "-STOP");
+        }
+    }
+
+    pub fn thaw(&self) {
+        if let Some(c) = &self.child {
+            signal(c.id(), "-CONT");
+        }
+    }
+
     /// Kill the process (SIGKILL: no goodbye to the cluster).
     pub fn kill(&mut self) {
+        if let Some(c) = &self.child {
+            signal(c.id(), "-CONT");
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -582,6 +620,26 @@ impl RedisCluster {
             }
         }
         panic!("no primary for slot {slot}");
+    }
+
+    /// The port of a live replica of the primary on `primary`.
+    pub fn replica_of(&self, primary: u16) -> u16 {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some() && n.port != primary)
+            .find(|n| {
+                n.sync_conn().is_some_and(|mut c| {
+                    redis::cmd("INFO")
+                        .arg("replication")
+                        .query::<String>(&mut c)
+                        .is_ok_and(|i| {
+                            i.contains("role:slave")
+                                && i.contains(&format!("master_port:{primary}\r\n"))
+                        })
+                })
+            })
+            .map(|n| n.port)
+            .unwrap_or_else(|| panic!("no replica of {primary}"))
     }
 
     pub fn node_mut(&mut self, port: u16) -> &mut ClusterNode {
