@@ -14,6 +14,9 @@ use sha2::Digest;
 use trackgate::loadgen::fleet::sample_fixes;
 use trackgate::pseudonym::{Imei, KeyRing};
 use trackgate::sink::{WriteJob, append_script, build_pipeline};
+
+/// The default `retention.ingest_upkeep_interval_s`.
+const UPKEEP: Duration = Duration::from_secs(60);
 use trackgate::storage::StoredFix;
 use trackgate_protocols::MessageKind;
 
@@ -49,7 +52,7 @@ fn write_batch(c: &mut Criterion) {
             }
         })
         .collect();
-    let encoded = build_pipeline(&script, &jobs, "bench-1").get_packed_pipeline();
+    let encoded = build_pipeline(&script, &jobs, "bench-1", UPKEEP).get_packed_pipeline();
     let mut g = c.benchmark_group("write_batch");
     g.throughput(Throughput::Elements(64 * 8));
     g.bench_function("memcpy_baseline", |b| {
@@ -68,7 +71,7 @@ fn write_batch(c: &mut Criterion) {
     });
     g.bench_function("pipeline_encode_512_fixes", |b| {
         b.iter(|| {
-            let p: Pipeline = build_pipeline(&script, black_box(&jobs), "bench-1");
+            let p: Pipeline = build_pipeline(&script, black_box(&jobs), "bench-1", UPKEEP);
             p.get_packed_pipeline().len()
         })
     });

@@ -246,6 +246,18 @@ pub struct RetentionConfig {
     /// Upper bound for a customer's agreed retention (`retention_s` of the customer,
     /// set with `trackgate customer add` or the admin API).
     pub max_customer_ttl_s: u64,
+    /// How often the write path trims a device's stream and pushes its expiry out (to
+    /// TTL + this, so a key never expires before its newest fix's TTL). Capped at
+    /// `sweep_interval_s`, which keeps "physically gone by TTL + sweep interval" true.
+    /// Doing it on every write cost about a tenth of Redis's time per write.
+    pub ingest_upkeep_interval_s: u64,
+}
+
+impl RetentionConfig {
+    /// [`RetentionConfig::ingest_upkeep_interval_s`], capped at the sweep interval.
+    pub fn ingest_upkeep(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.ingest_upkeep_interval_s.min(self.sweep_interval_s))
+    }
 }
 
 impl Default for RetentionConfig {
@@ -254,6 +266,7 @@ impl Default for RetentionConfig {
             ttl_s: DEFAULT_TTL_S,
             sweep_interval_s: 3600,
             max_customer_ttl_s: 365 * 24 * 3600,
+            ingest_upkeep_interval_s: 60,
         }
     }
 }
@@ -400,6 +413,10 @@ impl Config {
             (
                 "retention.sweep_interval_s",
                 self.retention.sweep_interval_s,
+            ),
+            (
+                "retention.ingest_upkeep_interval_s",
+                self.retention.ingest_upkeep_interval_s,
             ),
         ];
         for (field, v) in positive {

@@ -61,7 +61,12 @@ impl Gateway {
         let config = Arc::new(config);
         let conn = redis_conn::connect(&config.redis)?;
         let abort = CancellationToken::new();
-        let writers = sink::start(conn.clone(), &config.redis, abort.clone());
+        let writers = sink::start(
+            conn.clone(),
+            &config.redis,
+            config.retention.ingest_upkeep(),
+            abort.clone(),
+        );
         let shutdown = CancellationToken::new();
         let framer = Framer::new(Direction::DeviceToServer, config.limits.max_frame_bytes)
             .with_early_resync(true);

@@ -18,8 +18,9 @@
 //! * **Exactly once per batch.** A pipeline that timed out may still run on the server
 //!   later. Each device's part of a batch is one script call tagged with the batch id; the
 //!   script skips a call whose id is already recorded as the device's last batch, so a
-//!   retry never duplicates fixes. The same script applies retention (trim + expiry, once
-//!   per device per batch) and refuses entries received before a purge cutoff.
+//!   retry never duplicates fixes. The same script applies retention (trim + expiry, at most
+//!   once per `retention.ingest_upkeep_interval_s` per device) and refuses entries
+//!   received before a purge cutoff.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -77,15 +78,22 @@ impl Sink {
 /// per device and batch. A replay rewrites the batch id (a no-op write) so that it is
 /// replicated again: a `WAIT` after a retry on a new connection then also covers the
 /// first attempt's data. KEYS: fixes stream, meta hash, tombstone hash.
-/// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, then per entry:
-/// received ms, fix time s (or -1), field count, field/value pairs.
+/// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, upkeep ms, then per
+/// entry: received ms, fix time s (or -1), field count, field/value pairs.
 ///
 /// Tombstone (written by purges, `crate::purge`): field `all` = cutoff ms of a complete
 /// purge; fields `r:<from_s>:<to_s>` = cutoff ms of a range purge over fix times. An entry
 /// received at or before a cutoff that covers it is not written: a purge is final even
-/// for data that was already in flight when it ran.
+/// for data that was already in flight when it ran. Without a tombstone the entries are
+/// not parsed at all (most writes).
+///
+/// Upkeep (trim to the TTL, expiry of stream and meta) runs when the last one is more
+/// than `upkeep` ms old, or the TTL changed: meta field `ue` holds the expiry it set,
+/// now + ttl + upkeep, so no key expires before its newest fix's TTL, and the sweeper
+/// trims exactly. `ue` is only advanced when the stream itself was upkept (0 otherwise).
 const APPEND_SCRIPT: &str = r#"
-if redis.call('HGET', KEYS[2], 'lb') == ARGV[1] then
+local meta = redis.call('HMGET', KEYS[2], 'lb', 'ue', 'tt')
+if meta[1] == ARGV[1] then
   redis.call('HSET', KEYS[2], 'lb', ARGV[1])
   return -1
 end
@@ -103,16 +111,20 @@ for t = 1, #tomb, 2 do
     ranges[#ranges + 1] = {tonumber(a), tonumber(b), v}
   end
 end
-local i = 6
+local checks = #tomb > 0
+local i = 7
 local written = 0
 while i <= #ARGV do
-  local recv = tonumber(ARGV[i])
-  local fixt = tonumber(ARGV[i + 1])
   local n = tonumber(ARGV[i + 2])
-  local keep = recv > all
-  if keep then
-    for _, r in ipairs(ranges) do
-      if recv <= r[3] and fixt >= r[1] and fixt <= r[2] then keep = false break end
+  local keep = true
+  if checks then
+    local recv = tonumber(ARGV[i])
+    keep = recv > all
+    if keep then
+      local fixt = tonumber(ARGV[i + 1])
+      for _, r in ipairs(ranges) do
+        if recv <= r[3] and fixt >= r[1] and fixt <= r[2] then keep = false break end
+      end
     end
   end
   if keep then
@@ -121,12 +133,21 @@ while i <= #ARGV do
   end
   i = i + 3 + n
 end
-if written > 0 then
+local now = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[2])
+local up = tonumber(ARGV[6])
+local due = meta[2] == false or meta[3] ~= ARGV[2] or tonumber(meta[2]) < now + ttl
+if due and written > 0 then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ttl + up)
+  redis.call('HSET', KEYS[2], 'lb', ARGV[1], 'ls', ARGV[4], 'kv', ARGV[5], 'tt', ARGV[2],
+    'ue', string.format('%d', now + ttl + up))
+elseif due then
+  redis.call('HSET', KEYS[2], 'lb', ARGV[1], 'ls', ARGV[4], 'kv', ARGV[5], 'tt', ARGV[2], 'ue', 0)
+else
+  redis.call('HSET', KEYS[2], 'lb', ARGV[1], 'ls', ARGV[4], 'kv', ARGV[5])
 end
-redis.call('HSET', KEYS[2], 'lb', ARGV[1], 'ls', ARGV[4], 'kv', ARGV[5], 'tt', ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if due then redis.call('PEXPIRE', KEYS[2], ttl + up) end
 return written
 "#;
 
@@ -161,7 +182,12 @@ pub struct Writers {
 /// `held_max_jobs` jobs held per writer. A node that answers `MOVED`/`ASK`, or cannot be
 /// reached, makes the writer fetch the slot map again (in the background, routing with the
 /// old map meanwhile).
-pub fn start(conn: RedisConn, config: &RedisConfig, abort: CancellationToken) -> Writers {
+pub fn start(
+    conn: RedisConn,
+    config: &RedisConfig,
+    upkeep: Duration,
+    abort: CancellationToken,
+) -> Writers {
     let script = Arc::new(append_script());
     let batch_seq = Arc::new(AtomicU64::new(0));
     let instance: u32 = rand::random();
@@ -186,6 +212,7 @@ pub fn start(conn: RedisConn, config: &RedisConfig, abort: CancellationToken) ->
             backoff_initial: Duration::from_millis(config.retry_backoff_initial_ms),
             backoff_max: Duration::from_millis(config.retry_backoff_max_ms),
             held_max_jobs: config.held_max_jobs,
+            upkeep_ms: i64::try_from(upkeep.as_millis()).unwrap_or(i64::MAX),
             batch_seq: batch_seq.clone(),
             instance,
             abort: abort.clone(),
@@ -282,6 +309,8 @@ struct Writer {
     backoff_initial: Duration,
     backoff_max: Duration,
     held_max_jobs: usize,
+    /// `retention.ingest_upkeep_interval_s` (capped), for the append script.
+    upkeep_ms: i64,
     batch_seq: Arc<AtomicU64>,
     instance: u32,
     abort: CancellationToken,
@@ -537,7 +566,14 @@ impl Writer {
                 };
                 dq.in_flight = true;
                 let id = head.batch_id.get_or_insert_with(|| fresh_id.clone());
-                cmds.push(append_call(&self.script, &p, &head.jobs, id, now_ms));
+                cmds.push(append_call(
+                    &self.script,
+                    &p,
+                    &head.jobs,
+                    id,
+                    now_ms,
+                    self.upkeep_ms,
+                ));
                 devices.push(p);
             }
             self.busy.insert(node.clone());
@@ -824,7 +860,9 @@ pub fn build_pipeline(
     script: &redis::Script,
     batch: &[WriteJob],
     batch_id: &str,
+    upkeep: Duration,
 ) -> redis::Pipeline {
+    let upkeep_ms = i64::try_from(upkeep.as_millis()).unwrap_or(i64::MAX);
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut order: Vec<&Pseudonym> = Vec::new();
     let mut by_device: HashMap<&Pseudonym, Vec<&WriteJob>> = HashMap::new();
@@ -846,6 +884,7 @@ pub fn build_pipeline(
             jobs.iter().copied(),
             batch_id,
             now_ms,
+            upkeep_ms,
         ));
     }
     pipe
@@ -858,6 +897,7 @@ fn append_call<'a, J>(
     jobs: J,
     batch_id: &str,
     now_ms: i64,
+    upkeep_ms: i64,
 ) -> redis::Cmd
 where
     J: IntoIterator<Item = &'a WriteJob> + Clone,
@@ -870,7 +910,7 @@ where
         .unwrap_or(0);
     // Sized up front: the command is built arg by arg, and growing its buffers as it goes
     // was a visible share of the gateway's profile (realloc + memmove).
-    let (mut args, mut bytes) = (11, 160 + batch_id.len());
+    let (mut args, mut bytes) = (12, 180 + batch_id.len());
     for job in jobs.clone() {
         for fix in &job.fixes {
             args += 3 + fix.arg_count();
@@ -893,7 +933,8 @@ where
         .arg(ttl_ms)
         .arg(now_ms.saturating_sub(ttl_ms))
         .arg(now_ms)
-        .arg(device.key_version());
+        .arg(device.key_version())
+        .arg(upkeep_ms);
     for job in jobs {
         for fix in &job.fixes {
             cmd.arg(job.received_ms)

@@ -127,6 +127,7 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
     let writers = sink::start(
         trackgate::redis_conn::connect(&cfg).unwrap(),
         &cfg,
+        Duration::from_secs(60),
         CancellationToken::new(),
     );
 
@@ -370,6 +371,7 @@ async fn in_flight_range_fixes_are_refused_others_kept() {
     let writers = sink::start(
         trackgate::redis_conn::connect(&cfg).unwrap(),
         &cfg,
+        Duration::from_secs(60),
         CancellationToken::new(),
     );
     let base = now_s().as_second() - 600;

@@ -49,6 +49,7 @@ async fn a_device_s_jobs_wait_behind_its_failed_one_and_keep_their_order() {
     let writers = sink::start(
         trackgate::redis_conn::connect(&cfg).unwrap(),
         &cfg,
+        Duration::from_secs(60),
         CancellationToken::new(),
     );
     let keys = KeyRing::ephemeral();
@@ -97,6 +98,7 @@ async fn a_writer_holds_at_most_held_max_jobs_then_pushes_back() {
     let writers = sink::start(
         trackgate::redis_conn::connect(&cfg).unwrap(),
         &cfg,
+        Duration::from_secs(60),
         CancellationToken::new(),
     );
     let keys = KeyRing::ephemeral();
@@ -138,4 +140,61 @@ async fn a_writer_holds_at_most_held_max_jobs_then_pushes_back() {
         let want: Vec<i64> = if n == 0 { vec![1000, 1001] } else { vec![1001] };
         assert_eq!(stored_mileages(&mut conn, p).await, want, "device {n}");
     }
+}
+
+/// Retention upkeep on the write path: the first write trims and sets the expiry to
+/// TTL + upkeep interval; writes within the interval leave it alone (it already covers
+/// their TTL); a changed TTL (the owner's agreed retention) applies at the next write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_is_pushed_out_once_per_upkeep_interval_and_follows_a_ttl_change() {
+    use redis::AsyncCommands;
+    use trackgate::storage::{fixes_key, meta_key};
+    let redis = RedisServer::start();
+    let cfg = one_writer(&redis);
+    let upkeep = Duration::from_secs(60);
+    let writers = sink::start(
+        trackgate::redis_conn::connect(&cfg).unwrap(),
+        &cfg,
+        upkeep,
+        CancellationToken::new(),
+    );
+    let keys = KeyRing::ephemeral();
+    let p = pseudonym(&keys, &imei(30));
+    let mut conn = redis.conn().await;
+    let write = |i: i32, ttl: Duration| {
+        let sink = writers.sink.clone();
+        let p = p.clone();
+        async move {
+            let (mut j, done) = job(&p, i);
+            j.ttl = ttl;
+            sink.submit(j).await.unwrap();
+            tokio::time::timeout(LONG, done).await.unwrap().unwrap();
+        }
+    };
+    let hour = Duration::from_secs(3600);
+    write(0, hour).await;
+    let pttl: i64 = conn.pttl(fixes_key(&p)).await.unwrap();
+    assert!(
+        pttl > 3_600_000 && pttl <= 3_660_000,
+        "TTL + upkeep interval: {pttl} ms"
+    );
+    let ue: i64 = conn.hget(meta_key(&p), "ue").await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write(1, hour).await;
+    let ue_after: i64 = conn.hget(meta_key(&p), "ue").await.unwrap();
+    assert_eq!(ue_after, ue, "within the interval: no upkeep");
+    let pttl: i64 = conn.pttl(fixes_key(&p)).await.unwrap();
+    assert!(pttl < 3_659_000, "expiry not pushed out again: {pttl} ms");
+
+    let short = Duration::from_secs(600);
+    write(2, short).await;
+    let pttl: i64 = conn.pttl(fixes_key(&p)).await.unwrap();
+    assert!(
+        pttl > 600_000 && pttl <= 660_000,
+        "a changed TTL applies at once: {pttl} ms"
+    );
+    let tt: i64 = conn.hget(meta_key(&p), "tt").await.unwrap();
+    assert_eq!(tt, 600_000);
+    assert_eq!(stored_mileages(&mut conn, &p).await, vec![1000, 1001, 1002]);
 }
