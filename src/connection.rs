@@ -153,6 +153,7 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// For per-connection lookups (the owner's retention), not for writes.
     pub redis: crate::redis_conn::RedisConn,
+    pub hot: m::HotMetrics,
 }
 
 /// A reply waiting for its write job.
@@ -221,6 +222,7 @@ where
     let mut pending: FuturesOrdered<PendingAck> = FuturesOrdered::new();
     let idle = Duration::from_secs(limits.idle_timeout_s);
     let write_timeout = Duration::from_secs(limits.write_timeout_s);
+    let hot = &shared.hot;
     let mut deadline = tokio::time::Instant::from_std(handshake_deadline);
     let mut reading = true;
 
@@ -231,7 +233,7 @@ where
         tokio::select! {
             biased;
             Some(ack) = pending.next(), if !pending.is_empty() => {
-                if let Some(reason) = send_ack(framed.get_mut(), ack, write_timeout).await {
+                if let Some(reason) = send_ack(framed.get_mut(), ack, write_timeout, hot).await {
                     break reason;
                 }
                 // Time spent waiting for Redis (reading paused) is not the device's idleness.
@@ -309,7 +311,7 @@ where
     ) {
         let drain = async {
             while let Some(ack) = pending.next().await {
-                if send_ack(framed.get_mut(), ack, write_timeout)
+                if send_ack(framed.get_mut(), ack, write_timeout, hot)
                     .await
                     .is_some()
                 {
@@ -337,6 +339,7 @@ async fn send_ack<S: AsyncWrite + Unpin>(
     stream: &mut S,
     ack: AckReady,
     write_timeout: Duration,
+    hot: &m::HotMetrics,
 ) -> Option<CloseReason> {
     if !ack.stored {
         // The write was abandoned (shutdown grace over): no confirmation, ever.
@@ -345,8 +348,8 @@ async fn send_ack<S: AsyncWrite + Unpin>(
     let reply = ack.reply?;
     match tokio::time::timeout(write_timeout, stream.write_all(&reply)).await {
         Ok(Ok(())) => {
-            metrics::counter!(m::ACKS_SENT, "type" => ack.kind).increment(1);
-            metrics::histogram!(m::ACK_SECONDS).record(ack.read_at.elapsed().as_secs_f64());
+            hot.ack_sent(ack.kind).increment(1);
+            hot.ack_seconds.record(ack.read_at.elapsed().as_secs_f64());
             None
         }
         Ok(Err(_)) => Some(CloseReason::Io),
@@ -434,7 +437,12 @@ impl Conn {
         } else {
             "ok"
         };
-        metrics::counter!(m::FRAMES, "type" => type_label(kind), "outcome" => outcome).increment(1);
+        if outcome == "ok" {
+            self.shared.hot.frame_ok(type_label(kind)).increment(1);
+        } else {
+            metrics::counter!(m::FRAMES, "type" => type_label(kind), "outcome" => outcome)
+                .increment(1);
+        }
         for e in &msg.rejected {
             metrics::counter!(m::RECORDS_REJECTED).increment(1);
             metrics::counter!(m::DECODE_ERRORS, "scope" => "record", "reason" => e.reason())
@@ -494,7 +502,7 @@ impl Conn {
         let now_s = jiff::Timestamp::now().as_second();
         let mut out = Vec::with_capacity(msg.fixes.len());
         for fix in &msg.fixes {
-            metrics::counter!(m::FIXES_RECEIVED).increment(1);
+            self.shared.hot.fixes_received.increment(1);
             let fix_time_s = fix.time.map(|t| t.as_second());
             if self
                 .shared

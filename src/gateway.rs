@@ -79,6 +79,7 @@ impl Gateway {
             framer,
             shutdown: shutdown.clone(),
             redis: conn.clone(),
+            hot: crate::metrics::HotMetrics::new(),
         });
         drop(writers.sink);
 

@@ -225,6 +225,8 @@ pub fn start(
             script_load: None,
             queue_gauge: metrics::gauge!(m::QUEUE_DEPTH, "writer" => id.to_string()),
             held_gauge: metrics::gauge!(m::WRITER_HELD_JOBS, "writer" => id.to_string()),
+            fixes_written: metrics::counter!(m::FIXES_WRITTEN),
+            write_seconds: metrics::histogram!(m::REDIS_WRITE_SECONDS),
             devices: HashMap::new(),
             group_seq: 0,
             held_jobs: 0,
@@ -330,6 +332,8 @@ struct Writer {
     script_load: Option<ScriptLoad>,
     queue_gauge: metrics::Gauge,
     held_gauge: metrics::Gauge,
+    fixes_written: metrics::Counter,
+    write_seconds: metrics::Histogram,
     /// Devices with work held by this writer.
     devices: HashMap<Pseudonym, DeviceQueue>,
     group_seq: u64,
@@ -624,7 +628,7 @@ impl Writer {
     /// for a retry after its own backoff.
     fn settle(&mut self, done: NodeDone) {
         self.busy.remove(&done.node);
-        metrics::histogram!(m::REDIS_WRITE_SECONDS).record(done.elapsed.as_secs_f64());
+        self.write_seconds.record(done.elapsed.as_secs_f64());
         let now = Instant::now();
         let mut failed: Option<(usize, String)> = None;
         let mut noscript = false;
@@ -647,7 +651,7 @@ impl Writer {
                         self.devices.remove(p);
                     }
                     // -1: a replay of a call already applied.
-                    metrics::counter!(m::FIXES_WRITTEN).increment(n.max(0) as u64);
+                    self.fixes_written.increment(n.max(0) as u64);
                 }
                 Outcome::Failed(e) => {
                     noscript |= e.code() == Some("NOSCRIPT");

@@ -144,6 +144,18 @@ fn get_varint(b: &[u8], pos: &mut usize) -> Option<u64> {
 
 /// Pack the values (index into [`PACKED_FIELDS`], value) of one fix.
 pub fn pack(kind: MessageKind, values: &[(usize, i64)]) -> Vec<u8> {
+    let mut all = [None; PACKED_FIELDS.len()];
+    for &(i, v) in values {
+        if let Some(slot) = all.get_mut(i) {
+            *slot = Some(v);
+        }
+    }
+    pack_all(kind, &all)
+}
+
+/// [`pack`] from every field's value in [`PACKED_FIELDS`] order (no intermediate list:
+/// this runs for every fix).
+fn pack_all(kind: MessageKind, all: &[Option<i64>; PACKED_FIELDS.len()]) -> Vec<u8> {
     let kind_byte = match kind {
         MessageKind::Aaa => 0,
         MessageKind::Aff => 1,
@@ -154,9 +166,12 @@ pub fn pack(kind: MessageKind, values: &[(usize, i64)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(48);
     out.push(PACKED_VERSION);
     out.push(kind_byte);
-    let bitmap = values.iter().fold(0u64, |m, (i, _)| m | 1 << i);
+    let bitmap = all
+        .iter()
+        .enumerate()
+        .fold(0u64, |m, (i, v)| if v.is_some() { m | 1 << i } else { m });
     put_varint(&mut out, bitmap);
-    for &(_, v) in values {
+    for v in all.iter().flatten() {
         put_varint(&mut out, ((v << 1) ^ (v >> 63)) as u64); // zigzag
     }
     out
@@ -235,16 +250,11 @@ impl StoredFix {
             a.mcu_mv.map(i64::from),
             a.gps_mv.map(i64::from),
         ];
-        let values: Vec<(usize, i64)> = all
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| v.map(|v| (i, v)))
-            .collect();
         let mut fields: Vec<(&'static str, FieldValue)> = Vec::with_capacity(3);
         if let Some(t) = fix_time_s {
             fields.push((F_TIME, FieldValue::Int(t)));
         }
-        fields.push((F_PACKED, FieldValue::Bytes(pack(kind, &values))));
+        fields.push((F_PACKED, FieldValue::Bytes(pack_all(kind, &all))));
         if let Some(x) = trackgate_protocols::json::extras_json(fix) {
             fields.push((F_EXTRAS, FieldValue::Text(x.to_string())));
         }

@@ -463,7 +463,7 @@ async fn ramp_up(
     let mut steps: Vec<Step> = Vec::new();
     let mut best: Option<LoadReport> = None;
     let mut rate = args.start_fixes_per_s;
-    let max_steps = if args.quick { 4 } else { 14 };
+    let max_steps = if args.quick { 4 } else { 18 };
     loop {
         let mut load = cce_load(gw.tracker, args.ramp_devices, args.batch_fixes, rate);
         load.extend(["--duration-s".into(), args.step_s.to_string()]);

@@ -1,8 +1,9 @@
 //! Finding the highest rate the gateway keeps up with: raise the offered load step by
 //! step; a step passes while confirmations keep pace with the offer and the p99 ACK
-//! latency stays under the limit. After the first failing step, one more step halfway
-//! between the last pass and the failure narrows it down (a first step that fails
-//! halves the rate until one passes).
+//! latency stays under the limit. After the first failing step the search bisects
+//! between the highest pass and the lowest failure until they are within
+//! [`BISECT_PRECISION`] of each other (a first step that fails halves the rate until one
+//! passes). One bisection left the answer up to a quarter below the real figure.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +11,9 @@ use crate::loadgen::report::LoadReport;
 
 /// Seconds at the start of a step left out of its rate (connections ramping up).
 const WARMUP_S: f64 = 2.0;
+/// The search stops once the lowest failing rate is within this share above the
+/// highest passing one (three bisections after a ×1.5 overshoot).
+const BISECT_PRECISION: f64 = 0.07;
 /// Confirmed rate, as a share of the offered one, that still counts as keeping up.
 const KEEP_UP_SHARE: f64 = 0.9;
 
@@ -55,17 +59,24 @@ pub(crate) fn next_rate(steps: &[Step], growth: f64, max_steps: usize) -> Option
     if steps.len() >= max_steps {
         return None;
     }
-    let failures = steps.iter().filter(|s| !s.passed).count();
-    match (failures, last.passed) {
-        // Nothing passed yet: halve.
-        (_, false) if best_pass(steps).is_none() => Some(last.offered_fixes_per_s / 2.0),
-        (0, _) => Some(last.offered_fixes_per_s * growth),
-        // First failure: one step between the best pass and it; then stop.
-        (1, false) => {
-            best_pass(steps).map(|b| (b.offered_fixes_per_s + last.offered_fixes_per_s) / 2.0)
-        }
-        _ => None,
-    }
+    let offered = |s: &Step| s.offered_fixes_per_s;
+    let Some(fail) = steps
+        .iter()
+        .filter(|s| !s.passed)
+        .map(offered)
+        .min_by(f64::total_cmp)
+    else {
+        return Some(offered(last) * growth);
+    };
+    let Some(pass) = steps
+        .iter()
+        .filter(|s| s.passed && offered(s) < fail)
+        .map(offered)
+        .max_by(f64::total_cmp)
+    else {
+        return Some(fail / 2.0); // nothing passed below the failure yet: go lower
+    };
+    (fail - pass > BISECT_PRECISION * pass).then_some((pass + fail) / 2.0)
 }
 
 /// The passing step with the highest confirmed rate.
@@ -119,7 +130,7 @@ mod tests {
     }
 
     #[test]
-    fn the_search_grows_then_bisects_once() {
+    fn the_search_grows_then_bisects_to_the_precision() {
         let step = |rate: f64, passed: bool| Step {
             offered_fixes_per_s: rate,
             acked_fixes_per_s: if passed { rate } else { rate * 0.5 },
@@ -127,19 +138,27 @@ mod tests {
             ..Step::default()
         };
         let mut steps = vec![step(1000.0, true)];
-        assert_eq!(next_rate(&steps, 1.5, 10), Some(1500.0));
+        assert_eq!(next_rate(&steps, 1.5, 20), Some(1500.0));
         steps.push(step(1500.0, true));
         steps.push(step(2250.0, false));
-        assert_eq!(next_rate(&steps, 1.5, 10), Some(1875.0));
+        assert_eq!(next_rate(&steps, 1.5, 20), Some(1875.0));
         steps.push(step(1875.0, true));
-        assert_eq!(next_rate(&steps, 1.5, 10), None, "narrowed down once: done");
+        assert_eq!(next_rate(&steps, 1.5, 20), Some(2062.5));
+        steps.push(step(2062.5, false));
+        assert_eq!(next_rate(&steps, 1.5, 20), Some(1968.75));
+        steps.push(step(1968.75, true));
+        assert_eq!(
+            next_rate(&steps, 1.5, 20),
+            None,
+            "2062.5 is within 7 % of 1968.75: done"
+        );
         assert_eq!(
             best_pass(&steps).map(|s| s.offered_fixes_per_s),
-            Some(1875.0)
+            Some(1968.75)
         );
         let failed_first = [step(1000.0, false)];
         assert_eq!(
-            next_rate(&failed_first, 1.5, 10),
+            next_rate(&failed_first, 1.5, 20),
             Some(500.0),
             "nothing passed: go lower"
         );
