@@ -149,7 +149,11 @@ impl Gateway {
             }));
         }
 
-        let purge_worker = tokio::spawn(Purger::new(conn.clone(), tomb_ttl).run_worker(
+        let mut purger = Purger::new(conn.clone(), tomb_ttl);
+        if !conn.is_cluster() {
+            purger = purger.with_legacy_migration();
+        }
+        let purge_worker = tokio::spawn(purger.run_worker(
             Duration::from_secs(config.purge.worker_interval_s),
             shutdown.clone(),
         ));

@@ -174,6 +174,8 @@ pub struct Purger<C> {
     all: std::sync::Arc<redis::Script>,
     mark: std::sync::Arc<redis::Script>,
     chunk: std::sync::Arc<redis::Script>,
+    /// Move bookkeeping from the old key layout before the first pass (single server).
+    migrate_legacy: bool,
 }
 
 fn ts_ms(ms: i64) -> Timestamp {
@@ -188,7 +190,16 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             all: std::sync::Arc::new(redis::Script::new(PURGE_ALL)),
             mark: std::sync::Arc::new(redis::Script::new(PURGE_RANGE_MARK)),
             chunk: std::sync::Arc::new(redis::Script::new(PURGE_RANGE_CHUNK)),
+            migrate_legacy: false,
         }
+    }
+
+    /// Have the worker move purges kept under the old key layout (see
+    /// [`migrate_legacy_keys`]) before its first pass. Single server only: the old layout
+    /// never ran on a cluster.
+    pub fn with_legacy_migration(mut self) -> Self {
+        self.migrate_legacy = true;
+        self
     }
 
     /// Journal a purge for `customer`, then run the fast path. A fast path that fails
@@ -463,7 +474,24 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
 
     /// Finish pending purges every `interval` until `stop`; counts overdue ones.
     pub async fn run_worker(self, interval: Duration, stop: CancellationToken) {
+        let migrated = std::sync::atomic::AtomicBool::new(!self.migrate_legacy);
         crate::periodic::every(interval, stop, || async {
+            if !migrated.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut conn = self.conn.clone();
+                match migrate_legacy_keys(&mut conn).await {
+                    Ok(moved) => {
+                        if moved > 0 {
+                            tracing::info!(keys = moved, "moved purge bookkeeping from the old key layout (tg:purge:*)");
+                        }
+                        migrated.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // Pending purges under the old keys would be missed: no pass yet.
+                        tracing::warn!(error = %e, "could not check for purges under the old key layout; retrying next interval");
+                        return;
+                    }
+                }
+            }
             if let Err(e) = self.work_once().await {
                 tracing::warn!(error = %e, "purge worker pass failed; retrying next interval");
             }
@@ -494,4 +522,86 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         metrics::gauge!(crate::metrics::PURGES_OVERDUE).set(overdue as f64);
         Ok(done)
     }
+}
+
+/// Prefix of the purge bookkeeping before it moved under the `{purge}` hash tag (for
+/// Redis Cluster): `tg:purge:pending`, `tg:purge:journal`, `tg:purge:<id>`,
+/// `tg:purge:idem:…`.
+pub const LEGACY_PREFIX: &str = "tg:purge:";
+
+/// Move purge bookkeeping written by a gateway of the old key layout to the current keys,
+/// so that a purge still pending under the old keys is finished (by the deadline) and its
+/// receipt and idempotency key still answer. Records and idempotency keys are renamed
+/// (`RENAMENX`, keeping their expiry; a name already taken is left alone and logged), the
+/// journal is appended to the current one, the pending ids are added to the current set
+/// last, so the worker never sees an id whose record has not moved. Safe to run again
+/// after a crash half-way (journal events may then appear twice). Single server only.
+/// Returns the keys moved.
+pub async fn migrate_legacy_keys<C: ConnectionLike + Send + Sync>(
+    conn: &mut C,
+) -> redis::RedisResult<usize> {
+    let pattern = format!("{LEGACY_PREFIX}*");
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(500)
+            .query_async(conn)
+            .await?;
+        keys.extend(page);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let old_pending = format!("{LEGACY_PREFIX}pending");
+    let old_journal = format!("{LEGACY_PREFIX}journal");
+    let mut moved = 0;
+    for key in &keys {
+        let Some(rest) = key.strip_prefix(LEGACY_PREFIX) else {
+            continue;
+        };
+        if *key == old_pending || *key == old_journal {
+            continue;
+        }
+        let target = format!("tg:{{purge}}:{rest}");
+        let renamed: bool = redis::cmd("RENAMENX")
+            .arg(key)
+            .arg(&target)
+            .query_async(conn)
+            .await?;
+        if renamed {
+            moved += 1;
+        } else {
+            tracing::warn!(key = %key, "purge key of the old layout not moved: the new name is taken");
+        }
+    }
+    if keys.contains(&old_journal) {
+        let entries: redis::streams::StreamRangeReply = conn.xrange_all(&old_journal).await?;
+        for e in &entries.ids {
+            // The entry id was the event's time: kept as a field.
+            let mut fields: Vec<(String, Vec<u8>)> =
+                vec![("legacy_id".into(), e.id.clone().into())];
+            for (k, v) in &e.map {
+                fields.push((k.clone(), redis::from_redis_value(v.clone())?));
+            }
+            fields.sort();
+            let _: String = conn.xadd(JOURNAL_KEY, "*", &fields).await?;
+        }
+        let _: () = conn.del(&old_journal).await?;
+        moved += 1;
+    }
+    if keys.contains(&old_pending) {
+        let ids: Vec<String> = conn.smembers(&old_pending).await?;
+        if !ids.is_empty() {
+            let _: () = conn.sadd(PENDING_KEY, &ids).await?;
+        }
+        let _: () = conn.del(&old_pending).await?;
+        moved += 1;
+    }
+    Ok(moved)
 }

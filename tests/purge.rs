@@ -548,3 +548,97 @@ async fn long_stream_range_purge_fast_path_then_worker_finishes_exactly() {
     .unwrap();
     assert_eq!((total, in_range), (n - 100, 0));
 }
+
+/// A purge still pending under the old key layout (`tg:purge:*`, before the `{purge}`
+/// hash tag) is moved by the worker, finished, and its receipt and idempotency key answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_pending_under_the_old_key_layout_is_moved_and_finished() {
+    use sha2::{Digest, Sha256};
+    use trackgate::purge::{LEGACY_PREFIX, migrate_legacy_keys};
+    if !standalone_only("a_purge_pending_under_the_old_key_layout_is_moved_and_finished") {
+        return;
+    }
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
+    let keys = KeyRing::ephemeral();
+    let p = keys.pseudonym(&Imei::new(&imei(78)).unwrap());
+    let mut conn = redis.conn();
+    let now_ms = Timestamp::now().as_millisecond();
+    // Fixes received a minute before the purge, which never ran its fast path.
+    for i in 0..3 {
+        let _: String = conn
+            .xadd(
+                fixes_key(&p),
+                format!("{}-0", now_ms - 60_000 + i),
+                &[("t", "1"), ("d", "x")],
+            )
+            .await
+            .unwrap();
+    }
+    let id = "0123456789abcdef01234567";
+    let fields = [
+        ("customer", c.id.clone()),
+        ("state", "pending".into()),
+        ("devices", p.as_str().to_string()),
+        ("requested_ms", now_ms.to_string()),
+        ("cutoff_ms", now_ms.to_string()),
+        ("deadline_ms", (now_ms + 86_400_000).to_string()),
+        ("deleted", "0".into()),
+    ];
+    let idem = format!(
+        "{LEGACY_PREFIX}idem:{}:{}",
+        c.id,
+        hex::encode(Sha256::digest(b"req-1"))
+    );
+    let _: () = redis::pipe()
+        .hset_multiple(format!("{LEGACY_PREFIX}{id}"), &fields)
+        .sadd(format!("{LEGACY_PREFIX}pending"), id)
+        .xadd(
+            format!("{LEGACY_PREFIX}journal"),
+            "*",
+            &[("id", id), ("event", "requested")],
+        )
+        .set(&idem, id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    assert_eq!(migrate_legacy_keys(&mut conn).await.unwrap(), 4);
+    let left: Vec<String> = conn.keys(format!("{LEGACY_PREFIX}*")).await.unwrap();
+    assert!(left.is_empty(), "old keys left: {left:?}");
+    let purger = Purger::new(redis.conn(), TOMB_TTL);
+    assert_eq!(
+        purger.work_once().await.unwrap(),
+        1,
+        "the worker finishes it"
+    );
+    assert_eq!(
+        stream_len(&mut conn, &p).await,
+        0,
+        "the device's fixes are gone"
+    );
+    let receipt = purger.receipt(id).await.unwrap().expect("receipt");
+    assert_eq!(receipt.state, "completed");
+    let again = purger
+        .request(
+            &c,
+            &PurgeRequest {
+                pseudonyms: vec![p.clone()],
+                range: None,
+                idempotency_key: Some("req-1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.id, id, "the idempotency key still answers");
+    let journal: redis::streams::StreamRangeReply = conn
+        .xrange_all(trackgate::purge::JOURNAL_KEY)
+        .await
+        .unwrap();
+    assert_eq!(journal.ids.len(), 2, "requested (moved) + completed");
+    assert_eq!(
+        migrate_legacy_keys(&mut conn).await.unwrap(),
+        0,
+        "idempotent"
+    );
+}
