@@ -61,5 +61,8 @@ perf report -q -i "$work/perf.data" --comms tg-gateway --percentage relative --s
 echo "== hottest symbols in redis-server (share of its own samples)"
 perf report -q -i "$work/perf.data" --comms redis-server --percentage relative --sort dso,symbol --stdio 2>/dev/null \
   | sed -E 's/ {2,}/  /g; s/ +- +- *$//' | head -15 || true
+echo "== hottest symbols in the load generator (share of its own samples)"
+perf report -q -i "$work/perf.data" --comms tg-loadgen --percentage relative --sort dso,symbol --stdio 2>/dev/null \
+  | sed -E 's/ {2,}/  /g; s/ +- +- *$//' | head -20 || true
 echo "== load generator summary"
 python3 -c "import json; r=json.load(open('$work/load.json')); t=r['totals']; l=r['latency']; print(f\"sent {t['fixes_sent']} confirmed {t['fixes_acked']} p50 {l['p50_ms']:.1f} ms p99 {l['p99_ms']:.1f} ms\")"

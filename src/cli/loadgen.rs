@@ -76,6 +76,10 @@ pub struct LoadgenArgs {
     /// Allow targets that are not loopback addresses.
     #[arg(long)]
     pub allow_remote: bool,
+    /// Worker threads of the load generator [default: one per CPU]. Fewer keeps it from
+    /// competing with a gateway and Redis on the same box for more than that many cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 pub(super) fn run(args: &LoadgenArgs) -> ExitCode {
@@ -86,7 +90,7 @@ pub(super) fn run(args: &LoadgenArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match super::runtime("loadgen", "tg-loadgen") {
+    let rt = match super::runtime_with_threads("loadgen", "tg-loadgen", args.threads) {
         Ok(rt) => rt,
         Err(code) => return code,
     };

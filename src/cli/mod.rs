@@ -88,8 +88,20 @@ pub fn run(cli: Cli) -> ExitCode {
 /// e.g. `perf report --sort comm`, tell the gateway and the load generator apart). On
 /// failure the error is printed and the exit code returned.
 fn runtime(command: &str, thread_name: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+    runtime_with_threads(command, thread_name, None)
+}
+
+/// [`runtime`] with `threads` worker threads (`None`: one per CPU).
+fn runtime_with_threads(
+    command: &str,
+    thread_name: &str,
+    threads: Option<usize>,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n.max(1));
+    }
+    b.enable_all()
         .thread_name(thread_name)
         .build()
         .map_err(|e| {
