@@ -494,7 +494,7 @@ async fn read_acks<R: AsyncRead + Unpin>(
                     if is_batch_confirmation(&line)
                         && let Some(batch) = lock(outbox).confirmed()
                     {
-                        stats.record_ack(batch.fixes.len(), batch.due.elapsed());
+                        stats.record_ack(batch.fixes.len(), batch.due);
                     }
                     line.clear();
                 }

@@ -41,6 +41,12 @@ pub struct LoadReport {
     pub duration_s: f64,
     pub totals: Counters,
     pub latency: Latency,
+    /// Latency of the batches due after the first `warmup_s` seconds (connections
+    /// opening); the same as `latency` without a warm-up.
+    #[serde(default)]
+    pub latency_steady: Latency,
+    #[serde(default)]
+    pub warmup_s: f64,
     pub timeline: Vec<Sample>,
     /// (percentile, ms) points of the whole run's ACK latency distribution.
     pub latency_cdf: Vec<(f64, f64)>,

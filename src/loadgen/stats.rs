@@ -32,6 +32,9 @@ pub struct FleetStats {
     pub ack_timeouts: AtomicU64,
     total: Mutex<Histogram<u64>>,
     interval: Mutex<Histogram<u64>>,
+    /// Batches due from `steady_from` on (the run without its warm-up).
+    steady: Mutex<Histogram<u64>>,
+    steady_from: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Default for FleetStats {
@@ -48,6 +51,8 @@ impl Default for FleetStats {
             ack_timeouts: AtomicU64::new(0),
             total: Mutex::new(new_histogram()),
             interval: Mutex::new(new_histogram()),
+            steady: Mutex::new(new_histogram()),
+            steady_from: std::sync::OnceLock::new(),
         }
     }
 }
@@ -84,14 +89,30 @@ impl Latency {
 }
 
 impl FleetStats {
-    /// One confirmed batch of `fixes`, `latency` after it was due.
-    pub fn record_ack(&self, fixes: usize, latency: Duration) {
+    /// Batches due before `t` (connections still opening: the warm-up) stay out of
+    /// [`FleetStats::steady_latency`]. Set once; later calls are ignored.
+    pub fn steady_from(&self, t: std::time::Instant) {
+        let _ = self.steady_from.set(t);
+    }
+
+    /// One confirmed batch of `fixes` that fell due at `due` (latency: from then to now).
+    pub fn record_ack(&self, fixes: usize, due: std::time::Instant) {
+        self.record_ack_after(fixes, due, due.elapsed());
+    }
+
+    fn record_ack_after(&self, fixes: usize, due: std::time::Instant, latency: Duration) {
         self.fixes_acked.fetch_add(fixes as u64, Ordering::Relaxed);
         self.batches_confirmed.fetch_add(1, Ordering::Relaxed);
         let us = u64::try_from(latency.as_micros())
             .unwrap_or(u64::MAX)
             .clamp(1, MAX_TRACKED_US);
-        for h in [&self.total, &self.interval] {
+        let steady = self.steady_from.get().is_none_or(|from| due >= *from);
+        let hists: &[&Mutex<Histogram<u64>>] = if steady {
+            &[&self.total, &self.interval, &self.steady]
+        } else {
+            &[&self.total, &self.interval]
+        };
+        for h in hists {
             if let Ok(mut h) = h.lock() {
                 // In bounds by the clamp above, so this cannot fail.
                 let _ = h.record(us);
@@ -109,6 +130,14 @@ impl FleetStats {
             }
             Err(_) => Latency::default(),
         }
+    }
+
+    /// Latency of the batches due after the warm-up (all of them without one).
+    pub fn steady_latency(&self) -> Latency {
+        self.steady
+            .lock()
+            .map(|h| Latency::of(&h))
+            .unwrap_or_default()
     }
 
     /// Latency over the whole run.
@@ -176,7 +205,7 @@ mod tests {
     fn percentiles_come_from_the_recorded_latencies() {
         let s = FleetStats::default();
         for ms in 1..=1000u64 {
-            s.record_ack(2, Duration::from_millis(ms));
+            s.record_ack_after(2, std::time::Instant::now(), Duration::from_millis(ms));
         }
         let l = s.take_interval();
         assert_eq!(l.count, 1000);
@@ -196,10 +225,28 @@ mod tests {
     #[test]
     fn absurd_latencies_are_clamped_not_lost() {
         let s = FleetStats::default();
-        s.record_ack(1, Duration::from_secs(100_000));
-        s.record_ack(1, Duration::ZERO);
+        s.record_ack_after(1, std::time::Instant::now(), Duration::from_secs(100_000));
+        s.record_ack_after(1, std::time::Instant::now(), Duration::ZERO);
         let l = s.total_latency();
         assert_eq!(l.count, 2);
         assert!(l.max_ms >= 599_000.0);
+    }
+
+    #[test]
+    fn the_warm_up_stays_out_of_the_steady_latency_only() {
+        let s = FleetStats::default();
+        let t0 = std::time::Instant::now();
+        s.steady_from(t0 + Duration::from_secs(2));
+        // Due during the warm-up: a 1 s SYN retry.
+        s.record_ack_after(1, t0, Duration::from_secs(1));
+        for _ in 0..99 {
+            s.record_ack_after(1, t0 + Duration::from_secs(3), Duration::from_millis(5));
+        }
+        assert_eq!(s.total_latency().count, 100);
+        assert!(s.total_latency().max_ms >= 999.0);
+        let steady = s.steady_latency();
+        assert_eq!(steady.count, 99);
+        assert!(steady.max_ms < 6.0, "{steady:?}");
+        assert_eq!(s.counters().fixes_acked, 100, "counted either way");
     }
 }

@@ -466,7 +466,12 @@ async fn ramp_up(
     let max_steps = if args.quick { 4 } else { 18 };
     loop {
         let mut load = cce_load(gw.tracker, args.ramp_devices, args.batch_fixes, rate);
-        load.extend(["--duration-s".into(), args.step_s.to_string()]);
+        load.extend([
+            "--duration-s".into(),
+            args.step_s.to_string(),
+            "--warmup-s".into(),
+            ramp::WARMUP_S.to_string(),
+        ]);
         let r = run_loadgen(&load, &work.join("step.json")).await?;
         let step = ramp::judge(&r, args.p99_limit_ms);
         eprintln!(
@@ -825,7 +830,8 @@ fn summary(r: &BenchReport, args: &BenchArgs) -> String {
     );
     let _ = writeln!(
         s,
-        "\n## Ramp\n\n| Offered fixes/s | Confirmed fixes/s | p50 ms | p99 ms | |"
+        "\n## Ramp\n\nRate and latency of each step after its first {:.0} s (connections opening).\n\n| Offered fixes/s | Confirmed fixes/s | p50 ms | p99 ms | |",
+        ramp::WARMUP_S
     );
     let _ = writeln!(s, "|---|---|---|---|---|");
     for st in &r.ramp {
