@@ -27,11 +27,11 @@ start = s.index('const APPEND_SCRIPT: &str = r#"') + len('const APPEND_SCRIPT: &
 open(sys.argv[1], "w").write(s[start:s.index('"#;', start)])
 EOF
 cat >"$dir/floor.lua" <<'EOF'
-local i = 7
+local i = 9
 while i <= #ARGV do
-  local n = tonumber(ARGV[i + 2])
-  redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 3, i + 2 + n))
-  i = i + 3 + n
+  local n = tonumber(ARGV[i])
+  redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+  i = i + 1 + n
 end
 return 1
 EOF
@@ -41,10 +41,11 @@ floor=$(redis-cli -p "$port" SCRIPT LOAD "$(cat "$dir/floor.lua")")
 now_ms=$(($(date +%s) * 1000))
 now_s=$((now_ms / 1000))
 ttl_ms=7776000000
-# One entry: received ms, fix time s, 4 field/value words, then t and a 30-byte packed d.
-entries=()
+# One job (frame): received ms, words that follow; per entry: 4 field/value words, then t
+# and a 30-byte packed d (the layout of APPEND_SCRIPT's ARGV).
+entries=("$now_ms" $((FIXES * 5)))
 for _ in $(seq "$FIXES"); do
-  entries+=("$now_ms" "$now_s" 4 t "$now_s" d abcdefghijklmnopqrstuvwxyz0123)
+  entries+=(4 t "$now_s" d abcdefghijklmnopqrstuvwxyz0123)
 done
 
 run() { # sha -> usec per call

@@ -78,8 +78,10 @@ impl Sink {
 /// per device and batch. A replay rewrites the batch id (a no-op write) so that it is
 /// replicated again: a `WAIT` after a retry on a new connection then also covers the
 /// first attempt's data. KEYS: fixes stream, meta hash, tombstone hash.
-/// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, upkeep ms, then per
-/// entry: received ms, fix time s (or -1), field count, field/value pairs.
+/// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, upkeep ms, then per job
+/// (frame): received ms, count of the words that follow for it; per entry of the job:
+/// field count, field/value pairs (the fix time is field `t`, absent if unknown). Per job
+/// rather than per entry, the received time is one argument for a whole CCE batch.
 ///
 /// Tombstone (written by purges, `crate::purge`): field `all` = cutoff ms of a complete
 /// purge; fields `r:<from_s>:<to_s>` = cutoff ms of a range purge over fix times. An entry
@@ -115,23 +117,30 @@ local checks = #tomb > 0
 local i = 7
 local written = 0
 while i <= #ARGV do
-  local n = tonumber(ARGV[i + 2])
-  local keep = true
-  if checks then
-    local recv = tonumber(ARGV[i])
-    keep = recv > all
-    if keep then
-      local fixt = tonumber(ARGV[i + 1])
-      for _, r in ipairs(ranges) do
-        if recv <= r[3] and fixt >= r[1] and fixt <= r[2] then keep = false break end
+  local recv = tonumber(ARGV[i])
+  local last = i + 1 + tonumber(ARGV[i + 1])
+  i = i + 2
+  while i <= last do
+    local n = tonumber(ARGV[i])
+    local keep = true
+    if checks then
+      keep = recv > all
+      if keep and #ranges > 0 then
+        local fixt = -1
+        for j = i + 1, i + n - 1, 2 do
+          if ARGV[j] == 't' then fixt = tonumber(ARGV[j + 1]) break end
+        end
+        for _, r in ipairs(ranges) do
+          if recv <= r[3] and fixt >= r[1] and fixt <= r[2] then keep = false break end
+        end
       end
     end
+    if keep then
+      redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+      written = written + 1
+    end
+    i = i + 1 + n
   end
-  if keep then
-    redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 3, i + 2 + n))
-    written = written + 1
-  end
-  i = i + 3 + n
 end
 local now = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[2])
@@ -916,8 +925,9 @@ where
     // was a visible share of the gateway's profile (realloc + memmove).
     let (mut args, mut bytes) = (12, 180 + batch_id.len());
     for job in jobs.clone() {
+        args += 2;
         for fix in &job.fixes {
-            args += 3 + fix.arg_count();
+            args += 1 + fix.arg_count();
             bytes += 40
                 + fix
                     .fields
@@ -940,10 +950,10 @@ where
         .arg(device.key_version())
         .arg(upkeep_ms);
     for job in jobs {
+        let words: usize = job.fixes.iter().map(|f| 1 + f.arg_count()).sum();
+        cmd.arg(job.received_ms).arg(words);
         for fix in &job.fixes {
-            cmd.arg(job.received_ms)
-                .arg(fix.fix_time_s.unwrap_or(-1))
-                .arg(fix.arg_count());
+            cmd.arg(fix.arg_count());
             for (name, value) in &fix.fields {
                 cmd.arg(*name);
                 match value {
