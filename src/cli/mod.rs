@@ -118,6 +118,14 @@ async fn count_stored_fixes(
     let mut total = 0u64;
     loop {
         let (next, keys) = crate::storage::scan_fixes_keys(conn, cursor).await?;
+        if keys.is_empty() {
+            // SCAN pages may be empty; an empty pipeline is an error to redis-rs.
+            if next == 0 {
+                return Ok(total);
+            }
+            cursor = next;
+            continue;
+        }
         let mut pipe = redis::pipe();
         for k in &keys {
             pipe.cmd("XLEN").arg(k);
@@ -128,5 +136,38 @@ async fn count_stored_fixes(
             return Ok(total);
         }
         cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    /// SCAN pages can be empty (here: every page, as only other keys exist); counting must
+    /// not send an empty pipeline (the bench's memory step once failed on that).
+    #[tokio::test]
+    async fn counting_fixes_survives_empty_scan_pages() {
+        let redis = crate::redis_child::RedisChild::start().await.unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut pipe = redis::pipe();
+        for i in 0..2000 {
+            pipe.cmd("SET").arg(format!("other:{i}")).arg(1).ignore();
+        }
+        pipe.cmd("XADD")
+            .arg("tg:{p1_x}:fixes")
+            .arg("*")
+            .arg("d")
+            .arg("x")
+            .ignore();
+        let _: () = pipe.query_async(&mut conn).await.unwrap();
+        assert_eq!(super::count_stored_fixes(&mut conn).await.unwrap(), 1);
+        let _: () = redis::cmd("DEL")
+            .arg("tg:{p1_x}:fixes")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(super::count_stored_fixes(&mut conn).await.unwrap(), 0);
+        redis.stop().await;
     }
 }
