@@ -2,6 +2,7 @@
 # `trackgate loadgen` against two gateways on a local 3-primary + 3-replica Redis Cluster.
 #
 #   benches/cluster-loadgen.sh [FIXES_PER_S] [SECONDS] [WAIT_REPLICAS]   (defaults: 20000, 30, 1)
+#   (LOAD_JSON=path keeps the load generator's report, with its per-second timeline)
 #
 # Starts the cluster (free ports, temp dir), two `trackgate serve` in cluster mode with
 # `redis.wait_replicas`, one load generator spreading 2,000 devices over both gateways
@@ -91,7 +92,8 @@ devices=2000
 batch=10
 interval=$(python3 -c "print($devices * $batch / $rate)")
 "$bin" loadgen "${targets[@]}" --devices $devices --interval-s "$interval" --cce-share 1 \
-  --batch-fixes $batch --ramp-s 2 --duration-s "$secs" --quiet --report-json "$work/load.json"
+  --batch-fixes $batch --ramp-s 2 --warmup-s 3 --duration-s "$secs" --quiet --report-json "$work/load.json"
+cp "$work/load.json" "${LOAD_JSON:-/dev/null}" 2>/dev/null || true
 
 echo "== CPU seconds over the run (${secs} s; wait_replicas=$wait_replicas)"
 for i in 0 1; do p=${gw_pids[$i]}; echo "gateway $((i + 1)): $(python3 -c "print(round($(cpu_s "$p") - ${cpu0[$p]}, 2))")"; done
@@ -115,6 +117,10 @@ stored, m0, m1 = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 print(f"== load: {r['offered']['fixes_per_s']:.0f} fixes/s offered; sent {t['fixes_sent']} confirmed {t['fixes_acked']} "
       f"({t['fixes_acked'] / r['duration_s']:.0f}/s); ACK p50 {l['p50_ms']:.1f} ms p99 {l['p99_ms']:.1f} ms "
       f"p99.9 {l['p999_ms']:.1f} ms; timeouts {t['ack_timeouts']} disconnects {t['disconnects']}")
+s = r.get("latency_steady", {})
+if s.get("count"):
+    print(f"== after the {r['warmup_s']:.0f} s warm-up (connections opening): ACK p50 {s['p50_ms']:.1f} ms "
+          f"p99 {s['p99_ms']:.1f} ms p99.9 {s['p999_ms']:.1f} ms")
 print(f"== stored on the primaries: {stored}; memory on all six nodes +{(m1 - m0) / 2**20:.1f} MiB "
       f"= {(m1 - m0) / max(stored, 1):.1f} B per fix incl. the replica copy")
 EOF
