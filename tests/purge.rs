@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use trackgate::pseudonym::{Imei, KeyRing};
 use trackgate::purge::{PurgeError, PurgeRequest, Purger};
 use trackgate::registry::{Customer, Registry};
-use trackgate::sink::{self, WriteJob};
+use trackgate::sink::WriteJob;
 use trackgate::storage::{StoredFix, fixes_key};
 use trackgate_protocols::MessageKind;
 
@@ -124,12 +124,7 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
     let conn = redis.conn();
     let mut cfg = redis.config().redis;
     cfg.writers = 1;
-    let writers = sink::start(
-        trackgate::redis_conn::connect(&cfg).unwrap(),
-        &cfg,
-        Duration::from_secs(60),
-        CancellationToken::new(),
-    );
+    let writers = start_writers(&cfg);
 
     let purger = Purger::new(conn.clone(), TOMB_TTL);
     let receipt = purger
@@ -368,12 +363,7 @@ async fn in_flight_range_fixes_are_refused_others_kept() {
     let p = keys.pseudonym(&Imei::new(&imei(75)).unwrap());
     let conn = redis.conn();
     let cfg = redis.config().redis;
-    let writers = sink::start(
-        trackgate::redis_conn::connect(&cfg).unwrap(),
-        &cfg,
-        Duration::from_secs(60),
-        CancellationToken::new(),
-    );
+    let writers = start_writers(&cfg);
     let base = now_s().as_second() - 600;
     let purger = Purger::new(conn.clone(), TOMB_TTL);
     let range = (

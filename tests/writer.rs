@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 use trackgate::config::RedisConfig;
 use trackgate::pseudonym::{KeyRing, Pseudonym};
-use trackgate::sink::{self, WriteJob};
+use trackgate::sink::WriteJob;
 use trackgate::storage::StoredFix;
 use trackgate_protocols::MessageKind;
 
@@ -46,12 +45,7 @@ fn one_writer(redis: &RedisServer) -> RedisConfig {
 async fn a_device_s_jobs_wait_behind_its_failed_one_and_keep_their_order() {
     let redis = RedisServer::start();
     let cfg = one_writer(&redis);
-    let writers = sink::start(
-        trackgate::redis_conn::connect(&cfg).unwrap(),
-        &cfg,
-        Duration::from_secs(60),
-        CancellationToken::new(),
-    );
+    let writers = start_writers(&cfg);
     let keys = KeyRing::ephemeral();
     let p = pseudonym(&keys, &imei(1));
     let (warm, warm_done) = job(&p, 0);
@@ -95,12 +89,7 @@ async fn a_writer_holds_at_most_held_max_jobs_then_pushes_back() {
     let mut cfg = one_writer(&redis);
     cfg.queue_depth_jobs = 2;
     cfg.held_max_jobs = 3;
-    let writers = sink::start(
-        trackgate::redis_conn::connect(&cfg).unwrap(),
-        &cfg,
-        Duration::from_secs(60),
-        CancellationToken::new(),
-    );
+    let writers = start_writers(&cfg);
     let keys = KeyRing::ephemeral();
     let devices: Vec<Pseudonym> = (10..16).map(|n| pseudonym(&keys, &imei(n))).collect();
     let (warm, warm_done) = job(&devices[0], 0);
@@ -151,13 +140,7 @@ async fn expiry_is_pushed_out_once_per_upkeep_interval_and_follows_a_ttl_change(
     use trackgate::storage::{fixes_key, meta_key};
     let redis = RedisServer::start();
     let cfg = one_writer(&redis);
-    let upkeep = Duration::from_secs(60);
-    let writers = sink::start(
-        trackgate::redis_conn::connect(&cfg).unwrap(),
-        &cfg,
-        upkeep,
-        CancellationToken::new(),
-    );
+    let writers = start_writers(&cfg); // upkeep interval: 60 s
     let keys = KeyRing::ephemeral();
     let p = pseudonym(&keys, &imei(30));
     let mut conn = redis.conn().await;

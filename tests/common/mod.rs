@@ -348,6 +348,17 @@ pub async fn stream_len<C: redis::aio::ConnectionLike + Send + Sync>(
 }
 
 /// Wait until `f` holds (polling), or panic after `wait`.
+/// Redis writers on their own connection, as the gateway starts them (default upkeep
+/// interval, 60 s).
+pub fn start_writers(cfg: &trackgate::config::RedisConfig) -> trackgate::sink::Writers {
+    trackgate::sink::start(
+        trackgate::redis_conn::connect(cfg).unwrap(),
+        cfg,
+        trackgate::config::RetentionConfig::default().ingest_upkeep(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+}
+
 /// The mileage values (the tests' per-fix marker) stored in a device's stream, in stream
 /// order.
 pub async fn stored_mileages<C: redis::aio::ConnectionLike + Send + Sync>(
