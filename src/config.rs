@@ -199,6 +199,11 @@ pub struct RedisConfig {
     /// written meanwhile; at this bound the writer stops taking jobs (backpressure for
     /// every device of that writer).
     pub held_max_jobs: usize,
+    /// Cluster mode: jobs a writer holds for devices waiting on one failing node (backing
+    /// off after a failed write) before it stops reading from the connections of every
+    /// device on that node's slots, which leaves the other nodes' devices served (the
+    /// writer-wide `held_max_jobs` would stop them all).
+    pub node_held_max_jobs: usize,
     /// Fixes per Redis pipeline (per node on a cluster).
     pub batch_max_fixes: usize,
     /// Longest wait for a batch to fill before it is written anyway.
@@ -224,6 +229,7 @@ impl Default for RedisConfig {
             writers: 2,
             queue_depth_jobs: 1024,
             held_max_jobs: 16384,
+            node_held_max_jobs: 4096,
             batch_max_fixes: 512,
             batch_max_delay_ms: 2,
             response_timeout_ms: 2000,
@@ -403,6 +409,7 @@ impl Config {
             ("redis.writers", r.writers as u64),
             ("redis.queue_depth_jobs", r.queue_depth_jobs as u64),
             ("redis.held_max_jobs", r.held_max_jobs as u64),
+            ("redis.node_held_max_jobs", r.node_held_max_jobs as u64),
             ("redis.batch_max_fixes", r.batch_max_fixes as u64),
             ("redis.response_timeout_ms", r.response_timeout_ms),
             ("redis.connect_timeout_ms", r.connect_timeout_ms),

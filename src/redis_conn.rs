@@ -271,6 +271,18 @@ pub struct SlotMap {
 }
 
 impl SlotMap {
+    /// The slot ranges (first, last) served by `node`.
+    pub fn ranges_of<'a>(
+        &'a self,
+        node: &'a (String, u16),
+    ) -> impl Iterator<Item = (u16, u16)> + 'a {
+        let idx = self.nodes.iter().position(|n| n == node);
+        self.ranges
+            .iter()
+            .filter(move |r| Some(r.2) == idx)
+            .map(|r| (r.0, r.1))
+    }
+
     /// The primary `(host, port)` serving `slot`, if covered.
     pub fn node(&self, slot: u16) -> Option<&(String, u16)> {
         let i = self.ranges.partition_point(|r| r.1 < slot);

@@ -10,7 +10,9 @@
 //!   device's fixes reach its stream in the order they were read.
 //! * **Isolation.** A writer keeps one pipeline in flight per Redis node and retries each
 //!   device on its own backoff: a cluster shard that fails (primary down, `WAIT` short of
-//!   replicas) holds back its own devices only.
+//!   replicas) holds back its own devices only. Once a writer holds `node_held_max_jobs`
+//!   for one failing node, it gates that node's slots (`SlotGate`): the connections of
+//!   its devices wait before queueing more, the rest go on.
 //! * **Nothing lost.** A call that fails is retried with capped exponential backoff until
 //!   it succeeds or the process is told to give up (shutdown grace over). A job's `done`
 //!   fires only after Redis confirmed it; a job that is never written is never confirmed,
@@ -63,14 +65,77 @@ pub struct SinkClosed;
 #[derive(Debug, Clone)]
 pub struct Sink {
     queues: Arc<[mpsc::Sender<WriteJob>]>,
+    gates: Arc<[Arc<SlotGate>]>,
     hasher: std::collections::hash_map::RandomState,
 }
 
 impl Sink {
-    /// Queue `job` on its device's writer, waiting while that queue is full.
+    /// Queue `job` on its device's writer, waiting while that queue is full, or while the
+    /// writer holds too much for the failing cluster node of the device's slot.
     pub async fn submit(&self, job: WriteJob) -> Result<(), SinkClosed> {
         let i = (self.hasher.hash_one(&job.device) % self.queues.len() as u64) as usize;
+        if let Some(gate) = self.gates.get(i) {
+            gate.wait_open(&job.device).await;
+        }
         self.queues[i].send(job).await.map_err(|_| SinkClosed)
+    }
+}
+
+/// Cluster slots whose devices must wait before their next job is queued: the writer
+/// closes the slots of a node once it holds `node_held_max_jobs` jobs for devices waiting
+/// on that node. A bit per slot, so a connection checks its device with one atomic load
+/// (and nothing at all while every slot is open).
+#[derive(Debug)]
+struct SlotGate {
+    any_closed: std::sync::atomic::AtomicBool,
+    closed: Vec<AtomicU64>,
+    opened: tokio::sync::Notify,
+}
+
+impl SlotGate {
+    fn new() -> Self {
+        SlotGate {
+            any_closed: std::sync::atomic::AtomicBool::new(false),
+            closed: (0..16384 / 64).map(|_| AtomicU64::new(0)).collect(),
+            opened: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn is_closed(&self, slot: u16) -> bool {
+        self.closed
+            .get(usize::from(slot / 64))
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (slot % 64)) != 0)
+    }
+
+    async fn wait_open(&self, device: &Pseudonym) {
+        if !self.any_closed.load(Ordering::Acquire) {
+            return;
+        }
+        let slot = key_slot(fixes_key(device).as_bytes());
+        loop {
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            if !self.is_closed(slot) {
+                return;
+            }
+            opened.await;
+        }
+    }
+
+    /// Close exactly `ranges` (first, last slot), opening every other slot.
+    fn set_closed(&self, ranges: &[(u16, u16)]) {
+        let mut words = vec![0u64; self.closed.len()];
+        for &(a, b) in ranges {
+            for s in a..=b.min(16383) {
+                words[usize::from(s / 64)] |= 1 << (s % 64);
+            }
+        }
+        for (w, v) in self.closed.iter().zip(words) {
+            w.store(v, Ordering::Release);
+        }
+        self.any_closed.store(!ranges.is_empty(), Ordering::Release);
+        self.opened.notify_waiters();
     }
 }
 
@@ -160,7 +225,7 @@ if due then redis.call('PEXPIRE', KEYS[2], ttl + up) end
 return written
 "#;
 
-/// The append script (see [`APPEND_SCRIPT`]).
+/// The append script (`APPEND_SCRIPT` in this module).
 pub fn append_script() -> redis::Script {
     redis::Script::new(APPEND_SCRIPT)
 }
@@ -206,10 +271,13 @@ pub fn start(
         wait_timeout_ms: config.wait_timeout_ms,
     };
     let mut queues = Vec::with_capacity(config.writers);
+    let mut gates = Vec::with_capacity(config.writers);
     let mut tasks = Vec::with_capacity(config.writers);
     for id in 0..config.writers {
         let (tx, rx) = mpsc::channel(config.queue_depth_jobs);
         queues.push(tx);
+        let gate = Arc::new(SlotGate::new());
+        gates.push(gate.clone());
         let w = Writer {
             id,
             conn: conn.clone(),
@@ -221,6 +289,10 @@ pub fn start(
             backoff_initial: Duration::from_millis(config.retry_backoff_initial_ms),
             backoff_max: Duration::from_millis(config.retry_backoff_max_ms),
             held_max_jobs: config.held_max_jobs,
+            node_held_max_jobs: config.node_held_max_jobs,
+            gate,
+            closed_nodes: Vec::new(),
+            closed_held: 0,
             upkeep_ms: i64::try_from(upkeep.as_millis()).unwrap_or(i64::MAX),
             batch_seq: batch_seq.clone(),
             instance,
@@ -250,6 +322,7 @@ pub fn start(
     Writers {
         sink: Sink {
             queues: queues.into(),
+            gates: gates.into(),
             hasher: std::collections::hash_map::RandomState::new(),
         },
         tasks,
@@ -275,6 +348,8 @@ struct Group {
     backoff: Duration,
     /// Failed on routing (node gone, `MOVED`): a new slot map ends the backoff.
     waiting_route: bool,
+    /// Failed attempts so far (the device waits on its node while this is not 0).
+    failures: u32,
     permanent_failures: u32,
 }
 
@@ -320,6 +395,13 @@ struct Writer {
     backoff_initial: Duration,
     backoff_max: Duration,
     held_max_jobs: usize,
+    node_held_max_jobs: usize,
+    /// This writer's slot gate (see [`SlotGate`]) and the nodes it has closed.
+    gate: Arc<SlotGate>,
+    closed_nodes: Vec<NodeAddr>,
+    /// Jobs held for devices on the closed nodes: not counted against `held_max_jobs`
+    /// (the gate bounds them), so the other nodes' devices keep being taken.
+    closed_held: usize,
     /// `retention.ingest_upkeep_interval_s` (capped), for the append script.
     upkeep_ms: i64,
     batch_seq: Arc<AtomicU64>,
@@ -368,7 +450,7 @@ impl Writer {
             if !rx_open && self.devices.is_empty() && self.in_flight.is_empty() {
                 break;
             }
-            let take = rx_open && self.held_jobs < self.held_max_jobs;
+            let take = rx_open && self.room();
             let wake = self.next_wake();
             tokio::select! {
                 biased;
@@ -403,6 +485,7 @@ impl Writer {
             self.queue_gauge.set(self.rx.len() as f64);
             self.held_gauge.set(self.held_jobs as f64);
         }
+        self.gate.set_closed(&[]); // nobody waits on a writer that is gone
         let left = self.held_jobs + self.rx.len();
         if left > 0 {
             tracing::error!(
@@ -421,6 +504,11 @@ impl Writer {
             let load = script.prepare_invoke();
             let _ = tokio::time::timeout(Duration::from_secs(1), load.load_async(&mut conn)).await;
         }
+    }
+
+    /// Room for another job under `held_max_jobs` (jobs of closed nodes not counted).
+    fn room(&self) -> bool {
+        self.held_jobs.saturating_sub(self.closed_held) < self.held_max_jobs
     }
 
     fn next_wake(&self) -> Option<Instant> {
@@ -458,6 +546,7 @@ impl Writer {
                     not_before: None,
                     backoff: self.backoff_initial,
                     waiting_route: false,
+                    failures: 0,
                     permanent_failures: 0,
                 });
             }
@@ -467,7 +556,7 @@ impl Writer {
     /// Take what is already queued, without waiting, up to a batch; false once the queue
     /// is closed and empty.
     fn take_queued(&mut self) -> bool {
-        while self.fresh_fixes < self.batch_max_fixes && self.held_jobs < self.held_max_jobs {
+        while self.fresh_fixes < self.batch_max_fixes && self.room() {
             match self.rx.try_recv() {
                 Ok(job) => self.take(job),
                 Err(mpsc::error::TryRecvError::Empty) => return true,
@@ -501,6 +590,9 @@ impl Writer {
             }
         }
         let cluster = self.conn.is_cluster();
+        if cluster {
+            self.update_gate();
+        }
         let want_map = cluster && (self.slots.is_none() || self.slots_stale);
         if want_map && self.slot_fetch.is_none() && self.fetch_not_before.is_none_or(|t| t <= now) {
             let conn = self.conn.clone();
@@ -601,6 +693,49 @@ impl Writer {
                     elapsed: started.elapsed(),
                 }
             }));
+        }
+    }
+
+    /// Close the slots of every node for which this writer holds `node_held_max_jobs` jobs
+    /// of waiting devices (devices whose write failed and is being retried), so their
+    /// connections stop reading while the other nodes' devices go on; open them again
+    /// below half that (or when the node's devices are written).
+    fn update_gate(&mut self) {
+        let Some(map) = &self.slots else {
+            return;
+        };
+        let mut waiting: Vec<(NodeAddr, usize)> = Vec::new();
+        for (p, dq) in &self.devices {
+            if dq.groups.front().is_none_or(|h| h.failures == 0) {
+                continue;
+            }
+            let slot = dq.slot.unwrap_or_else(|| key_slot(fixes_key(p).as_bytes()));
+            let Some(node) = map.node(slot) else {
+                continue;
+            };
+            let jobs: usize = dq.groups.iter().map(|g| g.jobs.len()).sum();
+            match waiting.iter_mut().find(|(n, _)| n == node) {
+                Some((_, n)) => *n += jobs,
+                None => waiting.push((node.clone(), jobs)),
+            }
+        }
+        let budget = self.node_held_max_jobs;
+        let mut closed: Vec<NodeAddr> = Vec::new();
+        self.closed_held = 0;
+        for (node, jobs) in waiting {
+            if jobs >= budget || (self.closed_nodes.contains(&node) && jobs >= budget / 2) {
+                closed.push(node);
+                self.closed_held += jobs;
+            }
+        }
+        closed.sort();
+        if closed != self.closed_nodes {
+            let ranges: Vec<(u16, u16)> = closed.iter().flat_map(|n| map.ranges_of(n)).collect();
+            if closed.len() > self.closed_nodes.len() {
+                tracing::warn!(writer = self.id, nodes = ?closed, "holding too much for a failing node: its devices wait (connections stop reading)");
+            }
+            self.gate.set_closed(&ranges);
+            self.closed_nodes = closed;
         }
     }
 
@@ -735,6 +870,7 @@ impl Writer {
         };
         let at = now + head.backoff;
         head.not_before = Some(at);
+        head.failures += 1;
         head.backoff = (head.backoff * 2).min(self.backoff_max);
         self.next_retry = Some(self.next_retry.map_or(at, |r| r.min(at)));
     }

@@ -608,6 +608,86 @@ async fn a_shard_without_its_replica_holds_back_only_its_own_devices() {
     gw.wait().await;
 }
 
+/// The same, with more held for the failing shard than the writer-wide bound: the writer
+/// closes that node's slots (its devices' connections stop being read) and keeps taking
+/// the other shards' jobs; everything is written once the replica is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_shard_beyond_the_held_bound_is_gated_not_the_others() {
+    let mut backend = Backend::cluster();
+    let keys = Arc::new(KeyRing::ephemeral());
+    let mut config = backend.config();
+    config.redis.wait_replicas = 1;
+    config.redis.wait_timeout_ms = 300;
+    config.redis.writers = 1;
+    config.redis.held_max_jobs = 12;
+    config.redis.node_held_max_jobs = 4;
+    let gw = Gateway::start(config, keys.clone()).await.unwrap();
+    let Backend::Cluster(cluster) = &mut backend else {
+        unreachable!()
+    };
+    let shard = |c: &RedisCluster, id: &str| c.primary_of(&fixes_key(&pseudonym(&keys, id)));
+    let ids: Vec<String> = (800..900).map(imei).collect();
+    let stalled_primary = shard(cluster, &ids[0]);
+    let on = |want: bool| -> Vec<String> {
+        ids.iter()
+            .filter(|id| (shard(cluster, id) == stalled_primary) == want)
+            .take(6)
+            .cloned()
+            .collect()
+    };
+    let (stalled_ids, healthy_ids) = (on(true), on(false));
+    assert_eq!(stalled_ids.len(), 6);
+    let addr = gw.tracker_addrs[0];
+    let mut stalled = Vec::new();
+    let mut healthy = Vec::new();
+    for (ids, trackers) in [(&stalled_ids, &mut stalled), (&healthy_ids, &mut healthy)] {
+        for id in ids {
+            let mut t = Tracker::connect(addr).await;
+            t.send(&ccc_frame(id, &[fix_at(now_s(), 0)])).await;
+            assert!(
+                t.reply(LONG).await.is_some(),
+                "{id}: confirmed before the freeze"
+            );
+            trackers.push((id.clone(), t));
+        }
+    }
+
+    let replica = cluster.replica_of(stalled_primary);
+    cluster.node_mut(replica).freeze();
+    // 6 devices x 4 frames = 24 jobs for the failing shard, twice the writer-wide bound.
+    for round in 1..=4 {
+        for (id, t) in &mut stalled {
+            t.send(&ccc_frame(id, &[fix_at(now_s(), round)])).await;
+        }
+        for (id, t) in &mut healthy {
+            t.send(&ccc_frame(id, &[fix_at(now_s(), round)])).await;
+            assert!(
+                t.reply(Duration::from_secs(3)).await.is_some(),
+                "{id}: confirmed in round {round} while the other shard holds more than the bound"
+            );
+        }
+    }
+    cluster.node_mut(replica).thaw();
+    for (id, t) in &mut stalled {
+        for round in 1..=4 {
+            assert!(
+                t.reply(Duration::from_secs(30)).await.is_some(),
+                "{id}: frame {round} confirmed once the replica is back"
+            );
+        }
+    }
+    let mut conn = backend.conn();
+    for (id, _) in stalled.iter().chain(&healthy) {
+        assert_eq!(
+            xlen(&mut conn, &pseudonym(&keys, id)).await,
+            5,
+            "{id}: each fix once"
+        );
+    }
+    gw.shutdown();
+    gw.wait().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Resharding: a device's slot moves to another primary while it keeps sending; the
 // writers follow (ASK/TRYAGAIN while it moves, MOVED after: fetch the slot map again) and
