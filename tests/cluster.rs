@@ -510,6 +510,53 @@ async fn wait_withholds_the_ack_until_a_replica_has_the_write() {
 // getting their ACKs; the frozen shard's devices get theirs once the replica is back, and
 // every fix is stored once.
 
+/// Devices connected to a gateway, each confirmed once: (IMEI, tracker).
+type Fleet = Vec<(String, Tracker<tokio::net::TcpStream>)>;
+
+/// From the IMEIs numbered `range`: `stalled` devices on the shard of the first and
+/// `healthy` devices on the two others, each connected to `addr` and confirmed once.
+/// Returns the first shard's primary and both fleets.
+async fn two_fleets(
+    cluster: &RedisCluster,
+    keys: &KeyRing,
+    addr: SocketAddr,
+    range: std::ops::Range<u32>,
+    stalled: usize,
+    healthy: usize,
+) -> (u16, Fleet, Fleet) {
+    let shard = |id: &str| cluster.primary_of(&fixes_key(&pseudonym(keys, id)));
+    let ids: Vec<String> = range.map(imei).collect();
+    let primary = shard(&ids[0]);
+    let pick = |on: bool, n: usize| -> Vec<String> {
+        ids.iter()
+            .filter(|id| (shard(id) == primary) == on)
+            .take(n)
+            .cloned()
+            .collect()
+    };
+    let (stalled_ids, healthy_ids) = (pick(true, stalled), pick(false, healthy));
+    assert_eq!(stalled_ids.len(), stalled, "enough devices on one shard");
+    let others: HashSet<u16> = healthy_ids.iter().map(|id| shard(id)).collect();
+    assert_eq!(
+        others.len(),
+        2,
+        "the healthy devices span both other shards"
+    );
+    let mut fleets = (Vec::new(), Vec::new());
+    for (ids, fleet) in [(&stalled_ids, &mut fleets.0), (&healthy_ids, &mut fleets.1)] {
+        for id in ids {
+            let mut t = Tracker::connect(addr).await;
+            t.send(&ccc_frame(id, &[fix_at(now_s(), 0)])).await;
+            assert!(
+                t.reply(LONG).await.is_some(),
+                "{id}: confirmed before the freeze"
+            );
+            fleet.push((id.clone(), t));
+        }
+    }
+    (primary, fleets.0, fleets.1)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_without_its_replica_holds_back_only_its_own_devices() {
     let mut backend = Backend::cluster();
@@ -522,42 +569,8 @@ async fn a_shard_without_its_replica_holds_back_only_its_own_devices() {
     let Backend::Cluster(cluster) = &mut backend else {
         unreachable!()
     };
-    let shard = |c: &RedisCluster, id: &str| c.primary_of(&fixes_key(&pseudonym(&keys, id)));
-    let ids: Vec<String> = (700..760).map(imei).collect();
-    let stalled_primary = shard(cluster, &ids[0]);
-    let stalled_ids: Vec<String> = ids
-        .iter()
-        .filter(|id| shard(cluster, id) == stalled_primary)
-        .take(3)
-        .cloned()
-        .collect();
-    let healthy_ids: Vec<String> = ids
-        .iter()
-        .filter(|id| shard(cluster, id) != stalled_primary)
-        .take(6)
-        .cloned()
-        .collect();
-    let healthy_shards: HashSet<u16> = healthy_ids.iter().map(|id| shard(cluster, id)).collect();
-    assert_eq!(
-        healthy_shards.len(),
-        2,
-        "the healthy devices span both other shards"
-    );
-
-    let addr = gw.tracker_addrs[0];
-    let mut stalled = Vec::new();
-    let mut healthy = Vec::new();
-    for (ids, trackers) in [(&stalled_ids, &mut stalled), (&healthy_ids, &mut healthy)] {
-        for id in ids {
-            let mut t = Tracker::connect(addr).await;
-            t.send(&ccc_frame(id, &[fix_at(now_s(), 0)])).await;
-            assert!(
-                t.reply(LONG).await.is_some(),
-                "{id}: confirmed before the freeze"
-            );
-            trackers.push((id.clone(), t));
-        }
-    }
+    let (stalled_primary, mut stalled, mut healthy) =
+        two_fleets(cluster, &keys, gw.tracker_addrs[0], 700..760, 3, 6).await;
 
     let replica = cluster.replica_of(stalled_primary);
     cluster.node_mut(replica).freeze();
@@ -625,32 +638,8 @@ async fn a_failing_shard_beyond_the_held_bound_is_gated_not_the_others() {
     let Backend::Cluster(cluster) = &mut backend else {
         unreachable!()
     };
-    let shard = |c: &RedisCluster, id: &str| c.primary_of(&fixes_key(&pseudonym(&keys, id)));
-    let ids: Vec<String> = (800..900).map(imei).collect();
-    let stalled_primary = shard(cluster, &ids[0]);
-    let on = |want: bool| -> Vec<String> {
-        ids.iter()
-            .filter(|id| (shard(cluster, id) == stalled_primary) == want)
-            .take(6)
-            .cloned()
-            .collect()
-    };
-    let (stalled_ids, healthy_ids) = (on(true), on(false));
-    assert_eq!(stalled_ids.len(), 6);
-    let addr = gw.tracker_addrs[0];
-    let mut stalled = Vec::new();
-    let mut healthy = Vec::new();
-    for (ids, trackers) in [(&stalled_ids, &mut stalled), (&healthy_ids, &mut healthy)] {
-        for id in ids {
-            let mut t = Tracker::connect(addr).await;
-            t.send(&ccc_frame(id, &[fix_at(now_s(), 0)])).await;
-            assert!(
-                t.reply(LONG).await.is_some(),
-                "{id}: confirmed before the freeze"
-            );
-            trackers.push((id.clone(), t));
-        }
-    }
+    let (stalled_primary, mut stalled, mut healthy) =
+        two_fleets(cluster, &keys, gw.tracker_addrs[0], 800..900, 6, 6).await;
 
     let replica = cluster.replica_of(stalled_primary);
     cluster.node_mut(replica).freeze();
