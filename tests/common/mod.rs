@@ -178,6 +178,15 @@ pub fn signal(pid: u32, sig: &str) {
 /// A configuration for tests: one plain listener on a free port, metrics on a free port,
 /// short timeouts.
 pub fn test_config(redis: &RedisServer) -> Config {
+    let mut c = base_test_config();
+    c.redis.url = redis.url();
+    c.redis.response_timeout_ms = 500;
+    c.redis.connect_timeout_ms = 500;
+    c
+}
+
+/// What every test configuration shares, whatever the Redis backend.
+fn base_test_config() -> Config {
     let mut c = Config {
         listeners: vec![ListenerConfig {
             bind: "127.0.0.1:0".parse().unwrap(),
@@ -185,9 +194,6 @@ pub fn test_config(redis: &RedisServer) -> Config {
         }],
         ..Config::default()
     };
-    c.redis.url = redis.url();
-    c.redis.response_timeout_ms = 500;
-    c.redis.connect_timeout_ms = 500;
     c.redis.retry_backoff_initial_ms = 20;
     c.redis.retry_backoff_max_ms = 200;
     c.http.bind = Some("127.0.0.1:0".parse().unwrap());
@@ -700,22 +706,11 @@ impl Backend {
         match self {
             Backend::Standalone(r) => test_config(r),
             Backend::Cluster(c) => {
-                let mut cfg = Config {
-                    listeners: vec![ListenerConfig {
-                        bind: "127.0.0.1:0".parse().unwrap(),
-                        tls: None,
-                    }],
-                    ..Config::default()
-                };
+                let mut cfg = base_test_config();
                 cfg.redis.mode = trackgate::config::RedisMode::Cluster;
                 cfg.redis.cluster_nodes = c.seed_urls();
                 cfg.redis.response_timeout_ms = 1500;
                 cfg.redis.connect_timeout_ms = 1000;
-                cfg.redis.retry_backoff_initial_ms = 20;
-                cfg.redis.retry_backoff_max_ms = 200;
-                cfg.http.bind = Some("127.0.0.1:0".parse().unwrap());
-                cfg.keys.key_file = PathBuf::from("unused-in-tests");
-                cfg.limits.shutdown_grace_s = 10;
                 cfg
             }
         }
