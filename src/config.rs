@@ -188,6 +188,14 @@ pub struct RedisConfig {
     /// Env `TRACKGATE_REDIS_PASSWORD` overrides. Never logged.
     #[serde(skip_serializing)]
     pub password: Option<String>,
+    /// TLS to Redis (`rediss://` URLs only): PEM file of the CA certificate(s) that signed
+    /// the server's certificate, for a private CA. Absent: the system's trust store.
+    pub tls_ca_path: Option<PathBuf>,
+    /// TLS client certificate (PEM) for servers that require one (`tls-auth-clients yes`);
+    /// set together with `tls_client_key_path`.
+    pub tls_client_cert_path: Option<PathBuf>,
+    /// Private key (PEM) of `tls_client_cert_path`. Never logged.
+    pub tls_client_key_path: Option<PathBuf>,
     /// Writer tasks; a device always goes to the same writer, so its fixes stay in order.
     pub writers: usize,
     /// Write jobs (one decoded frame each) queued per writer; connections stop reading
@@ -226,6 +234,9 @@ impl Default for RedisConfig {
             wait_replicas: 0,
             wait_timeout_ms: 1000,
             password: None,
+            tls_ca_path: None,
+            tls_client_cert_path: None,
+            tls_client_key_path: None,
             writers: 2,
             queue_depth_jobs: 1024,
             held_max_jobs: 16384,
@@ -375,6 +386,47 @@ impl Config {
         }
     }
 
+    /// The `redis.tls_*` files: only with `rediss://` (a plain connection would silently
+    /// ignore them), readable, and the client certificate and key together.
+    fn validate_redis_tls(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        let files = [
+            ("redis.tls_ca_path", &r.tls_ca_path),
+            ("redis.tls_client_cert_path", &r.tls_client_cert_path),
+            ("redis.tls_client_key_path", &r.tls_client_key_path),
+        ];
+        let Some((first, _)) = files.iter().find(|(_, p)| p.is_some()) else {
+            return Ok(());
+        };
+        let urls: Vec<&String> = match r.mode {
+            RedisMode::Standalone => vec![&r.url],
+            RedisMode::Cluster => r.cluster_nodes.iter().collect(),
+        };
+        if urls.iter().any(|u| !u.starts_with("rediss://")) {
+            return Err(invalid(
+                *first,
+                "is for TLS: the Redis URL(s) must then start with rediss://",
+            ));
+        }
+        for (name, path) in files {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                return Err(invalid(
+                    name,
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+        }
+        if r.tls_client_cert_path.is_some() != r.tls_client_key_path.is_some() {
+            return Err(invalid(
+                "redis.tls_client_key_path",
+                "set together with redis.tls_client_cert_path (both or neither)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Check what types cannot: non-zero limits, files that must exist.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.listeners.is_empty() {
@@ -476,6 +528,7 @@ impl Config {
                 }
             }
         }
+        self.validate_redis_tls()?;
         if r.wait_replicas > MAX_WAIT_REPLICAS {
             return Err(invalid(
                 "redis.wait_replicas",
@@ -605,5 +658,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("listeners[1].tls.cert_path"), "{msg}");
+    }
+
+    #[test]
+    fn redis_tls_files_need_rediss_and_come_in_pairs() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, "not checked here")?;
+        let refused = |c: &Config| match c.validate() {
+            Ok(()) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let mut c = Config::parse(MINIMAL)?;
+        c.redis.url = "rediss://redis.example:6380".into();
+        c.redis.tls_ca_path = Some(pem.clone());
+        c.validate()?;
+        let mut plain = c.clone();
+        plain.redis.url = "redis://redis.example:6379".into();
+        assert!(
+            refused(&plain).contains("redis.tls_ca_path"),
+            "{}",
+            refused(&plain)
+        );
+        let mut missing = c.clone();
+        missing.redis.tls_ca_path = Some(dir.path().join("absent.pem"));
+        assert!(refused(&missing).contains("is not a readable file"));
+        let mut half = c.clone();
+        half.redis.tls_client_cert_path = Some(pem.clone());
+        assert!(refused(&half).contains("redis.tls_client_key_path"));
+        let mut cluster = c;
+        cluster.redis.mode = RedisMode::Cluster;
+        cluster.redis.cluster_nodes = vec!["rediss://a:7000".into(), "redis://b:7000".into()];
+        assert!(refused(&cluster).contains("rediss://"));
+        cluster.redis.cluster_nodes[1] = "rediss://b:7000".into();
+        cluster.validate()?;
+        Ok(())
     }
 }

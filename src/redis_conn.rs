@@ -114,6 +114,9 @@ pub fn connect(config: &RedisConfig) -> RedisResult<RedisConn> {
             if let Some(pw) = &config.password {
                 b = b.password(pw);
             }
+            if let Some(certs) = tls_certificates(config)? {
+                b = b.certs(certs);
+            }
             let client = b.build()?;
             Ok(RedisConn::Cluster(LazyCluster {
                 client: Arc::new(client),
@@ -124,6 +127,34 @@ pub fn connect(config: &RedisConfig) -> RedisResult<RedisConn> {
     }
 }
 
+/// The CA and client certificate for `rediss://`, when configured (validated in
+/// [`crate::config::Config::validate`]). `None`: a plain connection, or TLS trusting the
+/// system's roots with no client certificate, which the URL scheme alone gives.
+fn tls_certificates(config: &RedisConfig) -> RedisResult<Option<redis::TlsCertificates>> {
+    let read = |p: &std::path::Path, what: &'static str| {
+        std::fs::read(p).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Io, what, format!("{}: {e}", p.display())))
+        })
+    };
+    let root_cert = match &config.tls_ca_path {
+        Some(p) => Some(read(p, "cannot read redis.tls_ca_path")?),
+        None => None,
+    };
+    let client_tls = match (&config.tls_client_cert_path, &config.tls_client_key_path) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert, "cannot read redis.tls_client_cert_path")?,
+            client_key: read(key, "cannot read redis.tls_client_key_path")?,
+        }),
+        _ => None,
+    };
+    Ok(
+        (root_cert.is_some() || client_tls.is_some()).then_some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
+    )
+}
+
 fn connect_standalone(config: &RedisConfig) -> RedisResult<ConnectionManager> {
     use redis::IntoConnectionInfo;
     let mut info = config.url.as_str().into_connection_info()?;
@@ -131,7 +162,10 @@ fn connect_standalone(config: &RedisConfig) -> RedisResult<ConnectionManager> {
         let settings = info.redis_settings().clone().set_password(pw);
         info = info.set_redis_settings(settings);
     }
-    let client = redis::Client::open(info)?;
+    let client = match tls_certificates(config)? {
+        Some(certs) => redis::Client::build_with_tls(info, certs)?,
+        None => redis::Client::open(info)?,
+    };
     let cm = redis::aio::ConnectionManagerConfig::new()
         .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
         .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))

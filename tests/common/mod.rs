@@ -353,7 +353,6 @@ pub async fn stream_len<C: redis::aio::ConnectionLike + Send + Sync>(
     conn.xlen(trackgate::storage::fixes_key(p)).await.unwrap()
 }
 
-/// Wait until `f` holds (polling), or panic after `wait`.
 /// Redis writers on their own connection, as the gateway starts them (default upkeep
 /// interval, 60 s).
 pub fn start_writers(cfg: &trackgate::config::RedisConfig) -> trackgate::sink::Writers {
@@ -387,6 +386,7 @@ pub async fn stored_mileages<C: redis::aio::ConnectionLike + Send + Sync>(
         .collect()
 }
 
+/// Wait until `f` holds (polling), or panic after `wait`.
 pub async fn eventually<F, Fut>(wait: Duration, what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
