@@ -22,6 +22,9 @@ pub const MAX_FRAME_BYTES: usize = 16 * 1024;
 /// Upper bound for TTLs (10 years): keeps millisecond arithmetic far from overflow.
 pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
 
+/// Upper bound of every timeout, backoff and grace period (one day, in ms).
+const MAX_LIMIT_MS: u64 = 24 * 3600 * 1000;
+
 /// Upper bound for `redis.wait_replicas` (a typo such as 10 would stall every ACK).
 pub const MAX_WAIT_REPLICAS: u32 = 5;
 
@@ -120,6 +123,12 @@ pub struct Limits {
     pub accept_backoff_max_ms: u64,
     /// Time to send one reply before the connection is given up.
     pub write_timeout_s: u64,
+    /// Longest wait for Redis to confirm a frame read from a connection (or to take it
+    /// into a full write queue). Beyond it the connection is closed without that ACK and
+    /// its slot freed: a device whose shard is down would otherwise hold a slot forever
+    /// (reading is paused, so neither its hang-up nor the idle timeout is seen) and, by
+    /// reconnecting, take another. What was already queued is still written.
+    pub ack_wait_timeout_s: u64,
     /// On SIGTERM/Ctrl-C: time to finish writing and acknowledging what was received.
     pub shutdown_grace_s: u64,
 }
@@ -137,6 +146,7 @@ impl Default for Limits {
             read_buffer_bytes: 1024,
             accept_backoff_max_ms: 1000,
             write_timeout_s: 10,
+            ack_wait_timeout_s: 60,
             shutdown_grace_s: 30,
         }
     }
@@ -458,6 +468,8 @@ impl Config {
             ("limits.max_inflight_frames", l.max_inflight_frames as u64),
             ("limits.read_buffer_bytes", l.read_buffer_bytes as u64),
             ("limits.write_timeout_s", l.write_timeout_s),
+            ("limits.ack_wait_timeout_s", l.ack_wait_timeout_s),
+            ("limits.accept_backoff_max_ms", l.accept_backoff_max_ms),
             ("redis.writers", r.writers as u64),
             ("redis.queue_depth_jobs", r.queue_depth_jobs as u64),
             ("redis.held_max_jobs", r.held_max_jobs as u64),
@@ -481,6 +493,41 @@ impl Config {
         for (field, v) in positive {
             if v == 0 {
                 return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        // Deadlines are `Instant + limit`: an absurd limit would overflow (a panic in
+        // every connection task), so time limits are bounded to a day.
+        let times = [
+            (
+                "limits.handshake_timeout_s",
+                l.handshake_timeout_s.saturating_mul(1000),
+            ),
+            (
+                "limits.idle_timeout_s",
+                l.idle_timeout_s.saturating_mul(1000),
+            ),
+            (
+                "limits.write_timeout_s",
+                l.write_timeout_s.saturating_mul(1000),
+            ),
+            (
+                "limits.ack_wait_timeout_s",
+                l.ack_wait_timeout_s.saturating_mul(1000),
+            ),
+            (
+                "limits.shutdown_grace_s",
+                l.shutdown_grace_s.saturating_mul(1000),
+            ),
+            ("limits.accept_backoff_max_ms", l.accept_backoff_max_ms),
+            ("redis.response_timeout_ms", r.response_timeout_ms),
+            ("redis.connect_timeout_ms", r.connect_timeout_ms),
+            ("redis.retry_backoff_max_ms", r.retry_backoff_max_ms),
+            ("redis.wait_timeout_ms", r.wait_timeout_ms),
+            ("redis.batch_max_delay_ms", r.batch_max_delay_ms),
+        ];
+        for (field, ms) in times {
+            if ms > MAX_LIMIT_MS {
+                return Err(invalid(field, "must be at most one day"));
             }
         }
         if !(64..=MAX_FRAME_BYTES).contains(&l.max_frame_bytes) {
@@ -605,6 +652,22 @@ mod tests {
         c.redis.batch_max_fixes = 0;
         let msg = c.validate().unwrap_err().to_string();
         assert!(msg.contains("redis.batch_max_fixes"), "{msg}");
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.limits.accept_backoff_max_ms = 0;
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("limits.accept_backoff_max_ms"), "{msg}");
+    }
+
+    #[test]
+    fn a_time_limit_that_would_overflow_a_deadline_is_refused() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.limits.idle_timeout_s = u64::MAX;
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("limits.idle_timeout_s"), "{msg}");
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.redis.retry_backoff_max_ms = 2 * 24 * 3600 * 1000;
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("redis.retry_backoff_max_ms"), "{msg}");
     }
 
     #[test]

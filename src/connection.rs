@@ -159,6 +159,45 @@ pub struct Shared {
 /// A reply waiting for its write job.
 type PendingAck = Pin<Box<dyn Future<Output = AckReady> + Send>>;
 
+/// The replies a connection owes, in read order, and when each frame was read (the
+/// oldest bounds the wait for Redis: `limits.ack_wait_timeout_s`).
+#[derive(Default)]
+struct PendingAcks {
+    acks: FuturesOrdered<PendingAck>,
+    read_at: std::collections::VecDeque<tokio::time::Instant>,
+}
+
+impl PendingAcks {
+    fn push(&mut self, ack: PendingAck) {
+        self.acks.push_back(ack);
+        self.read_at.push_back(tokio::time::Instant::now());
+    }
+
+    async fn next(&mut self) -> Option<AckReady> {
+        let ready = self.acks.next().await;
+        if ready.is_some() {
+            self.read_at.pop_front();
+        }
+        ready
+    }
+
+    fn is_empty(&self) -> bool {
+        self.acks.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.acks.len()
+    }
+
+    /// When the oldest unanswered frame was read (now if none).
+    fn oldest_read_at(&self) -> tokio::time::Instant {
+        self.read_at
+            .front()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now)
+    }
+}
+
 struct AckReady {
     stored: bool,
     reply: Option<Vec<u8>>,
@@ -184,6 +223,7 @@ pub enum CloseReason {
     FatalFrame,
     Io,
     WriteTimeout,
+    AckTimeout,
     Shutdown,
     QueueClosed,
 }
@@ -199,6 +239,7 @@ impl CloseReason {
             CloseReason::FatalFrame => "fatal_frame",
             CloseReason::Io => "io_error",
             CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::AckTimeout => "ack_timeout",
             CloseReason::Shutdown => "shutdown",
             CloseReason::QueueClosed => "queue_closed",
         }
@@ -219,7 +260,8 @@ where
         device: None,
         bad_in_row: 0,
     };
-    let mut pending: FuturesOrdered<PendingAck> = FuturesOrdered::new();
+    let mut pending = PendingAcks::default();
+    let ack_wait = Duration::from_secs(limits.ack_wait_timeout_s);
     let idle = Duration::from_secs(limits.idle_timeout_s);
     let write_timeout = Duration::from_secs(limits.write_timeout_s);
     let hot = &shared.hot;
@@ -230,6 +272,7 @@ where
         if !reading && pending.is_empty() {
             break CloseReason::Shutdown;
         }
+        let ack_due = pending.oldest_read_at() + ack_wait;
         tokio::select! {
             biased;
             Some(ack) = pending.next(), if !pending.is_empty() => {
@@ -238,6 +281,9 @@ where
                 }
                 // Time spent waiting for Redis (reading paused) is not the device's idleness.
                 deadline = deadline.max(tokio::time::Instant::now() + idle);
+            }
+            () = tokio::time::sleep_until(ack_due), if !pending.is_empty() => {
+                break CloseReason::AckTimeout;
             }
             () = shared.shutdown.cancelled(), if reading => {
                 reading = false;
@@ -251,7 +297,7 @@ where
                 {
                     if let Inbound::Frame(raw) = item {
                         match conn.frame(raw).await {
-                            Ok(Some(ack)) => pending.push_back(ack),
+                            Ok(Some(ack)) => pending.push(ack),
                             Ok(None) => {}
                             Err(_) => break,
                         }
@@ -281,11 +327,15 @@ where
                 };
                 match item {
                     Inbound::Frame(raw) => {
-                        let result = conn.frame(raw).await;
+                        // Waiting for room in a full write queue (or a gated shard) is
+                        // bounded like waiting for the ACK.
+                        let Ok(result) = tokio::time::timeout(ack_wait, conn.frame(raw)).await else {
+                            break CloseReason::AckTimeout;
+                        };
                         // After the frame is queued: waiting for queue room is not idleness.
                         deadline = tokio::time::Instant::now() + idle;
                         match result {
-                            Ok(Some(ack)) => pending.push_back(ack),
+                            Ok(Some(ack)) => pending.push(ack),
                             Ok(None) => {}
                             Err(reason) => break reason,
                         }
@@ -307,7 +357,7 @@ where
     // freed at once. Waiting is bounded by the idle timeout (shutdown by the grace period).
     if !matches!(
         reason,
-        CloseReason::Eof | CloseReason::Io | CloseReason::WriteTimeout
+        CloseReason::Eof | CloseReason::Io | CloseReason::WriteTimeout | CloseReason::AckTimeout
     ) {
         let drain = async {
             while let Some(ack) = pending.next().await {

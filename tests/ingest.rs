@@ -463,3 +463,48 @@ async fn a_gone_device_frees_its_slot_while_redis_is_down() {
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_redis_does_not_confirm_in_time_frees_the_connection_slot() {
+    if !standalone_only("a_frame_redis_does_not_confirm_in_time_frees_the_connection_slot") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.limits.max_connections = 1;
+    // Reading pauses after one unanswered frame: the connection then sees neither the
+    // device's hang-up nor its idleness, only the ACK wait bound.
+    config.limits.max_inflight_frames = 1;
+    config.limits.ack_wait_timeout_s = 1;
+    let (gw, keys) = start_gateway(config).await;
+    let addr = gw.tracker_addrs[0];
+    let id = imei(70);
+    let now = now_s();
+    redis.freeze();
+    let mut t = Tracker::connect(addr).await;
+    t.send(&cce_frame(&id, &[fix_at(now, 0)])).await;
+    t.send(&cce_frame(&id, &[fix_at(now, 1)])).await;
+    assert!(
+        t.closed_within(Duration::from_secs(5)).await,
+        "closed once the oldest frame waited limits.ack_wait_timeout_s"
+    );
+    assert_eq!(t.reply(SHORT).await, None, "and never acknowledged");
+    // The only slot is free again while Redis is still down.
+    let mut next = Tracker::connect(addr).await;
+    assert!(
+        !next.closed_within(SHORT).await,
+        "a new device gets the slot"
+    );
+    redis.thaw();
+    // The frame that was queued is still written.
+    let conn = redis.conn().await;
+    let p = pseudonym(&keys, &id);
+    eventually(LONG, "the queued fix written", || {
+        let mut conn = conn.clone();
+        let p = p.clone();
+        async move { stream_len(&mut conn, &p).await >= 1 }
+    })
+    .await;
+    gw.shutdown();
+    gw.wait().await;
+}
