@@ -399,6 +399,21 @@ async fn export_fixes(
         Ok(p) => p,
         Err(r) => return r,
     };
+    // The customer's retention bounds what may be read; unknown means no export (the
+    // default could be longer than what they agreed to).
+    let ttl = {
+        let mut conn = state.audit_conn.clone();
+        match state
+            .retention
+            .ttl_for_customer(&mut conn, &customer_id)
+            .await
+        {
+            Ok(ttl) => ttl,
+            Err(_) => {
+                return unavailable("retention unknown (Redis unreachable); export not started");
+            }
+        }
+    };
     let devices: Vec<&str> = pseudonyms.iter().map(|p| p.as_str()).collect();
     let mut conn = state.audit_conn.clone();
     let event = AuditEvent {
@@ -415,13 +430,7 @@ async fn export_fixes(
         pseudonyms,
         from: params.from,
         to: params.to,
-        ttl: {
-            let mut conn = state.audit_conn.clone();
-            state
-                .retention
-                .ttl_for_customer(&mut conn, &customer_id)
-                .await
-        },
+        ttl,
         format,
     };
     let body = axum::body::Body::from_stream(crate::export::stream(state.audit_conn.clone(), q));

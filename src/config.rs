@@ -278,6 +278,13 @@ pub struct RetentionConfig {
     /// `sweep_interval_s`, which keeps "physically gone by TTL + sweep interval" true.
     /// Doing it on every write cost about a tenth of Redis's time per write.
     pub ingest_upkeep_interval_s: u64,
+    /// A connected device's retention (its owner's agreement) is looked up again this
+    /// often, so a new owner or a changed agreement applies to connections that stay open
+    /// for weeks.
+    pub owner_refresh_s: u64,
+    /// Time for one retention lookup; a failed one is retried (the frame waits, within
+    /// `limits.ack_wait_timeout_s`), never replaced by the default.
+    pub lookup_timeout_ms: u64,
 }
 
 impl RetentionConfig {
@@ -294,6 +301,8 @@ impl Default for RetentionConfig {
             sweep_interval_s: 3600,
             max_customer_ttl_s: 365 * 24 * 3600,
             ingest_upkeep_interval_s: 60,
+            owner_refresh_s: 300,
+            lookup_timeout_ms: 2000,
         }
     }
 }
@@ -489,6 +498,11 @@ impl Config {
                 "retention.ingest_upkeep_interval_s",
                 self.retention.ingest_upkeep_interval_s,
             ),
+            ("retention.owner_refresh_s", self.retention.owner_refresh_s),
+            (
+                "retention.lookup_timeout_ms",
+                self.retention.lookup_timeout_ms,
+            ),
         ];
         for (field, v) in positive {
             if v == 0 {
@@ -524,6 +538,14 @@ impl Config {
             ("redis.retry_backoff_max_ms", r.retry_backoff_max_ms),
             ("redis.wait_timeout_ms", r.wait_timeout_ms),
             ("redis.batch_max_delay_ms", r.batch_max_delay_ms),
+            (
+                "retention.owner_refresh_s",
+                self.retention.owner_refresh_s.saturating_mul(1000),
+            ),
+            (
+                "retention.lookup_timeout_ms",
+                self.retention.lookup_timeout_ms,
+            ),
         ];
         for (field, ms) in times {
             if ms > MAX_LIMIT_MS {

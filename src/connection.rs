@@ -208,8 +208,12 @@ struct AckReady {
 struct Device {
     imei: Imei,
     pseudonym: Pseudonym,
+    /// Its pseudonyms under every key version, newest first (where ownership is looked up).
+    owners: Vec<Pseudonym>,
     /// The retention of this device's fixes (its owner's agreement, or the default).
     ttl: Duration,
+    /// When `ttl` was last looked up (again every `retention.owner_refresh_s`).
+    ttl_checked: Instant,
 }
 
 /// Why a connection ended (metric label).
@@ -454,20 +458,21 @@ impl Conn {
                     return Ok(None);
                 };
                 let pseudonym = self.shared.keys.pseudonym(&imei);
-                let mut redis = self.shared.redis.clone();
-                let lookup = self.shared.retention.ttl_for(&mut redis, &pseudonym);
-                let ttl = tokio::time::timeout(Duration::from_secs(2), lookup)
-                    .await
-                    .unwrap_or_else(|_| self.shared.retention.default_ttl());
+                let mut owners = self.shared.keys.all_pseudonyms(&imei);
+                owners.sort_by_key(|p| std::cmp::Reverse(p.key_version()));
+                let ttl = self.resolve_ttl(&pseudonym, &owners).await?;
                 tracing::debug!(device = %pseudonym, ttl_s = ttl.as_secs(), "device identified");
                 self.device = Some(Device {
                     imei,
                     pseudonym: pseudonym.clone(),
+                    owners,
                     ttl,
+                    ttl_checked: Instant::now(),
                 });
                 pseudonym
             }
         };
+        self.refresh_ttl().await;
         let msg = match decode(&frame) {
             Ok(msg) => msg,
             Err(e) => {
@@ -540,13 +545,79 @@ impl Conn {
         })))
     }
 
-    /// The message's fixes laid out for storage, minus those already past retention.
+    /// One lookup of the retention of the device with these pseudonyms; `None` (counted)
+    /// if Redis failed or did not answer within `retention.lookup_timeout_ms`.
+    async fn lookup_ttl(&self, owners: &[Pseudonym]) -> Option<Duration> {
+        let wait = Duration::from_millis(self.shared.config.retention.lookup_timeout_ms);
+        let mut redis = self.shared.redis.clone();
+        match tokio::time::timeout(wait, self.shared.retention.ttl_for(&mut redis, owners)).await {
+            Ok(Ok(ttl)) => Some(ttl),
+            _ => {
+                metrics::counter!(m::RETENTION_LOOKUP_FAILURES).increment(1);
+                None
+            }
+        }
+    }
+
+    /// The retention of a device that just identified itself, retried with backoff until
+    /// Redis answers: its frames wait unacknowledged meanwhile (bounded by
+    /// `limits.ack_wait_timeout_s`). Never the default in its place, which may be longer
+    /// than what the owner agreed to (and the sweeper trims by what the writes record).
+    async fn resolve_ttl(
+        &self,
+        device: &Pseudonym,
+        owners: &[Pseudonym],
+    ) -> Result<Duration, CloseReason> {
+        let redis = &self.shared.config.redis;
+        let mut backoff = Duration::from_millis(redis.retry_backoff_initial_ms);
+        loop {
+            if let Some(ttl) = self.lookup_ttl(owners).await {
+                return Ok(ttl);
+            }
+            tracing::warn!(
+                device = %device,
+                retry_in_ms = backoff.as_millis() as u64,
+                "retention lookup failed; the device's frames wait"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = self.shared.shutdown.cancelled() => return Err(CloseReason::Shutdown),
+            }
+            backoff = (backoff * 2).min(Duration::from_millis(redis.retry_backoff_max_ms));
+        }
+    }
+
+    /// Look the bound device's retention up again once `retention.owner_refresh_s` has
+    /// passed (a new owner, a changed agreement). A failed refresh keeps the last answer
+    /// and is tried again with the next frame.
+    async fn refresh_ttl(&mut self) {
+        let every = Duration::from_secs(self.shared.config.retention.owner_refresh_s);
+        let Some(owners) = self
+            .device
+            .as_ref()
+            .filter(|d| d.ttl_checked.elapsed() >= every)
+            .map(|d| d.owners.clone())
+        else {
+            return;
+        };
+        let fresh = self.lookup_ttl(&owners).await;
+        if let (Some(ttl), Some(d)) = (fresh, self.device.as_mut()) {
+            if ttl != d.ttl {
+                tracing::info!(device = %d.pseudonym, ttl_s = ttl.as_secs(), "device retention changed");
+            }
+            d.ttl = ttl;
+            d.ttl_checked = Instant::now();
+        }
+    }
+
+    /// The bound device's retention (a frame is only handled once its device is bound).
     fn device_ttl(&self) -> Duration {
         self.device
             .as_ref()
             .map_or(self.shared.retention.default_ttl(), |d| d.ttl)
     }
 
+    /// The message's fixes laid out for storage, minus those already past retention.
     fn stored_fixes(&self, msg: &Message<'_>) -> Vec<StoredFix> {
         let ttl = self.device_ttl();
         let now_s = jiff::Timestamp::now().as_second();

@@ -59,32 +59,37 @@ impl Retention {
 
     /// The hook every write and read path asks: how long may this device's fixes live?
     /// The owner's agreed `retention_s` (bounded by `max_customer_ttl_s`), else the
-    /// default. Looked up once per connection; on a Redis error the default applies.
+    /// default. `owners` are the device's pseudonyms under every key version, newest
+    /// first: ownership is recorded per version, and a device assigned before a key
+    /// rotation has its owner only under the older ones. A Redis error is an error, never
+    /// the default: the default may be longer than what the owner agreed to.
     pub async fn ttl_for<C: ConnectionLike + Send + Sync>(
         &self,
         conn: &mut C,
-        device: &Pseudonym,
-    ) -> Duration {
-        let owner: redis::RedisResult<Option<String>> = conn.get(owner_key(device)).await;
-        match owner {
-            Ok(Some(customer)) => self.ttl_for_customer(conn, &customer).await,
-            _ => self.default_ttl,
+        owners: &[Pseudonym],
+    ) -> redis::RedisResult<Duration> {
+        for p in owners {
+            let owner: Option<String> = conn.get(owner_key(p)).await?;
+            if let Some(customer) = owner {
+                return self.ttl_for_customer(conn, &customer).await;
+            }
         }
+        Ok(self.default_ttl)
     }
 
-    /// TTL for a device owned by `customer`.
+    /// TTL for a device owned by `customer` (an error if Redis cannot say).
     pub async fn ttl_for_customer<C: ConnectionLike + Send + Sync>(
         &self,
         conn: &mut C,
         customer: &str,
-    ) -> Duration {
-        let agreed: redis::RedisResult<Option<u64>> = conn
+    ) -> redis::RedisResult<Duration> {
+        let agreed: Option<u64> = conn
             .hget(format!("tg:customer:{customer}"), "retention_s")
-            .await;
-        match agreed {
-            Ok(Some(s)) if s > 0 => Duration::from_secs(s).min(self.max_customer_ttl),
+            .await?;
+        Ok(match agreed {
+            Some(s) if s > 0 => Duration::from_secs(s).min(self.max_customer_ttl),
             _ => self.default_ttl,
-        }
+        })
     }
 
     pub fn default_ttl(&self) -> Duration {

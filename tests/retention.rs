@@ -133,3 +133,112 @@ async fn the_owners_agreed_retention_applies() {
     gw.shutdown();
     gw.wait().await;
 }
+
+/// A customer "brief" with a three-second retention agreement.
+async fn brief_customer(reg: &trackgate::registry::Registry<trackgate::redis_conn::RedisConn>) {
+    let mut short = trackgate::registry::Customer::new("brief", "Brief Ltd", "UTC");
+    short.retention_s = Some(3);
+    reg.add_customer(&short).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agreed_retention_survives_a_key_rotation() {
+    use trackgate::pseudonym::{Imei, KeyRing};
+    use trackgate::registry::Registry;
+    let redis = Backend::from_env();
+    let mut c = redis.config();
+    c.retention.ttl_s = 3600;
+    let reg = Registry::new(redis.conn(), 365 * 86400);
+    brief_customer(&reg).await;
+    // Assigned while only key version 1 existed: its owner is recorded under v1 only.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    KeyRing::generate(&file).unwrap();
+    let id = imei(44);
+    let dev = Imei::new(&id).unwrap();
+    reg.assign(&dev, "brief", &KeyRing::load(&file).unwrap())
+        .await
+        .unwrap();
+    KeyRing::rotate(&file, None).unwrap();
+    let keys = std::sync::Arc::new(KeyRing::load(&file).unwrap());
+    c.validate().unwrap();
+    let gw = trackgate::gateway::Gateway::start(c, keys.clone())
+        .await
+        .unwrap();
+
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    let old = jiff::Timestamp::from_second(now_s().as_second() - 30).unwrap();
+    t.send(&cce_frame(&id, &[fix_at(old, 0), fix_at(now_s(), 1)]))
+        .await;
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+    let p = keys.pseudonym(&dev);
+    assert_eq!(p.key_version(), 2, "written under the new key");
+    let mut conn = redis.conn();
+    assert_eq!(
+        stream_len(&mut conn, &p).await,
+        1,
+        "the 30 s old fix is past the agreed 3 s, not kept for the 1 h default"
+    );
+    let tt: i64 = conn.hget(meta_key(&p), "tt").await.unwrap();
+    assert_eq!(tt, 3000);
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owners_retention_reaches_an_open_connection() {
+    use trackgate::pseudonym::Imei;
+    use trackgate::registry::Registry;
+    let redis = Backend::from_env();
+    let mut c = redis.config();
+    c.retention.ttl_s = 3600;
+    c.retention.ingest_upkeep_interval_s = 1;
+    c.retention.owner_refresh_s = 1;
+    let (gw, keys) = start_gateway(c).await;
+    let reg = Registry::new(redis.conn(), 365 * 86400);
+    brief_customer(&reg).await;
+    let id = imei(45);
+    let p = pseudonym(&keys, &id);
+    let mut conn = redis.conn();
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    t.send(&cce_frame(&id, &[fix_at(now_s(), 0)])).await;
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+    let tt: i64 = conn.hget(meta_key(&p), "tt").await.unwrap();
+    assert_eq!(tt, 3_600_000, "no owner yet: the default");
+
+    // The device is sold to a customer with a shorter agreement; it stays connected.
+    reg.assign(&Imei::new(&id).unwrap(), "brief", &keys)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    t.send(&cce_frame(&id, &[fix_at(now_s(), 1)])).await;
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+    let tt: i64 = conn.hget(meta_key(&p), "tt").await.unwrap();
+    assert_eq!(tt, 3000, "the owner's agreement, without a reconnect");
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_retention_holds_the_frame_instead_of_assuming_the_default() {
+    if !standalone_only("an_unknown_retention_holds_the_frame_instead_of_assuming_the_default") {
+        return;
+    }
+    // GET (the owner lookup) fails on this server; the write path does not use it.
+    let redis = RedisServer::start_with(&["--rename-command", "GET", ""]);
+    let mut c = test_config(&redis);
+    c.retention.lookup_timeout_ms = 200;
+    let (gw, keys) = start_gateway(c).await;
+    let id = imei(46);
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    t.send(&cce_frame(&id, &[fix_at(now_s(), 0)])).await;
+    assert_eq!(
+        t.reply(Duration::from_secs(2)).await,
+        None,
+        "nothing confirmed while the device's retention is unknown"
+    );
+    let mut conn = redis.conn().await;
+    assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &id)).await, 0);
+    gw.shutdown();
+    gw.wait().await;
+}
