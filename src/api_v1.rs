@@ -152,20 +152,32 @@ async fn caller(state: &V1State, headers: &HeaderMap) -> Result<String, Response
 /// The caller's device behind `imei`, with its pseudonyms under every key version. A
 /// device that is unknown or owned by someone else gets the same 404, and the attempt is
 /// audited as `action` denied.
+/// A device the caller owns: its pseudonyms (every key version) and since when it is
+/// theirs (Unix ms, if recorded).
+struct Owned {
+    pseudonyms: Vec<Pseudonym>,
+    since_ms: Option<i64>,
+}
+
 async fn owned_device(
     state: &V1State,
     customer_id: &str,
     imei: &Imei,
     action: &str,
-) -> Result<Vec<Pseudonym>, Response> {
+) -> Result<Owned, Response> {
     let pseudonyms = state.keys.all_pseudonyms(imei);
-    let owner = state
+    let ownership = state
         .registry
-        .owner(imei, &state.keys)
+        .ownership(imei, &state.keys)
         .await
         .map_err(|_| unavailable("registry unreachable"))?;
-    if owner.as_deref() == Some(customer_id) {
-        return Ok(pseudonyms);
+    if let Some((owner, since_ms)) = ownership
+        && owner == customer_id
+    {
+        return Ok(Owned {
+            pseudonyms,
+            since_ms,
+        });
     }
     let devices: Vec<&str> = pseudonyms.iter().map(|p| p.as_str()).collect();
     let mut conn = state.audit_conn.clone();
@@ -251,7 +263,7 @@ async fn create_purge(
         }
     };
     let pseudonyms = match owned_device(&state, &customer_id, &imei, "purge.requested").await {
-        Ok(p) => p,
+        Ok(o) => o.pseudonyms,
         Err(r) => return r,
     };
     let customer = match state.registry.customer(&customer_id).await {
@@ -395,8 +407,11 @@ async fn export_fixes(
             None,
         );
     };
-    let pseudonyms = match owned_device(&state, &customer_id, &imei, "export").await {
-        Ok(p) => p,
+    let Owned {
+        pseudonyms,
+        since_ms,
+    } = match owned_device(&state, &customer_id, &imei, "export").await {
+        Ok(o) => o,
         Err(r) => return r,
     };
     // The customer's retention bounds what may be read; unknown means no export (the
@@ -431,6 +446,7 @@ async fn export_fixes(
         from: params.from,
         to: params.to,
         ttl,
+        owned_since_ms: since_ms,
         format,
     };
     let body = axum::body::Body::from_stream(crate::export::stream(state.audit_conn.clone(), q));

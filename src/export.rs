@@ -164,6 +164,9 @@ pub struct ExportQuery {
     pub from: Option<Timestamp>,
     pub to: Option<Timestamp>,
     pub ttl: Duration,
+    /// Since when the caller owns the device (Unix ms): what was received or taken
+    /// before is the previous owner's history and not exported.
+    pub owned_since_ms: Option<i64>,
     pub format: Format,
 }
 
@@ -185,7 +188,8 @@ pub fn stream<C>(conn: C, q: ExportQuery) -> impl Stream<Item = Result<Bytes, re
 where
     C: ConnectionLike + Send + 'static,
 {
-    let oldest_ms = Timestamp::now().as_millisecond() - q.ttl.as_millis() as i64;
+    let oldest_ms = (Timestamp::now().as_millisecond() - q.ttl.as_millis() as i64)
+        .max(q.owned_since_ms.unwrap_or(0));
     let state = State {
         conn,
         q,

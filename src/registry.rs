@@ -91,6 +91,37 @@ pub fn owner_key(p: &Pseudonym) -> String {
     format!("tg:{{{p}}}:owner")
 }
 
+/// `tg:{P}:owner_since`: when the device last changed hands (Unix ms). Its owner sees
+/// nothing received or taken before: that is a previous owner's history. Absent for a
+/// device that never had another owner (its first owner sees the whole retention). It
+/// expires after the longest retention, when everything older is gone anyway.
+pub fn owner_since_key(p: &Pseudonym) -> String {
+    format!("tg:{{{p}}}:owner_since")
+}
+
+/// Set the owner. When it changes from another owner (or after an unassignment) the
+/// device's history stays behind: `owner_since` moves to now. Assigning the same owner
+/// again changes nothing. KEYS: owner, owner_since. ARGV: customer, now ms, expiry ms.
+const ASSIGN_SCRIPT: &str = r"
+local prev = redis.call('GET', KEYS[1])
+if prev ~= ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1])
+  if prev or redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  end
+end
+return 1
+";
+
+/// Remove the owner; what was received so far stays theirs (`owner_since` moves to now
+/// for whoever comes next). KEYS: owner, owner_since. ARGV: now ms, expiry ms.
+const UNASSIGN_SCRIPT: &str = r"
+if redis.call('DEL', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+";
+
 fn weekday_name(d: Weekday) -> &'static str {
     match d {
         Weekday::Monday => "mon",
@@ -274,18 +305,40 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         // cluster they live in different slots and one pipeline could not hold them.
         // Setting them is idempotent; a failure half-way is reported and simply redone.
         let mut conn = self.conn.clone();
+        let script = redis::Script::new(ASSIGN_SCRIPT);
+        let now_ms = jiff::Timestamp::now().as_millisecond();
         for p in keys.all_pseudonyms(imei) {
-            let _: () = conn.set(owner_key(&p), customer).await?;
+            let _: i64 = script
+                .key(owner_key(&p))
+                .key(owner_since_key(&p))
+                .arg(customer)
+                .arg(now_ms)
+                .arg(self.since_expiry_ms())
+                .invoke_async(&mut conn)
+                .await?;
         }
         Ok(())
     }
 
     pub async fn unassign(&self, imei: &Imei, keys: &KeyRing) -> Result<(), RegistryError> {
         let mut conn = self.conn.clone();
+        let script = redis::Script::new(UNASSIGN_SCRIPT);
+        let now_ms = jiff::Timestamp::now().as_millisecond();
         for p in keys.all_pseudonyms(imei) {
-            let _: () = conn.del(owner_key(&p)).await?;
+            let _: i64 = script
+                .key(owner_key(&p))
+                .key(owner_since_key(&p))
+                .arg(now_ms)
+                .arg(self.since_expiry_ms())
+                .invoke_async(&mut conn)
+                .await?;
         }
         Ok(())
+    }
+
+    /// How long an `owner_since` mark matters: data before it lives at most this long.
+    fn since_expiry_ms(&self) -> u64 {
+        self.max_retention_s.saturating_mul(1000).max(1)
     }
 
     /// The owner recorded under any of the device's pseudonyms.
@@ -294,13 +347,32 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         imei: &Imei,
         keys: &KeyRing,
     ) -> Result<Option<String>, RegistryError> {
+        Ok(self.ownership(imei, keys).await?.map(|(owner, _)| owner))
+    }
+
+    /// The owner and since when they own the device (Unix ms; `None` if not recorded).
+    /// Every key version is read, whatever the answer: stopping at the first hit would
+    /// let response times tell an owned device from an unknown one.
+    pub async fn ownership(
+        &self,
+        imei: &Imei,
+        keys: &KeyRing,
+    ) -> Result<Option<(String, Option<i64>)>, RegistryError> {
         let mut conn = self.conn.clone();
+        let mut found: Option<(String, Option<i64>)> = None;
         for p in keys.all_pseudonyms(imei) {
-            let o: Option<String> = conn.get(owner_key(&p)).await?;
-            if o.is_some() {
-                return Ok(o);
+            let owner: Option<String> = conn.get(owner_key(&p)).await?;
+            let since: Option<i64> = conn.get(owner_since_key(&p)).await?;
+            if let Some(owner) = owner
+                && found.is_none()
+            {
+                found = Some((owner, since));
+            } else if let (Some((_, best)), Some(s)) = (found.as_mut(), since) {
+                // Versions written by the same assignment agree; after a later one the
+                // newest start counts.
+                *best = Some(best.map_or(s, |b| b.max(s)));
             }
         }
-        Ok(None)
+        Ok(found)
     }
 }

@@ -250,6 +250,37 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     );
     let (_, late) = get(format!("{base}?format=ndjson"), auth.clone()).await;
     assert_eq!(late.lines().count(), 2, "{late}");
+
+    // The device changes hands: its history stays the previous owner's.
+    let device = Imei::new(&id).unwrap();
+    reg.assign(&device, "rival", &keys).await.unwrap();
+    let rival_auth = format!("Bearer {rival}");
+    let (head, none) = get(format!("{base}?format=ndjson"), rival_auth.clone()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        none.lines().count(),
+        0,
+        "acme's history is not rival's: {none}"
+    );
+    let (head, _) = get(base.clone(), auth.clone()).await;
+    assert!(
+        head.starts_with("HTTP/1.1 404"),
+        "and no longer acme's to read"
+    );
+    // Fix times are whole seconds: one taken in the second of the sale is not exported.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    t.send(&cce_frame(&id, &[fix_at(now_s(), 7)])).await;
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+    let (_, mine) = get(format!("{base}?format=ndjson"), rival_auth.clone()).await;
+    assert_eq!(
+        mine.lines().count(),
+        1,
+        "what arrived since the sale: {mine}"
+    );
+    // Assigning the same owner again keeps what they had.
+    reg.assign(&device, "rival", &keys).await.unwrap();
+    let (_, still) = get(format!("{base}?format=ndjson"), rival_auth).await;
+    assert_eq!(still.lines().count(), 1, "{still}");
     gw.shutdown();
     gw.wait().await;
 }

@@ -92,3 +92,47 @@ async fn ownership_is_kept_under_every_key_version_without_the_imei() {
     reg.unassign(&dev, &ring).await.unwrap();
     assert_eq!(reg.owner(&dev, &ring).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_change_of_owner_leaves_the_history_behind() {
+    let redis = RedisServer::start();
+    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    for id in ["acme", "rival"] {
+        reg.add_customer(&Customer::new(id, id, "UTC"))
+            .await
+            .unwrap();
+    }
+    let ring = KeyRing::ephemeral();
+    let dev = Imei::new(&imei(81)).unwrap();
+    let since = |o: Option<(String, Option<i64>)>| o.unwrap().1;
+    reg.assign(&dev, "acme", &ring).await.unwrap();
+    assert_eq!(
+        since(reg.ownership(&dev, &ring).await.unwrap()),
+        None,
+        "a first owner sees the whole retention"
+    );
+    let before = jiff::Timestamp::now().as_millisecond();
+    reg.assign(&dev, "rival", &ring).await.unwrap();
+    let sold = since(reg.ownership(&dev, &ring).await.unwrap()).expect("marked");
+    assert!(sold >= before, "{sold} < {before}");
+    reg.assign(&dev, "rival", &ring).await.unwrap();
+    assert_eq!(
+        since(reg.ownership(&dev, &ring).await.unwrap()),
+        Some(sold),
+        "the same owner again keeps their history"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    reg.unassign(&dev, &ring).await.unwrap();
+    reg.assign(&dev, "acme", &ring).await.unwrap();
+    let back = since(reg.ownership(&dev, &ring).await.unwrap()).expect("marked");
+    assert!(
+        back > sold,
+        "after an unassignment the next owner starts afresh"
+    );
+    let mut conn = redis.conn().await;
+    let ttl: i64 = conn
+        .pttl(trackgate::registry::owner_since_key(&ring.pseudonym(&dev)))
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the mark expires with the longest retention");
+}
