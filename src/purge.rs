@@ -65,9 +65,12 @@ if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KE
 return n
 "#;
 
-/// Record a range cutoff. KEYS: tomb. ARGV: field, cutoff ms, tomb ttl ms.
+/// Record a range cutoff; it only ever rises (a retried older request of the same range
+/// must not reopen it for fixes that a newer, completed purge already shut out).
+/// KEYS: tomb. ARGV: field, cutoff ms, tomb ttl ms.
 const PURGE_RANGE_MARK: &str = r#"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1
 "#;
@@ -476,7 +479,18 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
     pub async fn run_worker(self, interval: Duration, stop: CancellationToken) {
         let migrated = std::sync::atomic::AtomicBool::new(!self.migrate_legacy);
         crate::periodic::every(interval, stop, || async {
-            if !migrated.load(std::sync::atomic::Ordering::Relaxed) {
+            // A full scan for old-layout keys once; after that, on every pass, the cheap
+            // check for a pending set an older gateway (in a rolling upgrade) may still
+            // have written since.
+            let legacy_pending = self.migrate_legacy
+                && migrated.load(std::sync::atomic::Ordering::Relaxed)
+                && {
+                    let mut conn = self.conn.clone();
+                    let n: redis::RedisResult<u64> =
+                        conn.exists(format!("{LEGACY_PREFIX}pending")).await;
+                    n.map_or(true, |n| n > 0)
+                };
+            if legacy_pending || !migrated.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut conn = self.conn.clone();
                 match migrate_legacy_keys(&mut conn).await {
                     Ok(moved) => {
@@ -604,4 +618,35 @@ pub async fn migrate_legacy_keys<C: ConnectionLike + Send + Sync>(
         moved += 1;
     }
     Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+    use super::PURGE_RANGE_MARK;
+    use redis::AsyncCommands;
+
+    /// A retried older purge of a range (the worker finishing a request whose fast path
+    /// failed) must not lower the cutoff a newer, completed purge of it set.
+    #[tokio::test]
+    async fn a_range_cutoff_only_rises() {
+        let redis = crate::redis_child::RedisChild::start().await.unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mark = redis::Script::new(PURGE_RANGE_MARK);
+        for cutoff in [200, 100, 300, 250] {
+            let _: i64 = mark
+                .key("tg:{p1_x}:tomb")
+                .arg("r:10:20")
+                .arg(cutoff)
+                .arg(60_000)
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let cutoff: i64 = conn.hget("tg:{p1_x}:tomb", "r:10:20").await.unwrap();
+        assert_eq!(cutoff, 300);
+        redis.stop().await;
+    }
 }

@@ -539,26 +539,22 @@ async fn long_stream_range_purge_fast_path_then_worker_finishes_exactly() {
     assert_eq!((total, in_range), (n - 100, 0));
 }
 
-/// A purge still pending under the old key layout (`tg:purge:*`, before the `{purge}`
-/// hash tag) is moved by the worker, finished, and its receipt and idempotency key answer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_purge_pending_under_the_old_key_layout_is_moved_and_finished() {
+/// What a gateway of the old key layout leaves behind: three fixes received a minute
+/// before a purge whose fast path never ran, the purge pending under `tg:purge:*`, its
+/// journal line and idempotency key (`req-1`). Returns the purge id.
+async fn write_legacy_pending_purge(
+    conn: &mut trackgate::redis_conn::RedisConn,
+    c: &Customer,
+    p: &trackgate::pseudonym::Pseudonym,
+) -> &'static str {
     use sha2::{Digest, Sha256};
-    use trackgate::purge::{LEGACY_PREFIX, migrate_legacy_keys};
-    if !standalone_only("a_purge_pending_under_the_old_key_layout_is_moved_and_finished") {
-        return;
-    }
-    let redis = Backend::from_env();
-    let c = customer(redis.conn()).await;
-    let keys = KeyRing::ephemeral();
-    let p = keys.pseudonym(&Imei::new(&imei(78)).unwrap());
-    let mut conn = redis.conn();
+    use trackgate::purge::LEGACY_PREFIX;
     let now_ms = Timestamp::now().as_millisecond();
     // Fixes received a minute before the purge, which never ran its fast path.
     for i in 0..3 {
         let _: String = conn
             .xadd(
-                fixes_key(&p),
+                fixes_key(p),
                 format!("{}-0", now_ms - 60_000 + i),
                 &[("t", "1"), ("d", "x")],
             )
@@ -589,9 +585,27 @@ async fn a_purge_pending_under_the_old_key_layout_is_moved_and_finished() {
             &[("id", id), ("event", "requested")],
         )
         .set(&idem, id)
-        .query_async(&mut conn)
+        .query_async(conn)
         .await
         .unwrap();
+
+    id
+}
+
+/// A purge still pending under the old key layout (`tg:purge:*`, before the `{purge}`
+/// hash tag) is moved by the worker, finished, and its receipt and idempotency key answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_pending_under_the_old_key_layout_is_moved_and_finished() {
+    use trackgate::purge::{LEGACY_PREFIX, migrate_legacy_keys};
+    if !standalone_only("a_purge_pending_under_the_old_key_layout_is_moved_and_finished") {
+        return;
+    }
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
+    let keys = KeyRing::ephemeral();
+    let p = keys.pseudonym(&Imei::new(&imei(78)).unwrap());
+    let mut conn = redis.conn();
+    let id = write_legacy_pending_purge(&mut conn, &c, &p).await;
 
     assert_eq!(migrate_legacy_keys(&mut conn).await.unwrap(), 4);
     let left: Vec<String> = conn.keys(format!("{LEGACY_PREFIX}*")).await.unwrap();
@@ -631,4 +645,42 @@ async fn a_purge_pending_under_the_old_key_layout_is_moved_and_finished() {
         0,
         "idempotent"
     );
+}
+
+/// In a rolling upgrade an old gateway may leave a purge pending under the old layout
+/// after the new worker's first pass: the worker still picks it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_left_by_an_old_gateway_after_start_up_is_still_finished() {
+    if !standalone_only("a_purge_left_by_an_old_gateway_after_start_up_is_still_finished") {
+        return;
+    }
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
+    let p = KeyRing::ephemeral().pseudonym(&Imei::new(&imei(79)).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = Purger::new(redis.conn(), TOMB_TTL).with_legacy_migration();
+    let running = tokio::spawn(worker.run_worker(Duration::from_millis(100), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await; // past its first pass
+    let mut conn = redis.conn();
+    let id = write_legacy_pending_purge(&mut conn, &c, &p).await;
+    let purger = Purger::new(redis.conn(), TOMB_TTL);
+    eventually(
+        Duration::from_secs(10),
+        "the old gateway's purge finished",
+        || {
+            let purger = purger.clone();
+            async move {
+                purger
+                    .receipt(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.state == "completed")
+            }
+        },
+    )
+    .await;
+    assert_eq!(stream_len(&mut conn, &p).await, 0);
+    stop.cancel();
+    running.await.unwrap();
 }
