@@ -62,6 +62,31 @@ pub fn pseudonym_of_key(key: &str) -> Option<Pseudonym> {
     Pseudonym::parse(inner)
 }
 
+/// `<imei>` as hex: what replaces the IMEI's digits inside a raw (hex) extra.
+const SCRUBBED_HEX: &str = "3c696d65693e";
+
+/// [`StoredFix::scrubbed`] inside one JSON value.
+fn scrub_json(v: &mut serde_json::Value, digits: &str, hex_digits: &str) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.contains(digits) || s.contains(hex_digits) => {
+            *s = s
+                .replace(digits, "<imei>")
+                .replace(hex_digits, SCRUBBED_HEX);
+        }
+        Value::Number(n) if n.to_string().contains(digits) => {
+            *v = Value::String("<imei>".into());
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|i| scrub_json(i, digits, hex_digits)),
+        Value::Object(m) => m
+            .values_mut()
+            .for_each(|i| scrub_json(i, digits, hex_digits)),
+        _ => {}
+    }
+}
+
 /// One field value of a stored fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FieldValue {
@@ -262,17 +287,31 @@ impl StoredFix {
         StoredFix { fix_time_s, fields }
     }
 
-    /// Replace the device's own IMEI wherever a device-supplied text field repeats it
-    /// (some firmware echoes it in free-text parameters or file names): the raw IMEI must
-    /// not reach storage by that back door either.
+    /// Replace the device's own IMEI wherever a device-supplied extra repeats it (some
+    /// firmware echoes it in free-text parameters, file names or raw parameters): the raw
+    /// IMEI must not reach storage by that back door either. Extras are JSON: a text
+    /// value loses the digits, a raw (hex) value the bytes of the digits, a number that
+    /// contains them becomes the string `"<imei>"`; the result is still valid JSON.
     pub fn scrubbed(mut self, imei: &Imei) -> StoredFix {
         let digits = imei.expose();
-        for (_, v) in &mut self.fields {
-            if let FieldValue::Text(t) = v {
-                if t.contains(digits) {
-                    *t = t.replace(digits, "<imei>");
-                }
+        let hex_digits: String = digits.bytes().map(|b| format!("{b:02x}")).collect();
+        for (name, v) in &mut self.fields {
+            let FieldValue::Text(t) = v else {
+                continue;
+            };
+            // Cheap test first: this runs for every fix with extras.
+            if !t.contains(digits) && !t.contains(&hex_digits) {
+                continue;
             }
+            *t = match serde_json::from_str::<serde_json::Value>(t) {
+                Ok(mut value) if *name == F_EXTRAS => {
+                    scrub_json(&mut value, digits, &hex_digits);
+                    value.to_string()
+                }
+                _ => t
+                    .replace(digits, "<imei>")
+                    .replace(&hex_digits, SCRUBBED_HEX),
+            };
         }
         self
     }
@@ -301,6 +340,43 @@ mod tests {
         let text = format!("{:?}", s.fields);
         assert!(!text.contains("350000000000001"), "{text}");
         assert!(text.contains("<imei>_cam1.jpg"), "{text}");
+    }
+
+    #[test]
+    fn the_devices_imei_is_scrubbed_from_raw_and_numeric_extras() {
+        let imei = Imei::new("350000000000001").unwrap();
+        let mut fix = Fix::default();
+        // A file name that is not UTF-8 is kept as raw bytes (hex in the JSON).
+        fix.push_extra(
+            ExtraKey::Named("file_name"),
+            ExtraValue::Bytes(b"350000000000001_\xff.jpg"),
+        );
+        fix.push_extra(
+            ExtraKey::Named("serial"),
+            ExtraValue::Int(350_000_000_000_001),
+        );
+        fix.push_extra(ExtraKey::Named("battery_pct"), ExtraValue::Int(96));
+        let s = StoredFix::from_fix(MessageKind::Cce, &fix).scrubbed(&imei);
+        let x = s
+            .fields
+            .iter()
+            .find_map(|(n, v)| match v {
+                FieldValue::Text(t) if *n == F_EXTRAS => Some(t.clone()),
+                _ => None,
+            })
+            .expect("extras");
+        let hex: String = "350000000000001"
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(!x.contains("350000000000001") && !x.contains(&hex), "{x}");
+        let v: serde_json::Value = serde_json::from_str(&x).expect("still JSON");
+        assert_eq!(v["serial"], "<imei>");
+        assert_eq!(v["battery_pct"], 96, "other values untouched");
+        assert!(
+            v["file_name"].as_str().unwrap().starts_with(SCRUBBED_HEX),
+            "{x}"
+        );
     }
 
     #[test]
