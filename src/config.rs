@@ -282,8 +282,10 @@ pub struct RetentionConfig {
     /// often, so a new owner or a changed agreement applies to connections that stay open
     /// for weeks.
     pub owner_refresh_s: u64,
-    /// Time for one retention lookup; a failed one is retried (the frame waits, within
-    /// `limits.ack_wait_timeout_s`), never replaced by the default.
+    /// Time for one retention lookup. If it fails when a device connects, the default
+    /// applies provisionally and every later frame of the connection looks again until one
+    /// succeeds (the first write after resets the stream's expiry and trim). Below
+    /// `limits.ack_wait_timeout_s`.
     pub lookup_timeout_ms: u64,
 }
 
@@ -598,6 +600,12 @@ impl Config {
             }
         }
         self.validate_redis_tls()?;
+        if self.retention.lookup_timeout_ms >= l.ack_wait_timeout_s.saturating_mul(1000) {
+            return Err(invalid(
+                "retention.lookup_timeout_ms",
+                "must be below limits.ack_wait_timeout_s (a device's first frame waits for it)",
+            ));
+        }
         if r.wait_replicas > MAX_WAIT_REPLICAS {
             return Err(invalid(
                 "redis.wait_replicas",

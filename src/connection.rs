@@ -212,6 +212,12 @@ struct Device {
     owners: Vec<Pseudonym>,
     /// The retention of this device's fixes (its owner's agreement, or the default).
     ttl: Duration,
+    /// False while `ttl` is the default standing in for a lookup that failed (Redis
+    /// unreachable when the device identified itself): looked up again with each frame.
+    /// What was written meanwhile follows the right retention from the first write after
+    /// (the append script resets the expiry and trims when a device's retention changes;
+    /// the sweeper then trims exactly).
+    ttl_known: bool,
     /// When `ttl` was last looked up (again every `retention.owner_refresh_s`).
     ttl_checked: Instant,
 }
@@ -295,16 +301,23 @@ where
                 // data: store and confirm them too. Read until the socket has been quiet for
                 // a moment (the reactor may not have seen the last bytes yet), at most
                 // SHUTDOWN_READ_MAX in all.
+                // Not capped by max_inflight_frames: these bytes were sent before the
+                // shutdown and are worth storing; SHUTDOWN_READ_MAX bounds the frames'
+                // handling too (a full write queue), not only the reads, so the work stays
+                // bounded by time and the write queue.
                 let until = tokio::time::Instant::now() + SHUTDOWN_READ_MAX;
-                while let Ok(Some(Ok(item))) =
-                    tokio::time::timeout_at(until.min(tokio::time::Instant::now() + SHUTDOWN_QUIET), framed.next()).await
-                {
-                    if let Inbound::Frame(raw) = item {
-                        match conn.frame(raw).await {
-                            Ok(Some(ack)) => pending.push(ack),
-                            Ok(None) => {}
-                            Err(_) => break,
-                        }
+                loop {
+                    let quiet = until.min(tokio::time::Instant::now() + SHUTDOWN_QUIET);
+                    let Ok(Some(Ok(item))) = tokio::time::timeout_at(quiet, framed.next()).await else {
+                        break;
+                    };
+                    match item {
+                        Inbound::Frame(raw) => match tokio::time::timeout_at(until, conn.frame(raw)).await {
+                            Ok(Ok(Some(ack))) => pending.push(ack),
+                            Ok(Ok(None)) => {}
+                            Ok(Err(_)) | Err(_) => break,
+                        },
+                        other => conn.inbound_error(&other),
                     }
                 }
             }
@@ -344,10 +357,7 @@ where
                             Err(reason) => break reason,
                         }
                     }
-                    Inbound::Rejected(e) => conn.frame_error(e.kind(), &e.to_string()),
-                    Inbound::Truncated(n) => {
-                        conn.frame_error("incomplete", &format!("connection closed {n} bytes into a frame"));
-                    }
+                    other => conn.inbound_error(&other),
                 }
                 if conn.bad_in_row >= limits.max_consecutive_bad_frames {
                     break CloseReason::BadFrames;
@@ -418,6 +428,18 @@ struct Conn {
 }
 
 impl Conn {
+    /// A rejected or truncated frame: counted and logged (never silently dropped).
+    fn inbound_error(&mut self, item: &Inbound) {
+        match item {
+            Inbound::Frame(_) => {}
+            Inbound::Rejected(e) => self.frame_error(e.kind(), &e.to_string()),
+            Inbound::Truncated(n) => self.frame_error(
+                "incomplete",
+                &format!("connection closed {n} bytes into a frame"),
+            ),
+        }
+    }
+
     fn frame_error(&mut self, kind: &'static str, detail: &str) {
         self.bad_in_row += 1;
         metrics::counter!(m::FRAME_ERRORS, "kind" => kind).increment(1);
@@ -460,13 +482,18 @@ impl Conn {
                 let pseudonym = self.shared.keys.pseudonym(&imei);
                 let mut owners = self.shared.keys.all_pseudonyms(&imei);
                 owners.sort_by_key(|p| std::cmp::Reverse(p.key_version()));
-                let ttl = self.resolve_ttl(&pseudonym, &owners).await?;
+                let looked_up = self.lookup_ttl(&owners).await;
+                let ttl = looked_up.unwrap_or_else(|| self.shared.retention.default_ttl());
+                if looked_up.is_none() {
+                    tracing::warn!(device = %pseudonym, ttl_s = ttl.as_secs(), "retention lookup failed: the default applies provisionally, corrected with the next frame that finds it");
+                }
                 tracing::debug!(device = %pseudonym, ttl_s = ttl.as_secs(), "device identified");
                 self.device = Some(Device {
                     imei,
                     pseudonym: pseudonym.clone(),
                     owners,
                     ttl,
+                    ttl_known: looked_up.is_some(),
                     ttl_checked: Instant::now(),
                 });
                 pseudonym
@@ -559,43 +586,15 @@ impl Conn {
         }
     }
 
-    /// The retention of a device that just identified itself, retried with backoff until
-    /// Redis answers: its frames wait unacknowledged meanwhile (bounded by
-    /// `limits.ack_wait_timeout_s`). Never the default in its place, which may be longer
-    /// than what the owner agreed to (and the sweeper trims by what the writes record).
-    async fn resolve_ttl(
-        &self,
-        device: &Pseudonym,
-        owners: &[Pseudonym],
-    ) -> Result<Duration, CloseReason> {
-        let redis = &self.shared.config.redis;
-        let mut backoff = Duration::from_millis(redis.retry_backoff_initial_ms);
-        loop {
-            if let Some(ttl) = self.lookup_ttl(owners).await {
-                return Ok(ttl);
-            }
-            tracing::warn!(
-                device = %device,
-                retry_in_ms = backoff.as_millis() as u64,
-                "retention lookup failed; the device's frames wait"
-            );
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = self.shared.shutdown.cancelled() => return Err(CloseReason::Shutdown),
-            }
-            backoff = (backoff * 2).min(Duration::from_millis(redis.retry_backoff_max_ms));
-        }
-    }
-
     /// Look the bound device's retention up again once `retention.owner_refresh_s` has
-    /// passed (a new owner, a changed agreement). A failed refresh keeps the last answer
-    /// and is tried again with the next frame.
+    /// passed (a new owner, a changed agreement), and with every frame while it is only
+    /// provisional. A failed refresh keeps the last answer.
     async fn refresh_ttl(&mut self) {
         let every = Duration::from_secs(self.shared.config.retention.owner_refresh_s);
         let Some(owners) = self
             .device
             .as_ref()
-            .filter(|d| d.ttl_checked.elapsed() >= every)
+            .filter(|d| !d.ttl_known || d.ttl_checked.elapsed() >= every)
             .map(|d| d.owners.clone())
         else {
             return;
@@ -606,6 +605,7 @@ impl Conn {
                 tracing::info!(device = %d.pseudonym, ttl_s = ttl.as_secs(), "device retention changed");
             }
             d.ttl = ttl;
+            d.ttl_known = true;
             d.ttl_checked = Instant::now();
         }
     }

@@ -35,8 +35,8 @@ pub const RETENTION_TRIMMED: &str = "trackgate_retention_trimmed_total";
 pub const RETENTION_SWEEPS: &str = "trackgate_retention_sweeps_total";
 /// Sweep ticks skipped because another gateway holds the sweep lease.
 pub const RETENTION_SWEEPS_SKIPPED: &str = "trackgate_retention_sweeps_skipped_total";
-/// Failed or timed-out lookups of a device's retention (its owner's agreement); the
-/// device's frames wait (unacknowledged) until one succeeds.
+/// Failed or timed-out lookups of a device's retention (its owner's agreement); until
+/// one succeeds the default applies provisionally.
 pub const RETENTION_LOOKUP_FAILURES: &str = "trackgate_retention_lookup_failures_total";
 pub const PURGES_COMPLETED: &str = "trackgate_purges_completed_total";
 pub const PURGES_OVERDUE: &str = "trackgate_purges_overdue";

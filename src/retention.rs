@@ -61,8 +61,9 @@ impl Retention {
     /// The owner's agreed `retention_s` (bounded by `max_customer_ttl_s`), else the
     /// default. `owners` are the device's pseudonyms under every key version, newest
     /// first: ownership is recorded per version, and a device assigned before a key
-    /// rotation has its owner only under the older ones. A Redis error is an error, never
-    /// the default: the default may be longer than what the owner agreed to.
+    /// rotation has its owner only under the older ones. A Redis error is an error, not
+    /// the default (which may be longer than what the owner agreed to): the caller
+    /// decides (ingest applies the default provisionally and looks again with each frame).
     pub async fn ttl_for<C: ConnectionLike + Send + Sync>(
         &self,
         conn: &mut C,

@@ -476,6 +476,7 @@ async fn a_frame_redis_does_not_confirm_in_time_frees_the_connection_slot() {
     // device's hang-up nor its idleness, only the ACK wait bound.
     config.limits.max_inflight_frames = 1;
     config.limits.ack_wait_timeout_s = 1;
+    config.retention.lookup_timeout_ms = 200; // the first frame gets queued in time
     let (gw, keys) = start_gateway(config).await;
     let addr = gw.tracker_addrs[0];
     let id = imei(70);

@@ -220,25 +220,51 @@ async fn a_new_owners_retention_reaches_an_open_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_retention_holds_the_frame_instead_of_assuming_the_default() {
-    if !standalone_only("an_unknown_retention_holds_the_frame_instead_of_assuming_the_default") {
+async fn a_retention_unknown_at_connect_is_provisional_and_corrected_by_the_next_frame() {
+    use trackgate::pseudonym::Imei;
+    use trackgate::registry::Registry;
+    if !standalone_only(
+        "a_retention_unknown_at_connect_is_provisional_and_corrected_by_the_next_frame",
+    ) {
         return;
     }
-    // GET (the owner lookup) fails on this server; the write path does not use it.
-    let redis = RedisServer::start_with(&["--rename-command", "GET", ""]);
+    let redis = RedisServer::start();
     let mut c = test_config(&redis);
+    c.retention.ttl_s = 3600;
+    c.retention.ingest_upkeep_interval_s = 1;
     c.retention.lookup_timeout_ms = 200;
     let (gw, keys) = start_gateway(c).await;
+    let reg = Registry::new(redis.conn().await, 365 * 86400);
+    let mut brief = trackgate::registry::Customer::new("brief", "Brief Ltd", "UTC");
+    brief.retention_s = Some(3);
+    reg.add_customer(&brief).await.unwrap();
     let id = imei(46);
-    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
-    t.send(&cce_frame(&id, &[fix_at(now_s(), 0)])).await;
-    assert_eq!(
-        t.reply(Duration::from_secs(2)).await,
-        None,
-        "nothing confirmed while the device's retention is unknown"
-    );
+    reg.assign(&Imei::new(&id).unwrap(), "brief", &keys)
+        .await
+        .unwrap();
+    let p = pseudonym(&keys, &id);
     let mut conn = redis.conn().await;
-    assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &id)).await, 0);
+
+    // Redis does not answer while the device identifies itself: its retention cannot be
+    // looked up, the frame is kept (provisional default) and written once Redis is back.
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    redis.freeze();
+    t.send(&cce_frame(&id, &[fix_at(now_s(), 0)])).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    redis.thaw();
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+    let tt: i64 = conn.hget(meta_key(&p), "tt").await.unwrap();
+    assert_eq!(tt, 3_600_000, "provisional: the default");
+    // The next frame finds the agreement; the stream follows it from then on.
+    t.send(&cce_frame(&id, &[fix_at(now_s(), 1)])).await;
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+    let tt: i64 = conn.hget(meta_key(&p), "tt").await.unwrap();
+    assert_eq!(tt, 3000, "corrected without a reconnect");
+    let pttl: i64 = conn.pttl(fixes_key(&p)).await.unwrap();
+    assert!(
+        pttl <= 3000 + 1000,
+        "the stream's expiry follows: {pttl} ms"
+    );
     gw.shutdown();
     gw.wait().await;
 }
