@@ -41,6 +41,13 @@ use crate::storage::{fixes_key, meta_key, tomb_key};
 pub const PENDING_KEY: &str = "tg:{purge}:pending";
 /// Stream of purge events (requested, completed).
 pub const JOURNAL_KEY: &str = "tg:{purge}:journal";
+/// Ids of completed purges whose `purge.completed` audit line may not be written yet
+/// (`tg:audit` is another slot, so it cannot share the completing `MULTI`): the worker
+/// writes what a crash left out.
+pub const UNAUDITED_KEY: &str = "tg:{purge}:unaudited";
+/// A completed purge is left to its own gateway's audit append for this long before the
+/// worker writes the line (which could then appear twice, never not at all).
+const UNAUDITED_GRACE_MS: i64 = 60_000;
 
 /// `tg:{purge}:<id>`, one purge's record.
 pub fn record_key(id: &str) -> String {
@@ -400,27 +407,52 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .ignore()
             .srem(PENDING_KEY, id)
             .ignore()
+            .sadd(UNAUDITED_KEY, id)
+            .ignore()
             .xadd(JOURNAL_KEY, "*", &[("id", id), ("event", "completed")])
             .ignore();
         let _: () = tx.query_async(&mut conn).await?;
         metrics::counter!(crate::metrics::PURGES_COMPLETED).increment(1);
-        let actor = format!(
-            "customer:{}",
-            h.get("customer").cloned().unwrap_or_default()
-        );
-        let devices = h.get("devices").cloned().unwrap_or_default();
-        audit::append(
-            &mut conn,
-            &AuditEvent {
-                actor: &actor,
-                action: "purge.completed",
-                devices: &devices,
-                outcome: "ok",
-                detail: &format!("purge {id}: {deleted} fixes deleted"),
-            },
-        )
-        .await?;
+        self.audit_completed(&mut conn, id).await
+    }
+
+    /// Append the `purge.completed` audit line of a completed purge (from its record),
+    /// then take it off [`UNAUDITED_KEY`].
+    async fn audit_completed(&self, conn: &mut C, id: &str) -> Result<(), PurgeError> {
+        let h: HashMap<String, String> = conn.hgetall(record_key(id)).await?;
+        if h.get("state").map(String::as_str) == Some("completed") {
+            let field = |k: &str| h.get(k).cloned().unwrap_or_default();
+            audit::append(
+                conn,
+                &AuditEvent {
+                    actor: &format!("customer:{}", field("customer")),
+                    action: "purge.completed",
+                    devices: &field("devices"),
+                    outcome: "ok",
+                    detail: &format!("purge {id}: {} fixes deleted", field("deleted")),
+                },
+            )
+            .await?;
+        }
+        let _: () = conn.srem(UNAUDITED_KEY, id).await?;
         Ok(())
+    }
+
+    /// Write the audit lines that completed purges are still owed (a crash between the
+    /// completion and its audit append), once their own gateway had time to.
+    async fn audit_owed(&self, conn: &mut C) -> Result<usize, PurgeError> {
+        let ids: Vec<String> = conn.smembers(UNAUDITED_KEY).await?;
+        let now_ms = Timestamp::now().as_millisecond();
+        let mut written = 0;
+        for id in &ids {
+            let completed: Option<i64> = conn.hget(record_key(id), "completed_ms").await?;
+            if completed.is_some_and(|t| now_ms - t < UNAUDITED_GRACE_MS) {
+                continue;
+            }
+            self.audit_completed(conn, id).await?;
+            written += 1;
+        }
+        Ok(written)
     }
 
     /// Range purge of one stream; returns (deleted, whether the whole stream was done).
@@ -516,6 +548,13 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
     /// One pass over the pending purges.
     pub async fn work_once(&self) -> Result<usize, PurgeError> {
         let mut conn = self.conn.clone();
+        let owed = self.audit_owed(&mut conn).await?;
+        if owed > 0 {
+            tracing::warn!(
+                purges = owed,
+                "wrote purge.completed audit lines a crash had left out"
+            );
+        }
         let pending: Vec<String> = conn.smembers(PENDING_KEY).await?;
         let now = Timestamp::now();
         let mut overdue = 0u64;

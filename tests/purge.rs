@@ -684,3 +684,56 @@ async fn a_purge_left_by_an_old_gateway_after_start_up_is_still_finished() {
     stop.cancel();
     running.await.unwrap();
 }
+
+/// The `purge.completed` audit line goes to another slot than the completion itself: a
+/// crash between the two must not lose it. The worker writes what is owed, once the
+/// completing gateway has had its minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_purge_whose_audit_line_was_lost_gets_it_from_the_worker() {
+    use trackgate::audit::AUDIT_KEY;
+    use trackgate::purge::{UNAUDITED_KEY, record_key};
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
+    let p = KeyRing::ephemeral().pseudonym(&Imei::new(&imei(77)).unwrap());
+    let mut conn = redis.conn();
+    let purger = Purger::new(redis.conn(), TOMB_TTL);
+    let req = PurgeRequest {
+        pseudonyms: vec![p.clone()],
+        range: None,
+        idempotency_key: None,
+    };
+    let receipt = purger.request(&c, &req).await.unwrap();
+    assert_eq!(receipt.state, "completed");
+    let completed_lines = |conn: trackgate::redis_conn::RedisConn, id: String| async move {
+        let mut conn = conn;
+        let r: redis::streams::StreamRangeReply = conn.xrange_all(AUDIT_KEY).await.unwrap();
+        r.ids
+            .iter()
+            .filter(|e| {
+                e.get::<String>("action").as_deref() == Some("purge.completed")
+                    && e.get::<String>("detail").is_some_and(|d| d.contains(&id))
+            })
+            .count()
+    };
+    assert_eq!(completed_lines(conn.clone(), receipt.id.clone()).await, 1);
+    let owed: Vec<String> = conn.smembers(UNAUDITED_KEY).await.unwrap();
+    assert!(owed.is_empty(), "{owed:?}");
+
+    // As after a crash right after the completion: owed, and recent.
+    let _: () = conn.sadd(UNAUDITED_KEY, &receipt.id).await.unwrap();
+    purger.work_once().await.unwrap();
+    assert_eq!(
+        completed_lines(conn.clone(), receipt.id.clone()).await,
+        1,
+        "left to the completing gateway within its minute"
+    );
+    let long_ago = Timestamp::now().as_millisecond() - 120_000;
+    let _: () = conn
+        .hset(record_key(&receipt.id), "completed_ms", long_ago)
+        .await
+        .unwrap();
+    purger.work_once().await.unwrap();
+    assert_eq!(completed_lines(conn.clone(), receipt.id.clone()).await, 2);
+    let owed: Vec<String> = conn.smembers(UNAUDITED_KEY).await.unwrap();
+    assert!(owed.is_empty(), "{owed:?}");
+}
