@@ -221,6 +221,7 @@ pub struct PurgeBody {
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many failed authentications from this address", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device of the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Idempotency-Key already used for another purge, or no business day to set the deadline by; nothing done", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Journal unreachable; nothing done; retry", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -298,6 +299,21 @@ async fn create_purge(
             "from must not be after to",
             None,
         ),
+        Err(e @ PurgeError::IdempotencyConflict(_)) => problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "Idempotency-Key already used for another purge; use a new key for a new request",
+            Some(e.to_string()),
+        ),
+        Err(e @ PurgeError::Calendar(_)) => {
+            tracing::error!(error = %e, customer = %customer_id, "purge refused: no deadline can be set");
+            problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "no_business_days",
+                "The customer's business calendar leaves no day to set the deadline by; nothing was journaled",
+                Some(e.to_string()),
+            )
+        }
         Err(e) => {
             tracing::error!(error = %e, "purge request failed after journaling");
             problem(

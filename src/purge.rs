@@ -49,6 +49,25 @@ pub const UNAUDITED_KEY: &str = "tg:{purge}:unaudited";
 /// worker writes the line (which could then appear twice, never not at all).
 const UNAUDITED_GRACE_MS: i64 = 60_000;
 
+/// Whether a purge record (`tg:{purge}:<id>`) is for the same devices and range as `req`.
+fn same_request(record: &HashMap<String, String>, req: &PurgeRequest) -> bool {
+    let mut stored: Vec<&str> = record
+        .get("devices")
+        .map(|d| d.split(',').collect())
+        .unwrap_or_default();
+    let mut asked: Vec<&str> = req.pseudonyms.iter().map(|p| p.as_str()).collect();
+    stored.sort_unstable();
+    asked.sort_unstable();
+    let range = (
+        record.get("from_s").and_then(|v| v.parse::<i64>().ok()),
+        record.get("to_s").and_then(|v| v.parse::<i64>().ok()),
+    );
+    let asked_range = req.range.map_or((None, None), |(f, t)| {
+        (Some(f.as_second()), Some(t.as_second()))
+    });
+    stored == asked && range == asked_range
+}
+
 /// `tg:{purge}:<id>`, one purge's record.
 pub fn record_key(id: &str) -> String {
     format!("tg:{{purge}}:{id}")
@@ -131,6 +150,9 @@ pub enum PurgeError {
     Calendar(#[from] crate::calendar::CalendarError),
     #[error("invalid range: from must not be after to")]
     Range,
+    /// The idempotency key names an earlier purge of other devices or another range.
+    #[error("idempotency key already used for purge {0} of other devices or another range")]
+    IdempotencyConflict(String),
 }
 
 /// A purge's state and outcome, as the customer sees it.
@@ -250,7 +272,14 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                 .await
                 .map_err(PurgeError::Unavailable)?;
             if let Some(id) = existing {
-                return Ok(id);
+                let earlier: HashMap<String, String> = conn
+                    .hgetall(record_key(&id))
+                    .await
+                    .map_err(PurgeError::Unavailable)?;
+                if earlier.is_empty() || same_request(&earlier, req) {
+                    return Ok(id);
+                }
+                return Err(PurgeError::IdempotencyConflict(id));
             }
         }
         let now = Timestamp::now();

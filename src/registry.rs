@@ -173,7 +173,9 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         if !valid_id(&c.id) {
             return Err(RegistryError::CustomerId(c.id.clone()));
         }
-        c.calendar()?; // the zone must exist
+        // The zone must exist, and the calendar must leave business days to set purge
+        // deadlines by (a week of weekend days or a year of holidays would not).
+        c.calendar()?.deadline(jiff::Timestamp::now())?;
         if let Some(r) = c.retention_s {
             if r == 0 || r > self.max_retention_s {
                 return Err(RegistryError::Invalid {

@@ -737,3 +737,31 @@ async fn a_completed_purge_whose_audit_line_was_lost_gets_it_from_the_worker() {
     let owed: Vec<String> = conn.smembers(UNAUDITED_KEY).await.unwrap();
     assert!(owed.is_empty(), "{owed:?}");
 }
+
+/// An idempotency key answers for the request it was first given with, not for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_reused_for_another_request_is_refused() {
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
+    let keys = KeyRing::ephemeral();
+    let purger = Purger::new(redis.conn(), TOMB_TTL);
+    let req = |n: u32, range: Option<(Timestamp, Timestamp)>| PurgeRequest {
+        pseudonyms: vec![keys.pseudonym(&Imei::new(&imei(n)).unwrap())],
+        range,
+        idempotency_key: Some("order-17".into()),
+    };
+    let first = purger.request(&c, &req(85, None)).await.unwrap();
+    let again = purger.request(&c, &req(85, None)).await.unwrap();
+    assert_eq!(again.id, first.id, "the same request: the same purge");
+    let other_device = purger.request(&c, &req(86, None)).await;
+    assert!(
+        matches!(&other_device, Err(PurgeError::IdempotencyConflict(id)) if *id == first.id),
+        "{other_device:?}"
+    );
+    let day = Timestamp::from_second(1_700_000_000).unwrap();
+    let other_range = purger.request(&c, &req(85, Some((day, day)))).await;
+    assert!(
+        matches!(other_range, Err(PurgeError::IdempotencyConflict(_))),
+        "{other_range:?}"
+    );
+}

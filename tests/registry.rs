@@ -31,6 +31,21 @@ async fn tokens_are_shown_once_stored_hashed_and_revocable() {
             .await
             .is_err()
     );
+    // A calendar without business days could never give a purge its deadline.
+    let mut idle = Customer::new("idle", "x", "UTC");
+    idle.weekend = vec![
+        jiff::civil::Weekday::Monday,
+        jiff::civil::Weekday::Tuesday,
+        jiff::civil::Weekday::Wednesday,
+        jiff::civil::Weekday::Thursday,
+        jiff::civil::Weekday::Friday,
+        jiff::civil::Weekday::Saturday,
+        jiff::civil::Weekday::Sunday,
+    ];
+    assert!(matches!(
+        reg.add_customer(&idle).await,
+        Err(RegistryError::Calendar(_))
+    ));
 
     let (tid, token) = reg.issue_token("acme").await.unwrap();
     assert_eq!(
