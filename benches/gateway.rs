@@ -13,10 +13,13 @@ use redis::Pipeline;
 use sha2::Digest;
 use trackgate::loadgen::fleet::sample_fixes;
 use trackgate::pseudonym::{Imei, KeyRing};
-use trackgate::sink::{WriteJob, append_script, build_pipeline};
+use trackgate::sink::{Upkeep, WriteJob, append_script, build_pipeline};
 
 /// The default `retention.ingest_upkeep_interval_s`.
-const UPKEEP: Duration = Duration::from_secs(60);
+const UPKEEP: Upkeep = Upkeep {
+    interval: Duration::from_secs(60),
+    late_after: Duration::from_secs(3600),
+};
 use trackgate::storage::StoredFix;
 use trackgate_protocols::MessageKind;
 

@@ -27,7 +27,7 @@ start = s.index('const APPEND_SCRIPT: &str = r#"') + len('const APPEND_SCRIPT: &
 open(sys.argv[1], "w").write(s[start:s.index('"#;', start)])
 EOF
 cat >"$dir/floor.lua" <<'EOF'
-local i = 9
+local i = 11
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
@@ -41,18 +41,19 @@ floor=$(redis-cli -p "$port" SCRIPT LOAD "$(cat "$dir/floor.lua")")
 now_ms=$(($(date +%s) * 1000))
 now_s=$((now_ms / 1000))
 ttl_ms=7776000000
-# One job (frame): received ms, words that follow; per entry: 4 field/value words, then t
-# and a 30-byte packed d (the layout of APPEND_SCRIPT's ARGV).
-entries=("$now_ms" $((FIXES * 5)))
+# One job (frame): received ms, late flag (0: on time), words that follow; per entry: 4
+# field/value words, then t and a 30-byte packed d (the layout of APPEND_SCRIPT's ARGV).
+entries=("$now_ms" 0 $((FIXES * 5)))
 for _ in $(seq "$FIXES"); do
   entries+=(4 t "$now_s" d abcdefghijklmnopqrstuvwxyz0123)
 done
 
 run() { # sha -> usec per call
   redis-cli -p "$port" CONFIG RESETSTAT >/dev/null
-  redis-benchmark -p "$port" -q -n 100000 -P 16 -r 1000 EVALSHA "$1" 3 \
+  redis-benchmark -p "$port" -q -n 100000 -P 16 -r 1000 EVALSHA "$1" 4 \
     'tg:{__rand_int__}:fixes' 'tg:{__rand_int__}:meta' 'tg:{__rand_int__}:tomb' \
-    'b__rand_int__' "$ttl_ms" $((now_ms - ttl_ms)) "$now_ms" 1 60000 "${entries[@]}" >/dev/null
+    'tg:{__rand_int__}:late' 'b__rand_int__' "$ttl_ms" $((now_ms - ttl_ms)) "$now_ms" 1 60000 \
+    3600000 "${entries[@]}" >/dev/null
   redis-cli -p "$port" INFO commandstats | tr -d '\r' |
     sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p'
 }

@@ -64,7 +64,7 @@ impl Gateway {
         let writers = sink::start(
             conn.clone(),
             &config.redis,
-            config.retention.ingest_upkeep(),
+            sink::Upkeep::from(&config.retention),
             abort.clone(),
         );
         let shutdown = CancellationToken::new();

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{self, AuditEvent};
 use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
-use crate::storage::{fixes_key, meta_key, tomb_key};
+use crate::storage::{fixes_key, late_key, meta_key, tomb_key};
 
 /// Ids of purges not yet completed.
 pub const PENDING_KEY: &str = "tg:{purge}:pending";
@@ -80,11 +80,12 @@ fn idem_key(customer: &str, key: &str) -> String {
     )
 }
 
-/// Complete purge of one pseudonym. KEYS: fixes, meta, tomb. ARGV: cutoff ms, tomb ttl ms.
+/// Complete purge of one pseudonym. KEYS: fixes, meta, tomb, late index. ARGV: cutoff ms,
+/// tomb ttl ms.
 const PURGE_ALL: &str = r#"
 local n = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then n = redis.call('XLEN', KEYS[1]) end
-redis.call('UNLINK', KEYS[1], KEYS[2])
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[4])
 local old = tonumber(redis.call('HGET', KEYS[3], 'all') or '-1')
 if tonumber(ARGV[1]) > old then redis.call('HSET', KEYS[3], 'all', ARGV[1]) end
 if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
@@ -401,6 +402,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                         .key(fixes_key(p))
                         .key(meta_key(p))
                         .key(tomb_key(p))
+                        .key(late_key(p))
                         .arg(cutoff_ms)
                         .arg(tomb_ttl_ms)
                         .invoke_async::<u64>(&mut conn)

@@ -31,7 +31,7 @@ use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
 use crate::redis_conn::RedisConn;
 use crate::registry::owner_key;
-use crate::storage::{FIXES_PATTERN, meta_key, pseudonym_of_key};
+use crate::storage::{FIXES_PATTERN, late_key, meta_key, pseudonym_of_key};
 
 /// The sweeper's lease (one slot of its own in a cluster).
 pub const SWEEP_LEASE_KEY: &str = "tg:{sweep}:lease";
@@ -168,9 +168,28 @@ pub async fn try_lease<C: ConnectionLike + Send + Sync>(
     Ok(set.is_some())
 }
 
-/// Trim every fixes stream (on every primary, in cluster mode) to its TTL exactly;
-/// returns the entries removed.
+/// Late deliveries deleted per script call (bounded work per call).
+const LATE_CHUNK: u64 = 1000;
+
+/// One stream's sweep step: trim by receive time (entry ids), then delete up to a chunk
+/// of the late-delivered entries (`crate::storage::late_key`) whose fix time is past the
+/// TTL. KEYS: fixes, late index. ARGV: min id ms, fix-time cutoff s (exclusive), chunk.
+/// Returns {entries removed, late index members taken}.
+const SWEEP_STREAM: &str = r#"
+local n = redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 0 then return {n, 0} end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[3])
+if #ids > 0 then
+  n = n + redis.call('XDEL', KEYS[1], unpack(ids))
+  redis.call('ZREM', KEYS[2], unpack(ids))
+end
+return {n, #ids}
+"#;
+
+/// Trim every fixes stream (on every primary, in cluster mode) to its TTL exactly, by
+/// receive time and, for fixes delivered late, by fix time; returns the entries removed.
 pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::RedisResult<u64> {
+    let sweep = redis::Script::new(SWEEP_STREAM);
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut trimmed = 0u64;
     let mut keyed = conn.clone();
@@ -181,20 +200,36 @@ pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::Redis
                 .scan_page(&target, cursor, FIXES_PATTERN, SCAN_COUNT, "stream")
                 .await?;
             for key in keys {
-                let ttl_ms = match pseudonym_of_key(&key) {
-                    Some(p) => {
-                        let stored: Option<i64> = keyed.hget(meta_key(&p), META_TTL_MS).await?;
-                        stored.unwrap_or(retention.default_ttl().as_millis() as i64)
-                    }
-                    None => retention.default_ttl().as_millis() as i64,
+                let default_ms = retention.default_ttl().as_millis() as i64;
+                let Some(p) = pseudonym_of_key(&key) else {
+                    let n: u64 = redis::cmd("XTRIM")
+                        .arg(&key)
+                        .arg("MINID")
+                        .arg(now_ms - default_ms)
+                        .query_async(&mut keyed)
+                        .await?;
+                    trimmed += n;
+                    continue;
                 };
-                let n: u64 = redis::cmd("XTRIM")
-                    .arg(&key)
-                    .arg("MINID")
-                    .arg(now_ms - ttl_ms)
-                    .query_async(&mut keyed)
-                    .await?;
-                trimmed += n;
+                let stored: Option<i64> = keyed.hget(meta_key(&p), META_TTL_MS).await?;
+                let ttl_ms = stored.unwrap_or(default_ms);
+                // By receive time (entry ids), then the late deliveries by fix time; the
+                // same cutoff as at ingest: fix time (s) < (now - ttl) (s).
+                let cutoff_ms = now_ms - ttl_ms;
+                loop {
+                    let (n, late): (u64, u64) = sweep
+                        .key(&key)
+                        .key(late_key(&p))
+                        .arg(cutoff_ms)
+                        .arg(cutoff_ms.div_euclid(1000))
+                        .arg(LATE_CHUNK)
+                        .invoke_async(&mut keyed)
+                        .await?;
+                    trimmed += n;
+                    if late < LATE_CHUNK {
+                        break;
+                    }
+                }
             }
             if next == 0 {
                 break;

@@ -41,7 +41,7 @@ use crate::config::RedisConfig;
 use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
 use crate::redis_conn::{RedisConn, SlotMap, key_slot};
-use crate::storage::{FieldValue, StoredFix, fixes_key, meta_key, tomb_key};
+use crate::storage::{FieldValue, StoredFix, fixes_key, late_key, meta_key, tomb_key};
 
 /// One decoded frame's worth of fixes for one device.
 #[derive(Debug)]
@@ -142,11 +142,17 @@ impl SlotGate {
 /// Retention (trim, expiry) and the idempotent, purge-aware append, in one atomic step
 /// per device and batch. A replay rewrites the batch id (a no-op write) so that it is
 /// replicated again: a `WAIT` after a retry on a new connection then also covers the
-/// first attempt's data. KEYS: fixes stream, meta hash, tombstone hash.
-/// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, upkeep ms, then per job
-/// (frame): received ms, count of the words that follow for it; per entry of the job:
-/// field count, field/value pairs (the fix time is field `t`, absent if unknown). Per job
-/// rather than per entry, the received time is one argument for a whole CCE batch.
+/// first attempt's data. KEYS: fixes stream, meta hash, tombstone hash, late index.
+/// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, upkeep ms, late-after
+/// ms, then per job (frame): received ms, late flag (`1` if one of its fixes was taken
+/// more than late-after ms before it was received), count of the words that follow for
+/// it; per entry of the job: field count, field/value pairs (the fix time is field `t`,
+/// absent if unknown). Per job rather than per entry, the received time is one argument
+/// for a whole CCE batch.
+///
+/// Late index (`crate::storage::late_key`): the entry ids of fixes delivered late, by fix
+/// time, so that the sweeper deletes them by fix time (trimming goes by receive time).
+/// Only jobs flagged late are parsed for it.
 ///
 /// Tombstone (written by purges, `crate::purge`): field `all` = cutoff ms of a complete
 /// purge; fields `r:<from_s>:<to_s>` = cutoff ms of a range purge over fix times. An entry
@@ -179,30 +185,39 @@ for t = 1, #tomb, 2 do
   end
 end
 local checks = #tomb > 0
-local i = 7
+local late_after = tonumber(ARGV[7])
+local i = 8
 local written = 0
+local late = 0
 while i <= #ARGV do
   local recv = tonumber(ARGV[i])
-  local last = i + 1 + tonumber(ARGV[i + 1])
-  i = i + 2
+  local latejob = ARGV[i + 1] == '1'
+  local last = i + 2 + tonumber(ARGV[i + 2])
+  i = i + 3
   while i <= last do
     local n = tonumber(ARGV[i])
     local keep = true
+    local fixt = -1
+    if latejob or (checks and #ranges > 0) then
+      for j = i + 1, i + n - 1, 2 do
+        if ARGV[j] == 't' then fixt = tonumber(ARGV[j + 1]) break end
+      end
+    end
     if checks then
       keep = recv > all
-      if keep and #ranges > 0 then
-        local fixt = -1
-        for j = i + 1, i + n - 1, 2 do
-          if ARGV[j] == 't' then fixt = tonumber(ARGV[j + 1]) break end
-        end
+      if keep then
         for _, r in ipairs(ranges) do
           if recv <= r[3] and fixt >= r[1] and fixt <= r[2] then keep = false break end
         end
       end
     end
     if keep then
-      redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+      local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
       written = written + 1
+      if latejob and fixt >= 0 and fixt * 1000 < recv - late_after then
+        redis.call('ZADD', KEYS[4], fixt, id)
+        late = late + 1
+      end
     end
     i = i + 1 + n
   end
@@ -210,6 +225,7 @@ end
 local now = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[2])
 local up = tonumber(ARGV[6])
+if late > 0 then redis.call('PEXPIRE', KEYS[4], ttl + up) end
 local due = meta[2] == false or meta[3] ~= ARGV[2] or tonumber(meta[2]) < now + ttl
 if due and written > 0 then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
@@ -256,10 +272,36 @@ pub struct Writers {
 /// `held_max_jobs` jobs held per writer. A node that answers `MOVED`/`ASK`, or cannot be
 /// reached, makes the writer fetch the slot map again (in the background, routing with the
 /// old map meanwhile).
+/// What the append script does besides appending, from the retention settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upkeep {
+    /// Trim and expiry at most this often per device
+    /// ([`crate::config::RetentionConfig::ingest_upkeep`]).
+    pub interval: Duration,
+    /// A fix taken more than this before it was received goes into the device's late
+    /// index, for the sweeper to delete by fix time (`retention.sweep_interval_s`: later
+    /// than that, trimming by receive time would keep it past its fix time's retention by
+    /// more than a sweep interval).
+    pub late_after: Duration,
+}
+
+impl From<&crate::config::RetentionConfig> for Upkeep {
+    fn from(r: &crate::config::RetentionConfig) -> Self {
+        Upkeep {
+            interval: r.ingest_upkeep(),
+            late_after: Duration::from_secs(r.sweep_interval_s),
+        }
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 pub fn start(
     conn: RedisConn,
     config: &RedisConfig,
-    upkeep: Duration,
+    upkeep: Upkeep,
     abort: CancellationToken,
 ) -> Writers {
     let script = Arc::new(append_script());
@@ -293,7 +335,7 @@ pub fn start(
             gate,
             closed_nodes: Vec::new(),
             closed_held: 0,
-            upkeep_ms: i64::try_from(upkeep.as_millis()).unwrap_or(i64::MAX),
+            upkeep,
             batch_seq: batch_seq.clone(),
             instance,
             abort: abort.clone(),
@@ -402,8 +444,8 @@ struct Writer {
     /// Jobs held for devices on the closed nodes: not counted against `held_max_jobs`
     /// (the gate bounds them), so the other nodes' devices keep being taken.
     closed_held: usize,
-    /// `retention.ingest_upkeep_interval_s` (capped), for the append script.
-    upkeep_ms: i64,
+    /// Upkeep interval and late threshold, for the append script.
+    upkeep: Upkeep,
     batch_seq: Arc<AtomicU64>,
     instance: u32,
     abort: CancellationToken,
@@ -677,7 +719,7 @@ impl Writer {
                     &head.jobs,
                     id,
                     now_ms,
-                    self.upkeep_ms,
+                    self.upkeep,
                 ));
                 devices.push(p);
             }
@@ -1009,9 +1051,8 @@ pub fn build_pipeline(
     script: &redis::Script,
     batch: &[WriteJob],
     batch_id: &str,
-    upkeep: Duration,
+    upkeep: Upkeep,
 ) -> redis::Pipeline {
-    let upkeep_ms = i64::try_from(upkeep.as_millis()).unwrap_or(i64::MAX);
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut order: Vec<&Pseudonym> = Vec::new();
     let mut by_device: HashMap<&Pseudonym, Vec<&WriteJob>> = HashMap::new();
@@ -1033,7 +1074,7 @@ pub fn build_pipeline(
             jobs.iter().copied(),
             batch_id,
             now_ms,
-            upkeep_ms,
+            upkeep,
         ));
     }
     pipe
@@ -1046,7 +1087,7 @@ fn append_call<'a, J>(
     jobs: J,
     batch_id: &str,
     now_ms: i64,
-    upkeep_ms: i64,
+    upkeep: Upkeep,
 ) -> redis::Cmd
 where
     J: IntoIterator<Item = &'a WriteJob> + Clone,
@@ -1059,9 +1100,9 @@ where
         .unwrap_or(0);
     // Sized up front: the command is built arg by arg, and growing its buffers as it goes
     // was a visible share of the gateway's profile (realloc + memmove).
-    let (mut args, mut bytes) = (12, 180 + batch_id.len());
+    let (mut args, mut bytes) = (14, 200 + batch_id.len());
     for job in jobs.clone() {
-        args += 2;
+        args += 3;
         for fix in &job.fixes {
             args += 1 + fix.arg_count();
             bytes += 40
@@ -1072,22 +1113,31 @@ where
                     .sum::<usize>();
         }
     }
+    let late_after_ms = millis(upkeep.late_after);
     let mut cmd = redis::Cmd::with_capacity(args, bytes);
     cmd.arg("EVALSHA")
         .arg(script.get_hash())
-        .arg(3)
+        .arg(4)
         .arg(fixes_key(device))
         .arg(meta_key(device))
         .arg(tomb_key(device))
+        .arg(late_key(device))
         .arg(batch_id)
         .arg(ttl_ms)
         .arg(now_ms.saturating_sub(ttl_ms))
         .arg(now_ms)
         .arg(device.key_version())
-        .arg(upkeep_ms);
+        .arg(millis(upkeep.interval))
+        .arg(late_after_ms);
     for job in jobs {
         let words: usize = job.fixes.iter().map(|f| 1 + f.arg_count()).sum();
-        cmd.arg(job.received_ms).arg(words);
+        // The script's own test, per fix: fix time (ms) < received - late-after.
+        let late_before_ms = job.received_ms.saturating_sub(late_after_ms);
+        let late = job.fixes.iter().any(|f| {
+            f.fix_time_s
+                .is_some_and(|t| t.saturating_mul(1000) < late_before_ms)
+        });
+        cmd.arg(job.received_ms).arg(u8::from(late)).arg(words);
         for fix in &job.fixes {
             cmd.arg(fix.arg_count());
             for (name, value) in &fix.fields {

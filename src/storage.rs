@@ -34,6 +34,14 @@ pub fn tomb_key(p: &Pseudonym) -> String {
     format!("tg:{{{p}}}:tomb")
 }
 
+/// `tg:{P}:late`, index of the fixes delivered late (taken more than a sweep interval
+/// before they were received): sorted set, score = fix time (s), member = stream entry
+/// id. Trimming goes by receive time (entry ids); these would outlive their fix time's
+/// retention by their delay, so the sweeper deletes them by fix time from here.
+pub fn late_key(p: &Pseudonym) -> String {
+    format!("tg:{{{p}}}:late")
+}
+
 /// Pattern matching every fixes stream (for the sweeper's SCAN).
 pub const FIXES_PATTERN: &str = "tg:{*}:fixes";
 

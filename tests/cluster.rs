@@ -140,7 +140,7 @@ async fn purge_and_export_across_instances(backend: Backend) {
     // A write job B read before the purge but that reaches Redis after it.
     let mut cfg = backend.config().redis;
     cfg.writers = 1;
-    let upkeep = backend.config().retention.ingest_upkeep();
+    let upkeep = sink::Upkeep::from(&backend.config().retention);
     let in_flight = sink::start(conn.clone(), &cfg, upkeep, CancellationToken::new());
 
     let purge = serde_json::json!({ "imei": id });

@@ -268,3 +268,43 @@ async fn a_retention_unknown_at_connect_is_provisional_and_corrected_by_the_next
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fix_delivered_late_is_swept_by_its_fix_time() {
+    use trackgate::storage::late_key;
+    let redis = Backend::from_env();
+    let mut c = config(&redis);
+    c.retention.ttl_s = 3;
+    c.retention.sweep_interval_s = 1; // and so: late = taken over 1 s before receipt
+    let (gw, keys) = start_gateway(c).await;
+    let id = imei(47);
+    let p = pseudonym(&keys, &id);
+    let mut conn = redis.conn();
+    let now = now_s();
+    let two_s_ago = jiff::Timestamp::from_second(now.as_second() - 2).unwrap();
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    // Cached during a coverage gap: taken 2 s ago, received now with a fresh fix.
+    t.send(&cce_frame(&id, &[fix_at(two_s_ago, 1), fix_at(now, 2)]))
+        .await;
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+    assert_eq!(stream_len(&mut conn, &p).await, 2);
+    let indexed: u64 = conn.zcard(late_key(&p)).await.unwrap();
+    assert_eq!(indexed, 1, "only the late one is indexed");
+    // Both were received at once, so trimming by receive time would remove both at
+    // once, 3 s from now; the late one goes about 2 s earlier, by its fix time.
+    eventually(Duration::from_secs(5), "the late fix swept alone", || {
+        let mut conn = conn.clone();
+        let p = p.clone();
+        async move { stream_len(&mut conn, &p).await == 1 }
+    })
+    .await;
+    assert_eq!(
+        stored_mileages(&mut conn, &p).await,
+        vec![1002],
+        "the fresh one stays"
+    );
+    let indexed: u64 = conn.zcard(late_key(&p)).await.unwrap();
+    assert_eq!(indexed, 0);
+    gw.shutdown();
+    gw.wait().await;
+}

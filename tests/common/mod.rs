@@ -359,7 +359,7 @@ pub fn start_writers(cfg: &trackgate::config::RedisConfig) -> trackgate::sink::W
     trackgate::sink::start(
         trackgate::redis_conn::connect(cfg).unwrap(),
         cfg,
-        trackgate::config::RetentionConfig::default().ingest_upkeep(),
+        trackgate::sink::Upkeep::from(&trackgate::config::RetentionConfig::default()),
         tokio_util::sync::CancellationToken::new(),
     )
 }
