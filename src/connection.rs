@@ -207,6 +207,8 @@ struct AckReady {
 
 struct Device {
     imei: Imei,
+    /// The IMEI's digits as hex (how raw extras store them), for scrubbing; made once.
+    imei_hex: String,
     pseudonym: Pseudonym,
     /// Its pseudonyms under every key version, newest first (where ownership is looked up).
     owners: Vec<Pseudonym>,
@@ -277,12 +279,23 @@ where
     let hot = &shared.hot;
     let mut deadline = tokio::time::Instant::from_std(handshake_deadline);
     let mut reading = true;
+    // One timer for the ACK wait, armed when replies are owed and re-armed only when it
+    // fires (to the then oldest frame's bound): a timer per frame cost a visible share of
+    // the gateway's CPU.
+    let ack_timer = tokio::time::sleep(ack_wait);
+    tokio::pin!(ack_timer);
+    let mut ack_armed = false;
 
     let reason = loop {
         if !reading && pending.is_empty() {
             break CloseReason::Shutdown;
         }
-        let ack_due = pending.oldest_read_at() + ack_wait;
+        if !ack_armed && !pending.is_empty() {
+            ack_timer
+                .as_mut()
+                .reset(pending.oldest_read_at() + ack_wait);
+            ack_armed = true;
+        }
         tokio::select! {
             biased;
             Some(ack) = pending.next(), if !pending.is_empty() => {
@@ -292,8 +305,15 @@ where
                 // Time spent waiting for Redis (reading paused) is not the device's idleness.
                 deadline = deadline.max(tokio::time::Instant::now() + idle);
             }
-            () = tokio::time::sleep_until(ack_due), if !pending.is_empty() => {
-                break CloseReason::AckTimeout;
+            () = &mut ack_timer, if ack_armed => {
+                let due = pending.oldest_read_at() + ack_wait;
+                if pending.is_empty() {
+                    ack_armed = false;
+                } else if due <= tokio::time::Instant::now() {
+                    break CloseReason::AckTimeout;
+                } else {
+                    ack_timer.as_mut().reset(due);
+                }
             }
             () = shared.shutdown.cancelled(), if reading => {
                 reading = false;
@@ -489,6 +509,7 @@ impl Conn {
                 }
                 tracing::debug!(device = %pseudonym, ttl_s = ttl.as_secs(), "device identified");
                 self.device = Some(Device {
+                    imei_hex: hex::encode(imei.expose()),
                     imei,
                     pseudonym: pseudonym.clone(),
                     owners,
@@ -635,7 +656,7 @@ impl Conn {
             }
             let stored = StoredFix::from_fix(msg.kind, fix);
             out.push(match &self.device {
-                Some(d) => stored.scrubbed(&d.imei),
+                Some(d) => stored.scrubbed_with(d.imei.expose(), &d.imei_hex),
                 None => stored,
             });
         }

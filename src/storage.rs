@@ -300,20 +300,24 @@ impl StoredFix {
     /// IMEI must not reach storage by that back door either. Extras are JSON: a text
     /// value loses the digits, a raw (hex) value the bytes of the digits, a number that
     /// contains them becomes the string `"<imei>"`; the result is still valid JSON.
-    pub fn scrubbed(mut self, imei: &Imei) -> StoredFix {
-        let digits = imei.expose();
-        let hex_digits: String = digits.bytes().map(|b| format!("{b:02x}")).collect();
+    pub fn scrubbed(self, imei: &Imei) -> StoredFix {
+        self.scrubbed_with(imei.expose(), &hex::encode(imei.expose()))
+    }
+
+    /// [`StoredFix::scrubbed`] with the IMEI's digits and their hex already at hand (a
+    /// connection makes them once, not per fix).
+    pub fn scrubbed_with(mut self, digits: &str, hex_digits: &str) -> StoredFix {
         for (name, v) in &mut self.fields {
             let FieldValue::Text(t) = v else {
                 continue;
             };
             // Cheap test first: this runs for every fix with extras.
-            if !t.contains(digits) && !t.contains(&hex_digits) {
+            if !t.contains(digits) && !t.contains(hex_digits) {
                 continue;
             }
             *t = match serde_json::from_str::<serde_json::Value>(t) {
                 Ok(mut value) if *name == F_EXTRAS => {
-                    scrub_json(&mut value, digits, &hex_digits);
+                    scrub_json(&mut value, digits, hex_digits);
                     value.to_string()
                 }
                 _ => t
