@@ -322,7 +322,7 @@ impl StoredFix {
                 }
                 _ => t
                     .replace(digits, "<imei>")
-                    .replace(&hex_digits, SCRUBBED_HEX),
+                    .replace(hex_digits, SCRUBBED_HEX),
             };
         }
         self
