@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::metrics as m;
 use crate::pseudonym::{Imei, KeyRing, Pseudonym};
 use crate::retention::Retention;
-use crate::sink::{Sink, WriteJob};
+use crate::sink::{Sink, SubmitError, WriteJob};
 use crate::storage::StoredFix;
 
 /// At shutdown, a connection keeps reading until its socket has been quiet this long…
@@ -156,6 +156,14 @@ pub struct Shared {
     pub hot: m::HotMetrics,
 }
 
+/// Wait for an optional timer (never resolves without one).
+async fn poll_timer(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer.as_mut() {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A reply waiting for its write job.
 type PendingAck = Pin<Box<dyn Future<Output = AckReady> + Send>>;
 
@@ -210,8 +218,9 @@ struct Device {
     /// The IMEI's digits as hex (how raw extras store them), for scrubbing; made once.
     imei_hex: String,
     pseudonym: Pseudonym,
-    /// Its pseudonyms under every key version, newest first (where ownership is looked up).
-    owners: Vec<Pseudonym>,
+    /// Its pseudonyms under the older key versions, newest first: ownership is looked up
+    /// under every version (`pseudonym` first). Empty, and no allocation, with one key.
+    older: Box<[Pseudonym]>,
     /// The retention of this device's fixes (its owner's agreement, or the default).
     ttl: Duration,
     /// False while `ttl` is the default standing in for a lookup that failed (Redis
@@ -281,9 +290,8 @@ where
     let mut reading = true;
     // One timer for the ACK wait, armed when replies are owed and re-armed only when it
     // fires (to the then oldest frame's bound): a timer per frame cost a visible share of
-    // the gateway's CPU.
-    let ack_timer = tokio::time::sleep(ack_wait);
-    tokio::pin!(ack_timer);
+    // the gateway's CPU. Boxed on first use: idle connections (most) never carry one.
+    let mut ack_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut ack_armed = false;
 
     let reason = loop {
@@ -291,9 +299,11 @@ where
             break CloseReason::Shutdown;
         }
         if !ack_armed && !pending.is_empty() {
-            ack_timer
-                .as_mut()
-                .reset(pending.oldest_read_at() + ack_wait);
+            let due = pending.oldest_read_at() + ack_wait;
+            match ack_timer.as_mut() {
+                Some(t) => t.as_mut().reset(due),
+                None => ack_timer = Some(Box::pin(tokio::time::sleep_until(due))),
+            }
             ack_armed = true;
         }
         tokio::select! {
@@ -305,14 +315,14 @@ where
                 // Time spent waiting for Redis (reading paused) is not the device's idleness.
                 deadline = deadline.max(tokio::time::Instant::now() + idle);
             }
-            () = &mut ack_timer, if ack_armed => {
+            () = poll_timer(&mut ack_timer), if ack_armed => {
                 let due = pending.oldest_read_at() + ack_wait;
                 if pending.is_empty() {
                     ack_armed = false;
                 } else if due <= tokio::time::Instant::now() {
                     break CloseReason::AckTimeout;
-                } else {
-                    ack_timer.as_mut().reset(due);
+                } else if let Some(t) = ack_timer.as_mut() {
+                    t.as_mut().reset(due);
                 }
             }
             () = shared.shutdown.cancelled(), if reading => {
@@ -365,10 +375,8 @@ where
                 match item {
                     Inbound::Frame(raw) => {
                         // Waiting for room in a full write queue (or a gated shard) is
-                        // bounded like waiting for the ACK.
-                        let Ok(result) = tokio::time::timeout(ack_wait, conn.frame(raw)).await else {
-                            break CloseReason::AckTimeout;
-                        };
+                        // bounded like waiting for the ACK (in `frame`).
+                        let result = conn.frame(raw).await;
                         // After the frame is queued: waiting for queue room is not idleness.
                         deadline = tokio::time::Instant::now() + idle;
                         match result {
@@ -503,6 +511,7 @@ impl Conn {
                 let mut owners = self.shared.keys.all_pseudonyms(&imei);
                 owners.sort_by_key(|p| std::cmp::Reverse(p.key_version()));
                 let looked_up = self.lookup_ttl(&owners).await;
+                owners.retain(|p| *p != pseudonym);
                 let ttl = looked_up.unwrap_or_else(|| self.shared.retention.default_ttl());
                 if looked_up.is_none() {
                     tracing::warn!(device = %pseudonym, ttl_s = ttl.as_secs(), "retention lookup failed: the default applies provisionally, corrected with the next frame that finds it");
@@ -512,7 +521,7 @@ impl Conn {
                     imei_hex: hex::encode(imei.expose()),
                     imei,
                     pseudonym: pseudonym.clone(),
-                    owners,
+                    older: owners.into_boxed_slice(),
                     ttl,
                     ttl_known: looked_up.is_some(),
                     ttl_checked: Instant::now(),
@@ -580,8 +589,11 @@ impl Conn {
             received_ms,
             done: Some(done_tx),
         };
-        if self.shared.sink.submit(job).await.is_err() {
-            return Err(CloseReason::QueueClosed);
+        let wait = Duration::from_secs(self.shared.config.limits.ack_wait_timeout_s);
+        match self.shared.sink.submit_within(job, wait).await {
+            Ok(()) => {}
+            Err(SubmitError::Closed) => return Err(CloseReason::QueueClosed),
+            Err(SubmitError::TimedOut) => return Err(CloseReason::AckTimeout),
         }
         Ok(Some(Box::pin(async move {
             AckReady {
@@ -616,7 +628,11 @@ impl Conn {
             .device
             .as_ref()
             .filter(|d| !d.ttl_known || d.ttl_checked.elapsed() >= every)
-            .map(|d| d.owners.clone())
+            .map(|d| {
+                std::iter::once(d.pseudonym.clone())
+                    .chain(d.older.iter().cloned())
+                    .collect::<Vec<_>>()
+            })
         else {
             return;
         };

@@ -73,12 +73,50 @@ impl Sink {
     /// Queue `job` on its device's writer, waiting while that queue is full, or while the
     /// writer holds too much for the failing cluster node of the device's slot.
     pub async fn submit(&self, job: WriteJob) -> Result<(), SinkClosed> {
-        let i = (self.hasher.hash_one(&job.device) % self.queues.len() as u64) as usize;
+        let i = self.writer_of(&job);
         if let Some(gate) = self.gates.get(i) {
             gate.wait_open(&job.device).await;
         }
         self.queues[i].send(job).await.map_err(|_| SinkClosed)
     }
+
+    /// [`Sink::submit`], waiting at most `wait`. When the queue has room and no slot is
+    /// gated (nearly always) the job is queued at once with no timer; only the slow path
+    /// is boxed, so a connection's task does not carry a timer's state all the time.
+    pub async fn submit_within(&self, job: WriteJob, wait: Duration) -> Result<(), SubmitError> {
+        let i = self.writer_of(&job);
+        let gated = self
+            .gates
+            .get(i)
+            .is_some_and(|g| g.any_closed.load(Ordering::Acquire));
+        let job = if gated {
+            job
+        } else {
+            match self.queues[i].try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(SubmitError::Closed),
+                Err(mpsc::error::TrySendError::Full(job)) => job,
+            }
+        };
+        match Box::pin(tokio::time::timeout(wait, self.submit(job))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(SinkClosed)) => Err(SubmitError::Closed),
+            Err(_) => Err(SubmitError::TimedOut),
+        }
+    }
+
+    fn writer_of(&self, job: &WriteJob) -> usize {
+        (self.hasher.hash_one(&job.device) % self.queues.len() as u64) as usize
+    }
+}
+
+/// Why [`Sink::submit_within`] did not queue a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("write queue closed")]
+    Closed,
+    #[error("no room in the write queue in time")]
+    TimedOut,
 }
 
 /// Cluster slots whose devices must wait before their next job is queued: the writer
