@@ -123,11 +123,12 @@ pub struct Limits {
     pub accept_backoff_max_ms: u64,
     /// Time to send one reply before the connection is given up.
     pub write_timeout_s: u64,
-    /// Longest wait for Redis to confirm a frame read from a connection (or to take it
-    /// into a full write queue). Beyond it the connection is closed without that ACK and
-    /// its slot freed: a device whose shard is down would otherwise hold a slot forever
-    /// (reading is paused, so neither its hang-up nor the idle timeout is seen) and, by
-    /// reconnecting, take another. What was already queued is still written.
+    /// Longest wait for Redis to confirm the oldest frame of a connection whose reading
+    /// is paused (`max_inflight_frames` reached), or to take a frame into a full write
+    /// queue. Beyond it the connection is closed without that ACK and its slot freed: a
+    /// device whose shard is down would otherwise hold a slot forever (with reading
+    /// paused neither its hang-up nor the idle timeout is seen) and, by reconnecting,
+    /// take another. What was already queued is still written.
     pub ack_wait_timeout_s: u64,
     /// On SIGTERM/Ctrl-C: time to finish writing and acknowledging what was received.
     pub shutdown_grace_s: u64,

@@ -176,9 +176,10 @@ struct PendingAcks {
 }
 
 impl PendingAcks {
-    fn push(&mut self, ack: PendingAck) {
+    fn push(&mut self, ack: PendingAck, read_at: Instant) {
         self.acks.push_back(ack);
-        self.read_at.push_back(tokio::time::Instant::now());
+        self.read_at
+            .push_back(tokio::time::Instant::from_std(read_at));
     }
 
     async fn next(&mut self) -> Option<AckReady> {
@@ -280,6 +281,7 @@ where
         shared: shared.clone(),
         device: None,
         bad_in_row: 0,
+        last_read_at: Instant::now(),
     };
     let mut pending = PendingAcks::default();
     let ack_wait = Duration::from_secs(limits.ack_wait_timeout_s);
@@ -315,7 +317,10 @@ where
                 // Time spent waiting for Redis (reading paused) is not the device's idleness.
                 deadline = deadline.max(tokio::time::Instant::now() + idle);
             }
-            () = poll_timer(&mut ack_timer), if ack_armed => {
+            // Only while reading is paused (at max_inflight_frames, or shutting down):
+            // otherwise the device's hang-up or idleness is seen by reading, and polling
+            // the timer every turn showed in the profile.
+            () = poll_timer(&mut ack_timer), if ack_armed && (!reading || pending.len() >= limits.max_inflight_frames) => {
                 let due = pending.oldest_read_at() + ack_wait;
                 if pending.is_empty() {
                     ack_armed = false;
@@ -343,7 +348,7 @@ where
                     };
                     match item {
                         Inbound::Frame(raw) => match tokio::time::timeout_at(until, conn.frame(raw)).await {
-                            Ok(Ok(Some(ack))) => pending.push(ack),
+                            Ok(Ok(Some(ack))) => pending.push(ack, conn.last_read_at),
                             Ok(Ok(None)) => {}
                             Ok(Err(_)) | Err(_) => break,
                         },
@@ -380,7 +385,7 @@ where
                         // After the frame is queued: waiting for queue room is not idleness.
                         deadline = tokio::time::Instant::now() + idle;
                         match result {
-                            Ok(Some(ack)) => pending.push(ack),
+                            Ok(Some(ack)) => pending.push(ack, conn.last_read_at),
                             Ok(None) => {}
                             Err(reason) => break reason,
                         }
@@ -453,6 +458,8 @@ struct Conn {
     shared: Arc<Shared>,
     device: Option<Device>,
     bad_in_row: u32,
+    /// When the frame being handled was read (one clock read per frame, shared).
+    last_read_at: Instant,
 }
 
 impl Conn {
@@ -485,6 +492,7 @@ impl Conn {
     /// Handle one checked frame; returns the reply to wait for, if any.
     async fn frame(&mut self, raw: Bytes) -> Result<Option<PendingAck>, CloseReason> {
         let read_at = Instant::now();
+        self.last_read_at = read_at;
         let received_ms = jiff::Timestamp::now().as_millisecond();
         let Scan::Frame(frame) = self.shared.framer.scan(&raw) else {
             // The codec already checked this exact slice; a mismatch is a bug, not input.
@@ -529,7 +537,7 @@ impl Conn {
                 pseudonym
             }
         };
-        self.refresh_ttl().await;
+        self.refresh_ttl(read_at).await;
         let msg = match decode(&frame) {
             Ok(msg) => msg,
             Err(e) => {
@@ -622,12 +630,12 @@ impl Conn {
     /// Look the bound device's retention up again once `retention.owner_refresh_s` has
     /// passed (a new owner, a changed agreement), and with every frame while it is only
     /// provisional. A failed refresh keeps the last answer.
-    async fn refresh_ttl(&mut self) {
+    async fn refresh_ttl(&mut self, now: Instant) {
         let every = Duration::from_secs(self.shared.config.retention.owner_refresh_s);
         let Some(owners) = self
             .device
             .as_ref()
-            .filter(|d| !d.ttl_known || d.ttl_checked.elapsed() >= every)
+            .filter(|d| !d.ttl_known || now.saturating_duration_since(d.ttl_checked) >= every)
             .map(|d| {
                 std::iter::once(d.pseudonym.clone())
                     .chain(d.older.iter().cloned())
