@@ -15,33 +15,9 @@ bin=target/release/trackgate
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 command -v perf >/dev/null || { echo "perf not found (apt-get install linux-perf)" >&2; exit 1; }
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-rport=$(free_port); gport=$(free_port); hport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
-  --logfile "$work/redis.log" &
-rpid=$!
-pids+=($rpid)
-"$bin" keys generate "$work/keys.json" >/dev/null
-cat > "$work/gw.toml" <<EOF
-[[listeners]]
-bind = "127.0.0.1:$gport"
-[redis]
-url = "redis://127.0.0.1:$rport"
-[keys]
-key_file = "$work/keys.json"
-[http]
-bind = "127.0.0.1:$hport"
-EOF
-sleep 0.5
-RUST_LOG=warn "$bin" serve --config "$work/gw.toml" 2>"$work/gw.log" &
-gpid=$!
-pids+=($gpid)
-sleep 1
+source benches/stack.sh
+start_redis rport
+start_gateway "$rport"
 devices=1000
 batch=10
 interval=$(python3 -c "print($devices * $batch / $rate)")

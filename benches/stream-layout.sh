@@ -17,32 +17,10 @@ bin=target/release/trackgate
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 python3 -c 'import redis' 2>/dev/null || { echo "needs redis-py: python3 -m pip install redis" >&2; exit 1; }
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-src=$(free_port); dst=$(free_port); gport=$(free_port); hport=$(free_port)
-for port in "$src" "$dst"; do
-  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
-    --logfile "$work/redis-$port.log" &
-  pids+=($!)
-done
-"$bin" keys generate "$work/keys.json" >/dev/null
-cat > "$work/gw.toml" <<TOML
-[[listeners]]
-bind = "127.0.0.1:$gport"
-[redis]
-url = "redis://127.0.0.1:$src"
-[keys]
-key_file = "$work/keys.json"
-[http]
-bind = "127.0.0.1:$hport"
-TOML
-sleep 0.5
-RUST_LOG=warn "$bin" serve --config "$work/gw.toml" 2>"$work/gw.log" &
-pids+=($!)
-sleep 1
+source benches/stack.sh
+start_redis src
+start_redis dst
+start_gateway "$src"
 "$bin" loadgen --target "127.0.0.1:$gport" --devices "$devices" --interval-s 0.2 --cce-share 1 \
   --batch-fixes 16 --ramp-s 1 --max-frames $((devices * per_device / 16)) --quiet >/dev/null
 

@@ -26,13 +26,23 @@ pub mod gwproc;
 pub mod redis_scan;
 pub mod results;
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and never one handed out before in this test
+/// process: the OS may give a port just released again, and two "free" ports of one
+/// set-up (a gateway's tracker and HTTP ports) then collided now and then.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A redis-server child process owned by the test.
