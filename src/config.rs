@@ -283,10 +283,11 @@ pub struct RetentionConfig {
     /// often, so a new owner or a changed agreement applies to connections that stay open
     /// for weeks.
     pub owner_refresh_s: u64,
-    /// Time for one retention lookup. If it fails when a device connects, the default
-    /// applies provisionally and every later frame of the connection looks again until one
-    /// succeeds (the first write after resets the stream's expiry and trim). Below
-    /// `limits.ack_wait_timeout_s`.
+    /// Time for one retention lookup. If it fails when a device connects, the longest
+    /// retention a device can have applies provisionally (nothing is dropped or trimmed on
+    /// a guess) and the following frames look again, at most every
+    /// `redis.retry_backoff_max_ms`, until one succeeds (its write trims to the real
+    /// retention). Below `limits.ack_wait_timeout_s`.
     pub lookup_timeout_ms: u64,
 }
 

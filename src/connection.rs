@@ -223,15 +223,16 @@ struct Device {
     /// under every version (`pseudonym` first). Empty, and no allocation, with one key.
     older: Box<[Pseudonym]>,
     /// The retention of this device's fixes (its owner's agreement, or the default).
+    /// Provisional ([`Retention::provisional_ttl`], the longest a device can have) while
+    /// the lookup fails when the device identifies itself: looked up again with the
+    /// frames that follow (at most every `redis.retry_backoff_max_ms`). What was written
+    /// meanwhile follows the right retention from the first write after (the append
+    /// script resets the expiry and trims when a device's retention changes; the sweeper
+    /// then trims exactly).
     ttl: Duration,
-    /// False while `ttl` is the default standing in for a lookup that failed (Redis
-    /// unreachable when the device identified itself): looked up again with each frame.
-    /// What was written meanwhile follows the right retention from the first write after
-    /// (the append script resets the expiry and trims when a device's retention changes;
-    /// the sweeper then trims exactly).
-    ttl_known: bool,
-    /// When `ttl` was last looked up (again every `retention.owner_refresh_s`).
-    ttl_checked: Instant,
+    /// When to look the retention up next: `retention.owner_refresh_s` after a success,
+    /// `redis.retry_backoff_max_ms` after a failure.
+    next_lookup: Instant,
 }
 
 /// Why a connection ended (metric label).
@@ -520,9 +521,9 @@ impl Conn {
                 owners.sort_by_key(|p| std::cmp::Reverse(p.key_version()));
                 let looked_up = self.lookup_ttl(&owners).await;
                 owners.retain(|p| *p != pseudonym);
-                let ttl = looked_up.unwrap_or_else(|| self.shared.retention.default_ttl());
+                let ttl = looked_up.unwrap_or_else(|| self.shared.retention.provisional_ttl());
                 if looked_up.is_none() {
-                    tracing::warn!(device = %pseudonym, ttl_s = ttl.as_secs(), "retention lookup failed: the default applies provisionally, corrected with the next frame that finds it");
+                    tracing::warn!(device = %pseudonym, ttl_s = ttl.as_secs(), "retention lookup failed: the longest retention applies provisionally, corrected with the next frame that finds it");
                 }
                 tracing::debug!(device = %pseudonym, ttl_s = ttl.as_secs(), "device identified");
                 self.device = Some(Device {
@@ -531,8 +532,7 @@ impl Conn {
                     pseudonym: pseudonym.clone(),
                     older: owners.into_boxed_slice(),
                     ttl,
-                    ttl_known: looked_up.is_some(),
-                    ttl_checked: Instant::now(),
+                    next_lookup: self.next_lookup(looked_up.is_some()),
                 });
                 pseudonym
             }
@@ -627,15 +627,25 @@ impl Conn {
         }
     }
 
-    /// Look the bound device's retention up again once `retention.owner_refresh_s` has
-    /// passed (a new owner, a changed agreement), and with every frame while it is only
-    /// provisional. A failed refresh keeps the last answer.
+    /// When to look a device's retention up next, after a lookup that `succeeded` or not.
+    fn next_lookup(&self, succeeded: bool) -> Instant {
+        let c = &self.shared.config;
+        Instant::now()
+            + if succeeded {
+                Duration::from_secs(c.retention.owner_refresh_s)
+            } else {
+                Duration::from_millis(c.redis.retry_backoff_max_ms)
+            }
+    }
+
+    /// Look the bound device's retention up again when due: `retention.owner_refresh_s`
+    /// after the last success (a new owner, a changed agreement), soon after a failure.
+    /// A failed refresh keeps the last answer.
     async fn refresh_ttl(&mut self, now: Instant) {
-        let every = Duration::from_secs(self.shared.config.retention.owner_refresh_s);
         let Some(owners) = self
             .device
             .as_ref()
-            .filter(|d| !d.ttl_known || now.saturating_duration_since(d.ttl_checked) >= every)
+            .filter(|d| now >= d.next_lookup)
             .map(|d| {
                 std::iter::once(d.pseudonym.clone())
                     .chain(d.older.iter().cloned())
@@ -645,13 +655,16 @@ impl Conn {
             return;
         };
         let fresh = self.lookup_ttl(&owners).await;
-        if let (Some(ttl), Some(d)) = (fresh, self.device.as_mut()) {
+        let next = self.next_lookup(fresh.is_some());
+        let Some(d) = self.device.as_mut() else {
+            return;
+        };
+        d.next_lookup = next;
+        if let Some(ttl) = fresh {
             if ttl != d.ttl {
                 tracing::info!(device = %d.pseudonym, ttl_s = ttl.as_secs(), "device retention changed");
             }
             d.ttl = ttl;
-            d.ttl_known = true;
-            d.ttl_checked = Instant::now();
         }
     }
 

@@ -36,7 +36,7 @@ pub const RETENTION_SWEEPS: &str = "trackgate_retention_sweeps_total";
 /// Sweep ticks skipped because another gateway holds the sweep lease.
 pub const RETENTION_SWEEPS_SKIPPED: &str = "trackgate_retention_sweeps_skipped_total";
 /// Failed or timed-out lookups of a device's retention (its owner's agreement); until
-/// one succeeds the default applies provisionally.
+/// one succeeds the longest retention applies provisionally.
 pub const RETENTION_LOOKUP_FAILURES: &str = "trackgate_retention_lookup_failures_total";
 pub const PURGES_COMPLETED: &str = "trackgate_purges_completed_total";
 pub const PURGES_OVERDUE: &str = "trackgate_purges_overdue";

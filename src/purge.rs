@@ -579,12 +579,18 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
     /// One pass over the pending purges.
     pub async fn work_once(&self) -> Result<usize, PurgeError> {
         let mut conn = self.conn.clone();
-        let owed = self.audit_owed(&mut conn).await?;
-        if owed > 0 {
-            tracing::warn!(
-                purges = owed,
-                "wrote purge.completed audit lines a crash had left out"
-            );
+        // An unreachable audit stream must not stop the purges themselves.
+        match self.audit_owed(&mut conn).await {
+            Ok(0) => {}
+            Ok(owed) => {
+                tracing::warn!(
+                    purges = owed,
+                    "wrote purge.completed audit lines a crash had left out"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "owed purge audit lines not written; retrying next pass")
+            }
         }
         let pending: Vec<String> = conn.smembers(PENDING_KEY).await?;
         let now = Timestamp::now();
@@ -675,16 +681,39 @@ pub async fn migrate_legacy_keys<C: ConnectionLike + Send + Sync>(
             }
             fields.sort();
             let _: String = conn.xadd(JOURNAL_KEY, "*", &fields).await?;
+            // Entry by entry, not the whole key: an old gateway may still be appending.
+            let _: u64 = conn.xdel(&old_journal, &[e.id.as_str()]).await?;
         }
-        let _: () = conn.del(&old_journal).await?;
+        // Gone once empty (atomically: an entry appended meanwhile keeps it).
+        let _: i64 = redis::Script::new(
+            "if redis.call('XLEN', KEYS[1]) == 0 then return redis.call('DEL', KEYS[1]) end return 0",
+        )
+        .key(&old_journal)
+        .invoke_async(conn)
+        .await?;
         moved += 1;
     }
     if keys.contains(&old_pending) {
+        // Id by id, and never the whole set: an old gateway may still be adding purges
+        // (a rolling upgrade). A record that arrived after the SCAN is moved here first,
+        // so the worker never sees an id without its record.
         let ids: Vec<String> = conn.smembers(&old_pending).await?;
-        if !ids.is_empty() {
-            let _: () = conn.sadd(PENDING_KEY, &ids).await?;
+        for id in &ids {
+            let old_record = format!("{LEGACY_PREFIX}{id}");
+            let exists: bool = conn.exists(&old_record).await?;
+            if exists {
+                let renamed: bool = redis::cmd("RENAMENX")
+                    .arg(&old_record)
+                    .arg(record_key(id))
+                    .query_async(conn)
+                    .await?;
+                if !renamed {
+                    tracing::warn!(key = %old_record, "purge record of the old layout not moved: the new name is taken");
+                }
+            }
+            let _: () = conn.sadd(PENDING_KEY, id).await?;
+            let _: () = conn.srem(&old_pending, id).await?;
         }
-        let _: () = conn.del(&old_pending).await?;
         moved += 1;
     }
     Ok(moved)

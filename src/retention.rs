@@ -63,7 +63,7 @@ impl Retention {
     /// first: ownership is recorded per version, and a device assigned before a key
     /// rotation has its owner only under the older ones. A Redis error is an error, not
     /// the default (which may be longer than what the owner agreed to): the caller
-    /// decides (ingest applies the default provisionally and looks again with each frame).
+    /// decides (ingest applies [`Retention::provisional_ttl`] and looks again soon).
     pub async fn ttl_for<C: ConnectionLike + Send + Sync>(
         &self,
         conn: &mut C,
@@ -91,6 +91,14 @@ impl Retention {
             Some(s) if s > 0 => Duration::from_secs(s).min(self.max_customer_ttl),
             _ => self.default_ttl,
         })
+    }
+
+    /// The retention to write with while a device's own is unknown (its lookup failed):
+    /// the longest one could have, so that nothing is dropped at ingest nor trimmed from
+    /// its history on a guess. Corrected by the first successful lookup, whose write
+    /// trims to the real one.
+    pub fn provisional_ttl(&self) -> Duration {
+        self.default_ttl.max(self.max_customer_ttl)
     }
 
     pub fn default_ttl(&self) -> Duration {

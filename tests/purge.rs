@@ -765,3 +765,59 @@ async fn an_idempotency_key_reused_for_another_request_is_refused() {
         "{other_range:?}"
     );
 }
+
+/// Owed audit lines that cannot be written (the audit stream unreachable) must not stop
+/// the worker from carrying out the pending purges themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_stream_does_not_stop_pending_purges() {
+    use trackgate::audit::AUDIT_KEY;
+    use trackgate::purge::{UNAUDITED_KEY, record_key};
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
+    let p = KeyRing::ephemeral().pseudonym(&Imei::new(&imei(76)).unwrap());
+    let mut conn = redis.conn();
+    for i in 0..3 {
+        let _: String = conn
+            .xadd(
+                fixes_key(&p),
+                "*",
+                &[("t", i.to_string()), ("d", "x".into())],
+            )
+            .await
+            .unwrap();
+    }
+    let purger = Purger::new(redis.conn(), TOMB_TTL);
+    let id = purger
+        .journal(
+            &c,
+            &PurgeRequest {
+                pseudonyms: vec![p.clone()],
+                range: None,
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap();
+    // An audit line owed from long ago, and an audit stream that refuses appends.
+    let _: () = conn
+        .sadd(UNAUDITED_KEY, "0123456789abcdef00000000")
+        .await
+        .unwrap();
+    let _: () = conn
+        .hset_multiple(
+            record_key("0123456789abcdef00000000"),
+            &[("state", "completed"), ("completed_ms", "1")],
+        )
+        .await
+        .unwrap();
+    let _: () = conn.del(AUDIT_KEY).await.unwrap();
+    let _: () = conn.set(AUDIT_KEY, "not a stream").await.unwrap();
+    let _ = purger.work_once().await;
+    assert_eq!(
+        stream_len(&mut conn, &p).await,
+        0,
+        "the purge was carried out"
+    );
+    let receipt = purger.receipt(&id).await.unwrap().expect("receipt");
+    assert_eq!(receipt.state, "completed");
+}

@@ -246,7 +246,7 @@ async fn a_retention_unknown_at_connect_is_provisional_and_corrected_by_the_next
     let mut conn = redis.conn().await;
 
     // Redis does not answer while the device identifies itself: its retention cannot be
-    // looked up, the frame is kept (provisional default) and written once Redis is back.
+    // looked up, the frame is kept (provisional retention) and written once Redis is back.
     let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
     redis.freeze();
     t.send(&cce_frame(&id, &[fix_at(now_s(), 0)])).await;
@@ -254,7 +254,11 @@ async fn a_retention_unknown_at_connect_is_provisional_and_corrected_by_the_next
     redis.thaw();
     assert!(t.reply(Duration::from_secs(10)).await.is_some());
     let tt: i64 = conn.hget(meta_key(&p), "tt").await.unwrap();
-    assert_eq!(tt, 3_600_000, "provisional: the default");
+    assert_eq!(
+        tt,
+        365 * 86_400_000,
+        "provisional: the longest retention a device can have (nothing dropped or trimmed on a guess)"
+    );
     // The next frame finds the agreement; the stream follows it from then on.
     t.send(&cce_frame(&id, &[fix_at(now_s(), 1)])).await;
     assert!(t.reply(Duration::from_secs(10)).await.is_some());
