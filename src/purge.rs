@@ -729,10 +729,10 @@ mod tests {
     /// A retried older purge of a range (the worker finishing a request whose fast path
     /// failed) must not lower the cutoff a newer, completed purge of it set.
     #[tokio::test]
-    async fn a_range_cutoff_only_rises() {
-        let redis = crate::redis_child::RedisChild::start().await.unwrap();
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    async fn a_range_cutoff_only_rises() -> Result<(), Box<dyn std::error::Error>> {
+        let redis = crate::redis_child::RedisChild::start().await?;
+        let client = redis::Client::open(redis.url())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
         let mark = redis::Script::new(PURGE_RANGE_MARK);
         for cutoff in [200, 100, 300, 250] {
             let _: i64 = mark
@@ -741,11 +741,11 @@ mod tests {
                 .arg(cutoff)
                 .arg(60_000)
                 .invoke_async(&mut conn)
-                .await
-                .unwrap();
+                .await?;
         }
-        let cutoff: i64 = conn.hget("tg:{p1_x}:tomb", "r:10:20").await.unwrap();
+        let cutoff: i64 = conn.hget("tg:{p1_x}:tomb", "r:10:20").await?;
         assert_eq!(cutoff, 300);
         redis.stop().await;
+        Ok(())
     }
 }
