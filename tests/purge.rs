@@ -33,6 +33,15 @@ where
     c
 }
 
+/// A purge of everything of one device, without an idempotency key.
+fn whole_device(p: &trackgate::pseudonym::Pseudonym) -> PurgeRequest {
+    PurgeRequest {
+        pseudonyms: vec![p.clone()],
+        range: None,
+        idempotency_key: None,
+    }
+}
+
 /// Fix times (Unix s) of the entries in a stream.
 async fn fix_times<C: redis::aio::ConnectionLike + Send + Sync>(
     conn: &mut C,
@@ -127,17 +136,7 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
     let writers = start_writers(&cfg);
 
     let purger = Purger::new(conn.clone(), TOMB_TTL);
-    let receipt = purger
-        .request(
-            &c,
-            &PurgeRequest {
-                pseudonyms: vec![p.clone()],
-                range: None,
-                idempotency_key: None,
-            },
-        )
-        .await
-        .unwrap();
+    let receipt = purger.request(&c, &whole_device(&p)).await.unwrap();
     let cutoff = receipt.cutoff.as_millisecond();
     // A write job read before the purge but reaching Redis after it (queued or retried).
     let job = |received_ms: i64, i: i32| {
@@ -417,11 +416,7 @@ async fn overdue_purges_raise_the_metric() {
     // A key of the wrong type makes the purge fail until someone repairs it.
     let _: () = conn.set(fixes_key(&p), "not a stream").await.unwrap();
     let purger = Purger::new(conn.clone(), TOMB_TTL);
-    let req = PurgeRequest {
-        pseudonyms: vec![p.clone()],
-        range: None,
-        idempotency_key: None,
-    };
+    let req = whole_device(&p);
     let id = purger.journal(&c, &req).await.unwrap();
     let _: () = conn
         .hset(trackgate::purge::record_key(&id), "deadline_ms", 1000)
@@ -697,11 +692,7 @@ async fn a_completed_purge_whose_audit_line_was_lost_gets_it_from_the_worker() {
     let p = KeyRing::ephemeral().pseudonym(&Imei::new(&imei(77)).unwrap());
     let mut conn = redis.conn();
     let purger = Purger::new(redis.conn(), TOMB_TTL);
-    let req = PurgeRequest {
-        pseudonyms: vec![p.clone()],
-        range: None,
-        idempotency_key: None,
-    };
+    let req = whole_device(&p);
     let receipt = purger.request(&c, &req).await.unwrap();
     assert_eq!(receipt.state, "completed");
     let completed_lines = |conn: trackgate::redis_conn::RedisConn, id: String| async move {
@@ -787,17 +778,7 @@ async fn an_unwritable_audit_stream_does_not_stop_pending_purges() {
             .unwrap();
     }
     let purger = Purger::new(redis.conn(), TOMB_TTL);
-    let id = purger
-        .journal(
-            &c,
-            &PurgeRequest {
-                pseudonyms: vec![p.clone()],
-                range: None,
-                idempotency_key: None,
-            },
-        )
-        .await
-        .unwrap();
+    let id = purger.journal(&c, &whole_device(&p)).await.unwrap();
     // An audit line owed from long ago, and an audit stream that refuses appends.
     let _: () = conn
         .sadd(UNAUDITED_KEY, "0123456789abcdef00000000")
