@@ -96,16 +96,14 @@ async fn active_stream_is_trimmed_and_silent_device_vanishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owners_agreed_retention_applies() {
     use trackgate::pseudonym::Imei;
-    use trackgate::registry::{Customer, Registry};
+    use trackgate::registry::Registry;
     let redis = Backend::from_env();
     let mut c = redis.config();
     c.retention.ttl_s = 3600; // default: an hour
     c.retention.ingest_upkeep_interval_s = 1;
     let (gw, keys) = start_gateway(c).await;
     let reg = Registry::new(redis.conn(), 365 * 86400);
-    let mut short = Customer::new("brief", "Brief Ltd", "UTC");
-    short.retention_s = Some(3); // agreed: three seconds
-    reg.add_customer(&short).await.unwrap();
+    brief_customer(&reg).await;
     let id = imei(43);
     reg.assign(&Imei::new(&id).unwrap(), "brief", &keys)
         .await
@@ -135,9 +133,12 @@ async fn the_owners_agreed_retention_applies() {
 }
 
 /// A customer "brief" with a three-second retention agreement.
-async fn brief_customer(reg: &trackgate::registry::Registry<trackgate::redis_conn::RedisConn>) {
+async fn brief_customer<C>(reg: &trackgate::registry::Registry<C>)
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync,
+{
     let mut short = trackgate::registry::Customer::new("brief", "Brief Ltd", "UTC");
-    short.retention_s = Some(3);
+    short.retention_s = Some(3); // agreed: three seconds
     reg.add_customer(&short).await.unwrap();
 }
 
@@ -235,9 +236,7 @@ async fn a_retention_unknown_at_connect_is_provisional_and_corrected_by_the_next
     c.retention.lookup_timeout_ms = 200;
     let (gw, keys) = start_gateway(c).await;
     let reg = Registry::new(redis.conn().await, 365 * 86400);
-    let mut brief = trackgate::registry::Customer::new("brief", "Brief Ltd", "UTC");
-    brief.retention_s = Some(3);
-    reg.add_customer(&brief).await.unwrap();
+    brief_customer(&reg).await;
     let id = imei(46);
     reg.assign(&Imei::new(&id).unwrap(), "brief", &keys)
         .await
