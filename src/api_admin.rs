@@ -32,9 +32,11 @@ pub fn router(state: V1State, admin_sha256: String) -> Router {
             "/v1/admin/customers/{id}/tokens/{tid}",
             delete(revoke_token),
         )
+        .route("/v1/admin/owners/assign", post(assign))
+        .route("/v1/admin/owners/unassign", post(unassign))
         .route(
             "/v1/admin/devices/{imei}/owner",
-            put(assign).delete(unassign),
+            put(crate::api_v1::imei_in_url).delete(crate::api_v1::imei_in_url),
         )
         .route("/v1/audit", get(audit_trail))
         .with_state(AdminState {
@@ -291,11 +293,22 @@ async fn revoke_token(
     }
 }
 
-/// `PUT /v1/admin/devices/{imei}/owner` body.
+/// `POST /v1/admin/owners/assign` body (the IMEI in the body, not the URL: see
+/// [`crate::api_v1::ExportBody`]).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Owner {
+    /// The device's IMEI (14-15 digits).
+    pub imei: String,
     pub customer: String,
+}
+
+/// `POST /v1/admin/owners/unassign` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// The device's IMEI (14-15 digits).
+    pub imei: String,
 }
 
 fn device(s: &AdminState, imei: &str) -> Result<(Imei, String), Response> {
@@ -317,13 +330,12 @@ fn device(s: &AdminState, imei: &str) -> Result<(Imei, String), Response> {
     Ok((imei, devices))
 }
 
-#[utoipa::path(put, path = "/v1/admin/devices/{imei}/owner", request_body = Owner, params(("imei" = String, Path)),
+#[utoipa::path(post, path = "/v1/admin/owners/assign", request_body = Owner,
     responses((status = 204, description = "Assigned"), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 429, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 404, body = crate::api_v1::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn assign(
     State(s): State<AdminState>,
     headers: HeaderMap,
-    Path(imei): Path<String>,
     body: Result<Json<Owner>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorized(&s, &headers) {
@@ -333,11 +345,11 @@ async fn assign(
         return problem(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "Body must be {customer}",
+            "Body must be {imei, customer}",
             None,
         );
     };
-    let (imei, devices) = match device(&s, &imei) {
+    let (imei, devices) = match device(&s, &owner.imei) {
         Ok(d) => d,
         Err(r) => return r,
     };
@@ -361,18 +373,26 @@ async fn assign(
     }
 }
 
-#[utoipa::path(delete, path = "/v1/admin/devices/{imei}/owner", params(("imei" = String, Path)),
+#[utoipa::path(post, path = "/v1/admin/owners/unassign", request_body = Device,
     responses((status = 204, description = "Unassigned"), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 429, body = crate::api_v1::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 async fn unassign(
     State(s): State<AdminState>,
     headers: HeaderMap,
-    Path(imei): Path<String>,
+    body: Result<Json<Device>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorized(&s, &headers) {
         return r;
     }
-    let (imei, devices) = match device(&s, &imei) {
+    let Ok(Json(body)) = body else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Body must be {imei}",
+            None,
+        );
+    };
+    let (imei, devices) = match device(&s, &body.imei) {
         Ok(d) => d,
         Err(r) => return r,
     };

@@ -44,7 +44,7 @@ pub struct V1State {
         crate::api_admin::revoke_token, crate::api_admin::assign, crate::api_admin::unassign,
         crate::api_admin::audit_trail
     ),
-    components(schemas(PurgeBody, Receipt, Problem, crate::api_admin::NewCustomer, crate::api_admin::IssuedToken, crate::api_admin::Owner)),
+    components(schemas(PurgeBody, ExportBody, Receipt, Problem, crate::api_admin::NewCustomer, crate::api_admin::IssuedToken, crate::api_admin::Owner, crate::api_admin::Device)),
     modifiers(&BearerAuth)
 )]
 #[derive(Debug)]
@@ -73,7 +73,8 @@ pub fn router(state: V1State) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/v1/purges", post(create_purge))
         .route("/v1/purges/{id}", get(get_purge))
-        .route("/v1/devices/{imei}/fixes", get(export_fixes))
+        .route("/v1/exports", post(export_fixes))
+        .route("/v1/devices/{imei}/fixes", get(imei_in_url))
         .with_state(state)
 }
 
@@ -108,6 +109,22 @@ pub(crate) fn problem(
         HeaderValue::from_static("application/problem+json"),
     );
     r
+}
+
+/// The routes that used to take an IMEI in the URL answer 410 and name their successor
+/// (a URL is logged by every proxy on the way, so the IMEI moved to the body). The path
+/// is neither read nor logged here.
+pub(crate) async fn imei_in_url() -> Response {
+    problem(
+        StatusCode::GONE,
+        "imei_in_url",
+        "IMEIs are not accepted in URLs",
+        Some(
+            "send the IMEI in the body: POST /v1/exports {imei, from, to, format}; \
+             POST /v1/admin/owners/assign {imei, customer}; POST /v1/admin/owners/unassign {imei}"
+                .into(),
+        ),
+    )
 }
 
 fn not_found() -> Response {
@@ -358,16 +375,19 @@ async fn get_purge(
     }
 }
 
-/// `GET /v1/devices/{imei}/fixes` query.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
+/// `POST /v1/exports` body. The IMEI travels in the body, never in the URL: proxies,
+/// load balancers and access logs record URLs, and DESIGN §4 allows a raw IMEI only in
+/// an authorised request's body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct ExportParams {
+pub struct ExportBody {
+    /// The device's IMEI (14-15 digits).
+    pub imei: String,
     /// Earliest fix time (RFC 3339, inclusive).
-    #[param(value_type = Option<String>, format = DateTime)]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub from: Option<Timestamp>,
     /// Latest fix time (RFC 3339, inclusive).
-    #[param(value_type = Option<String>, format = DateTime)]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub to: Option<Timestamp>,
     /// `ndjson` (default), `csv` or `geojson`.
     pub format: Option<String>,
@@ -375,9 +395,9 @@ pub struct ExportParams {
 
 /// Stream the location history of one of the caller's devices.
 #[utoipa::path(
-    get,
-    path = "/v1/devices/{imei}/fixes",
-    params(("imei" = String, Path, description = "The device's IMEI"), ExportParams),
+    post,
+    path = "/v1/exports",
+    request_body = ExportBody,
     responses(
         (status = 200, description = "The fixes, oldest first (NDJSON; CSV or GeoJSON per `format`)", body = String, content_type = "application/x-ndjson"),
         (status = 400, description = "Bad request", body = Problem, content_type = "application/problem+json"),
@@ -391,18 +411,17 @@ pub struct ExportParams {
 async fn export_fixes(
     State(state): State<V1State>,
     headers: HeaderMap,
-    Path(imei): Path<String>,
-    params: Result<axum::extract::Query<ExportParams>, axum::extract::rejection::QueryRejection>,
+    body: Result<Json<ExportBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let customer_id = match caller(&state, &headers).await {
         Ok(c) => c,
         Err(r) => return r,
     };
-    let Ok(axum::extract::Query(params)) = params else {
+    let Ok(Json(params)) = body else {
         return problem(
             StatusCode::BAD_REQUEST,
-            "bad_query",
-            "Query: from, to (RFC 3339), format",
+            "bad_request",
+            "Body must be JSON {imei, from?, to? (RFC 3339), format?}",
             None,
         );
     };
@@ -415,7 +434,7 @@ async fn export_fixes(
             None,
         );
     };
-    let Some(imei) = Imei::new(&imei) else {
+    let Some(imei) = Imei::new(&params.imei) else {
         return problem(
             StatusCode::BAD_REQUEST,
             "bad_imei",

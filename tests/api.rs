@@ -11,7 +11,6 @@ use std::time::Duration;
 use common::*;
 use redis::AsyncCommands;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trackgate::pseudonym::Imei;
 use trackgate::registry::{Customer, Registry};
 
@@ -157,6 +156,20 @@ async fn purge_api_is_owner_only_and_idempotent() {
     gw.wait().await;
 }
 
+/// `POST /v1/exports` with `body`: (response head, body; chunked bodies decoded).
+async fn export_as(api: SocketAddr, body: Value, auth: String) -> (String, String) {
+    let (_, head, body) = common::gwproc::http_full(
+        api,
+        "POST",
+        "/v1/exports",
+        &[("Authorization", &auth)],
+        Some(&body),
+    )
+    .await
+    .unwrap();
+    (head, body)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     let redis = Backend::from_env();
@@ -189,20 +202,13 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     assert!(t.reply(Duration::from_secs(10)).await.is_some());
 
     let auth = format!("Bearer {acme}");
-    let get = |path: String, auth: String| async move {
-        let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: {auth}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.unwrap();
-        let text = String::from_utf8(out).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        (head.to_owned(), common::gwproc::dechunk(body))
+    // The IMEI goes in the body (never in the URL).
+    let export = |format: &str, auth: String| {
+        let body = serde_json::json!({"imei": id, "format": format});
+        async move { export_as(api, body, auth).await }
     };
-    let base = format!("/v1/devices/{id}/fixes");
 
-    let (head, body) = get(format!("{base}?format=ndjson"), auth.clone()).await;
+    let (head, body) = export("ndjson", auth.clone()).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let lines: Vec<Value> = body
         .lines()
@@ -213,7 +219,7 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     assert_eq!(lines[0]["type"], "CCE");
     assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
 
-    let (_, csv) = get(format!("{base}?format=csv"), auth.clone()).await;
+    let (_, csv) = export("csv", auth.clone()).await;
     let rows: Vec<&str> = csv.lines().collect();
     assert!(
         rows[0].starts_with("time,received_at,type,event,valid,lat,lon"),
@@ -223,7 +229,7 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     assert_eq!(rows.len(), 4);
     assert_eq!(rows[1].split(',').count(), rows[0].split(',').count());
 
-    let (head, geo) = get(format!("{base}?format=geojson"), auth.clone()).await;
+    let (head, geo) = export("geojson", auth.clone()).await;
     assert!(head.to_ascii_lowercase().contains("application/geo+json"));
     let fc: Value = serde_json::from_str(&geo).unwrap();
     assert_eq!(fc["type"], "FeatureCollection");
@@ -232,11 +238,12 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
 
     // Fix-time range (inclusive).
     let from = jiff::Timestamp::from_second(now - 1).unwrap();
-    let (_, ranged) = get(format!("{base}?from={from}&to={from}"), auth.clone()).await;
+    let ranged_body = serde_json::json!({"imei": id, "from": from, "to": from});
+    let (_, ranged) = export_as(api, ranged_body, auth.clone()).await;
     assert_eq!(ranged.lines().count(), 1);
 
     // Not the owner: the same 404 as an unknown device.
-    let (head, _) = get(base.clone(), format!("Bearer {rival}")).await;
+    let (head, _) = export("ndjson", format!("Bearer {rival}")).await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 
     // A fix whose fix time is past the TTL is not returned, though it is still stored
@@ -248,21 +255,21 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
         3,
         "still physically there"
     );
-    let (_, late) = get(format!("{base}?format=ndjson"), auth.clone()).await;
+    let (_, late) = export("ndjson", auth.clone()).await;
     assert_eq!(late.lines().count(), 2, "{late}");
 
     // The device changes hands: its history stays the previous owner's.
     let device = Imei::new(&id).unwrap();
     reg.assign(&device, "rival", &keys).await.unwrap();
     let rival_auth = format!("Bearer {rival}");
-    let (head, none) = get(format!("{base}?format=ndjson"), rival_auth.clone()).await;
+    let (head, none) = export("ndjson", rival_auth.clone()).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(
         none.lines().count(),
         0,
         "acme's history is not rival's: {none}"
     );
-    let (head, _) = get(base.clone(), auth.clone()).await;
+    let (head, _) = export("ndjson", auth.clone()).await;
     assert!(
         head.starts_with("HTTP/1.1 404"),
         "and no longer acme's to read"
@@ -271,7 +278,7 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     t.send(&cce_frame(&id, &[fix_at(now_s(), 7)])).await;
     assert!(t.reply(Duration::from_secs(10)).await.is_some());
-    let (_, mine) = get(format!("{base}?format=ndjson"), rival_auth.clone()).await;
+    let (_, mine) = export("ndjson", rival_auth.clone()).await;
     assert_eq!(
         mine.lines().count(),
         1,
@@ -279,7 +286,7 @@ async fn export_formats_parse_and_respect_owner_range_and_ttl() {
     );
     // Assigning the same owner again keeps what they had.
     reg.assign(&device, "rival", &keys).await.unwrap();
-    let (_, still) = get(format!("{base}?format=ndjson"), rival_auth).await;
+    let (_, still) = export("ndjson", rival_auth).await;
     assert_eq!(still.lines().count(), 1, "{still}");
     gw.shutdown();
     gw.wait().await;
@@ -424,10 +431,10 @@ async fn admin_api_manages_customers_tokens_devices_and_shows_the_audit() {
     let id = imei(94);
     let (status, _, _) = http(
         api,
-        "PUT",
-        &format!("/v1/admin/devices/{id}/owner"),
+        "POST",
+        "/v1/admin/owners/assign",
         &admin,
-        Some(&serde_json::json!({"customer": "acme"})),
+        Some(&serde_json::json!({"imei": id, "customer": "acme"})),
     )
     .await;
     assert_eq!(status, 204);
@@ -490,13 +497,28 @@ async fn admin_api_manages_customers_tokens_devices_and_shows_the_audit() {
     assert_eq!(status, 401, "revoked");
     let (status, _, _) = http(
         api,
-        "DELETE",
-        &format!("/v1/admin/devices/{id}/owner"),
+        "POST",
+        "/v1/admin/owners/unassign",
         &admin,
-        None,
+        Some(&serde_json::json!({"imei": id})),
     )
     .await;
     assert_eq!(status, 204);
+    // The routes that took the IMEI in the URL (logged by every proxy) are gone and
+    // name their successors.
+    for (method, path) in [
+        ("GET", format!("/v1/devices/{id}/fixes?format=csv")),
+        ("PUT", format!("/v1/admin/devices/{id}/owner")),
+        ("DELETE", format!("/v1/admin/devices/{id}/owner")),
+    ] {
+        let (status, _, problem) = http(api, method, &path, &admin, None).await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (410, Some("imei_in_url")),
+            "{method} {path}"
+        );
+        assert!(problem["detail"].as_str().unwrap().contains("body"));
+    }
     gw.shutdown();
     gw.wait().await;
 }

@@ -132,8 +132,15 @@ async fn purge_and_export_across_instances(backend: Backend) {
     assert!(t.reply(LONG).await.is_some());
 
     // Export on A sees what B wrote.
-    let path = format!("/v1/devices/{id}/fixes?format=ndjson");
-    let (status, body) = http(a.http_addr.unwrap(), "GET", &path, &auth, None).await;
+    let export = serde_json::json!({ "imei": id, "format": "ndjson" });
+    let (status, body) = http(
+        a.http_addr.unwrap(),
+        "POST",
+        "/v1/exports",
+        &auth,
+        Some(&export),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body.lines().count(), 4, "{}: {body}", backend.name());
 
@@ -184,7 +191,14 @@ async fn purge_and_export_across_instances(backend: Backend) {
     );
 
     // Export and receipt on B: nothing left, completed.
-    let (status, body) = http(b.http_addr.unwrap(), "GET", &path, &auth, None).await;
+    let (status, body) = http(
+        b.http_addr.unwrap(),
+        "POST",
+        "/v1/exports",
+        &auth,
+        Some(&export),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(body.lines().count(), 0, "{body}");
     let rid = receipt["id"].as_str().unwrap();

@@ -162,18 +162,23 @@ async fn no_route_lets_a_customer_see_or_touch_another_customers_data() {
         )
         .await;
     assert_eq!(s, 404);
-    for q in [
-        "",
-        "?format=csv",
-        "?format=geojson",
-        "?from=2000-01-01T00:00:00Z",
+    for extra in [
+        json!({}),
+        json!({"format": "csv"}),
+        json!({"format": "geojson"}),
+        json!({"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"}),
     ] {
+        let body = |imei: &str| {
+            let mut b = extra.clone();
+            b["imei"] = imei.into();
+            Some(b)
+        };
         let s = p
             .same_refusal(
-                ("GET", "/v1/devices/{imei}/fixes"),
+                ("POST", "/v1/exports"),
                 &a,
-                (&format!("/v1/devices/{b_dev}/fixes{q}"), None),
-                (&format!("/v1/devices/{nobody}/fixes{q}"), None),
+                ("/v1/exports", body(&b_dev)),
+                ("/v1/exports", body(&nobody)),
             )
             .await;
         assert_eq!(s, 404);
@@ -229,23 +234,23 @@ async fn no_route_lets_a_customer_see_or_touch_another_customers_data() {
     )
     .await;
     p.same_refusal(
-        ("PUT", "/v1/admin/devices/{imei}/owner"),
+        ("POST", "/v1/admin/owners/assign"),
         &a,
         (
-            &format!("/v1/admin/devices/{b_dev}/owner"),
-            Some(json!({"customer": "acme"})),
+            "/v1/admin/owners/assign",
+            Some(json!({"imei": b_dev, "customer": "acme"})),
         ),
         (
-            &format!("/v1/admin/devices/{nobody}/owner"),
-            Some(json!({"customer": "acme"})),
+            "/v1/admin/owners/assign",
+            Some(json!({"imei": nobody, "customer": "acme"})),
         ),
     )
     .await;
     p.same_refusal(
-        ("DELETE", "/v1/admin/devices/{imei}/owner"),
+        ("POST", "/v1/admin/owners/unassign"),
         &a,
-        (&format!("/v1/admin/devices/{b_dev}/owner"), None),
-        (&format!("/v1/admin/devices/{nobody}/owner"), None),
+        ("/v1/admin/owners/unassign", Some(json!({"imei": b_dev}))),
+        ("/v1/admin/owners/unassign", Some(json!({"imei": nobody}))),
     )
     .await;
 
@@ -262,10 +267,10 @@ async fn no_route_lets_a_customer_see_or_touch_another_customers_data() {
     assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &b_dev)).await, 2);
     let (status, body) = http(
         api,
-        "GET",
-        &format!("/v1/devices/{b_dev}/fixes"),
+        "POST",
+        "/v1/exports",
         &[("Authorization", &b)],
-        None,
+        Some(&json!({"imei": b_dev})),
     )
     .await
     .unwrap();

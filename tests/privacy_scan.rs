@@ -146,10 +146,10 @@ async fn api_tokens_are_stored_only_hashed() {
     for token in [&cli_token, &api_token] {
         let (status, _) = common::gwproc::http(
             api,
-            "GET",
-            &format!("/v1/devices/{}/fixes", imei(1)),
+            "POST",
+            "/v1/exports",
             &[("Authorization", &format!("Bearer {token}"))],
-            None,
+            Some(&serde_json::json!({"imei": imei(1)})),
         )
         .await
         .unwrap();

@@ -123,19 +123,17 @@ pub(super) fn purge(args: &PurgeArgs) -> ExitCode {
 }
 
 pub(super) fn export(args: &ExportArgs) -> ExitCode {
-    let mut path = format!("/v1/devices/{}/fixes?format={}", args.imei, args.format);
+    let mut body = serde_json::json!({ "imei": args.imei, "format": args.format });
     for (k, v) in [("from", &args.from), ("to", &args.to)] {
         if let Some(v) = v {
-            path.push_str(&format!(
-                "&{k}={}",
-                v.replace('+', "%2B").replace(':', "%3A")
-            ));
+            body[k] = v.clone().into();
         }
     }
     let response = agent()
-        .get(&url(&args.api, &path))
+        .post(&url(&args.api, "/v1/exports"))
         .header("Authorization", &format!("Bearer {}", args.api.token))
-        .call();
+        .header("Content-Type", "application/json")
+        .send(body.to_string());
     let mut r = match response {
         Ok(r) => r,
         Err(e) => {
