@@ -49,12 +49,20 @@ pub struct Config {
 pub struct PurgeConfig {
     /// How often the worker retries pending purges (and checks deadlines).
     pub worker_interval_s: u64,
+    /// How far apart the clocks of the gateways may be. A purge's cutoff comes from the
+    /// clock of the gateway that serves the API, a fix's receive time from the clock of
+    /// the gateway that read it; the tombstone refuses in-flight fixes received up to
+    /// this much after the cutoff, so a reading gateway whose clock is ahead cannot slip
+    /// a fix received before the purge past it. Costs at most this long of fixes received
+    /// just after a purge request.
+    pub clock_skew_margin_ms: u64,
 }
 
 impl Default for PurgeConfig {
     fn default() -> Self {
         PurgeConfig {
             worker_interval_s: 60,
+            clock_skew_margin_ms: 2000,
         }
     }
 }
@@ -555,6 +563,12 @@ impl Config {
             if ms > MAX_LIMIT_MS {
                 return Err(invalid(field, "must be at most one day"));
             }
+        }
+        if self.purge.clock_skew_margin_ms > 60_000 {
+            return Err(invalid(
+                "purge.clock_skew_margin_ms",
+                "must be at most 60000 (clocks further apart need fixing, not a margin)",
+            ));
         }
         if !(64..=MAX_FRAME_BYTES).contains(&l.max_frame_bytes) {
             return Err(invalid(

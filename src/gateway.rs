@@ -122,7 +122,9 @@ impl Gateway {
             let api_conn = redis_conn::connect(&config.redis)?;
             let v1 = api_v1::V1State {
                 registry: Registry::new(api_conn.clone(), MAX_TTL_S),
-                purger: Purger::new(api_conn.clone(), tomb_ttl),
+                purger: Purger::new(api_conn.clone(), tomb_ttl).with_clock_skew_margin(
+                    Duration::from_millis(config.purge.clock_skew_margin_ms),
+                ),
                 keys: shared.keys.clone(),
                 audit_conn: api_conn.clone(),
                 retention: Retention::new(&config.retention),
@@ -149,7 +151,8 @@ impl Gateway {
             }));
         }
 
-        let mut purger = Purger::new(conn.clone(), tomb_ttl);
+        let mut purger = Purger::new(conn.clone(), tomb_ttl)
+            .with_clock_skew_margin(Duration::from_millis(config.purge.clock_skew_margin_ms));
         if !conn.is_cluster() {
             purger = purger.with_legacy_migration();
         }

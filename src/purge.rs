@@ -209,6 +209,8 @@ pub struct Purger<C> {
     chunk: std::sync::Arc<redis::Script>,
     /// Move bookkeeping from the old key layout before the first pass (single server).
     migrate_legacy: bool,
+    /// Added to the cutoff in the tombstone (`purge.clock_skew_margin_ms`).
+    clock_skew_margin_ms: i64,
 }
 
 fn ts_ms(ms: i64) -> Timestamp {
@@ -224,7 +226,16 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             mark: std::sync::Arc::new(redis::Script::new(PURGE_RANGE_MARK)),
             chunk: std::sync::Arc::new(redis::Script::new(PURGE_RANGE_CHUNK)),
             migrate_legacy: false,
+            clock_skew_margin_ms: 0,
         }
+    }
+
+    /// Refuse in-flight fixes received up to `margin` after a purge's cutoff too: the
+    /// cutoff is this gateway's clock, a fix's receive time another gateway's (see
+    /// `purge.clock_skew_margin_ms`). The receipt still shows the requested cutoff.
+    pub fn with_clock_skew_margin(mut self, margin: Duration) -> Self {
+        self.clock_skew_margin_ms = i64::try_from(margin.as_millis()).unwrap_or(i64::MAX);
+        self
     }
 
     /// Have the worker move purges kept under the old key layout (see
@@ -382,6 +393,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             return Ok(());
         }
         let cutoff_ms: i64 = h.get("cutoff_ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let tomb_cutoff_ms = cutoff_ms.saturating_add(self.clock_skew_margin_ms);
         let range = match (h.get("from_s"), h.get("to_s")) {
             (Some(a), Some(b)) => {
                 Some((a.parse::<i64>().unwrap_or(0), b.parse::<i64>().unwrap_or(0)))
@@ -403,14 +415,14 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                         .key(meta_key(p))
                         .key(tomb_key(p))
                         .key(late_key(p))
-                        .arg(cutoff_ms)
+                        .arg(tomb_cutoff_ms)
                         .arg(tomb_ttl_ms)
                         .invoke_async::<u64>(&mut conn)
                         .await?
                 }
                 Some((from, to)) => {
                     let (n, whole) = self
-                        .purge_range(&mut conn, p, cutoff_ms, from, to, fast)
+                        .purge_range(&mut conn, p, tomb_cutoff_ms, from, to, fast)
                         .await?;
                     partial |= !whole;
                     n

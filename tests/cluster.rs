@@ -213,7 +213,10 @@ async fn purge_and_export_across_instances(backend: Backend) {
     assert_eq!(status, 200);
     assert!(r.contains("\"completed\""), "{r}");
 
-    // New fixes after the purge are stored again.
+    // New fixes received after the purge (and its clock-skew margin) are stored again.
+    let margin_ms = backend.config().purge.clock_skew_margin_ms as i64;
+    let wait_ms = cutoff_ms + margin_ms + 50 - jiff::Timestamp::now().as_millisecond();
+    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
     t.send(&ccc_frame(&id, &[fix_at(now_s(), 10)])).await;
     assert!(t.reply(LONG).await.is_some());
     assert_eq!(xlen(&mut c, &p).await, 1);

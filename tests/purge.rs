@@ -135,7 +135,8 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
     cfg.writers = 1;
     let writers = start_writers(&cfg);
 
-    let purger = Purger::new(conn.clone(), TOMB_TTL);
+    // Gateways' clocks may be up to a second apart.
+    let purger = Purger::new(conn.clone(), TOMB_TTL).with_clock_skew_margin(SKEW);
     let receipt = purger.request(&c, &whole_device(&p)).await.unwrap();
     let cutoff = receipt.cutoff.as_millisecond();
     // A write job read before the purge but reaching Redis after it (queued or retried).
@@ -153,19 +154,26 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
             rx,
         )
     };
+    let skew_ms = SKEW.as_millis() as i64;
     let (late, late_done) = job(cutoff - 50, 0);
-    let (fresh, fresh_done) = job(cutoff + 50, 1);
-    writers.sink.submit(late).await.unwrap();
-    writers.sink.submit(fresh).await.unwrap();
-    late_done.await.unwrap();
-    fresh_done.await.unwrap();
+    // Read before the purge by a gateway whose clock is up to SKEW ahead.
+    let (ahead, ahead_done) = job(cutoff + skew_ms - 50, 1);
+    let (fresh, fresh_done) = job(cutoff + skew_ms + 50, 2);
+    for j in [late, ahead, fresh] {
+        writers.sink.submit(j).await.unwrap();
+    }
+    for done in [late_done, ahead_done, fresh_done] {
+        done.await.unwrap();
+    }
     let mut conn = redis.conn();
     assert_eq!(
         stream_len(&mut conn, &p).await,
         1,
-        "only the fix received after the cutoff"
+        "only the fix received after the cutoff and the clock-skew margin"
     );
 }
+
+const SKEW: Duration = Duration::from_millis(1000);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_purge_deletes_exactly_the_range() {
