@@ -41,11 +41,20 @@ use crate::storage::{fixes_key, late_key, meta_key, tomb_key};
 pub const PENDING_KEY: &str = "tg:{purge}:pending";
 /// Stream of purge events (requested, completed).
 pub const JOURNAL_KEY: &str = "tg:{purge}:journal";
-/// Ids of completed purges whose `purge.completed` audit line may not be written yet
-/// (`tg:audit` is another slot, so it cannot share the completing `MULTI`): the worker
-/// writes what a crash left out.
+/// Purges whose audit lines may not be written yet (`tg:audit` is another slot, so it
+/// cannot share the journaling or completing `MULTI`): ids of completed purges owed
+/// `purge.completed`, `req:<id>` for requests owed `purge.requested`. The worker writes
+/// what a crash or a Redis blip left out.
 pub const UNAUDITED_KEY: &str = "tg:{purge}:unaudited";
-/// A completed purge is left to its own gateway's audit append for this long before the
+/// Member of [`UNAUDITED_KEY`] for a purge whose `purge.requested` line is owed: this
+/// prefix and its id (journaled with the request, removed once the line is written).
+const REQUESTED_PREFIX: &str = "req:";
+
+fn requested_member(id: &str) -> String {
+    format!("{REQUESTED_PREFIX}{id}")
+}
+
+/// A purge is left to its own gateway's audit append for this long before the
 /// worker writes the line (which could then appear twice, never not at all).
 const UNAUDITED_GRACE_MS: i64 = 60_000;
 
@@ -317,6 +326,8 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .ignore()
             .sadd(PENDING_KEY, &id)
             .ignore()
+            .sadd(UNAUDITED_KEY, requested_member(&id))
+            .ignore()
             .xadd(
                 JOURNAL_KEY,
                 "*",
@@ -335,20 +346,33 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .query_async(&mut conn)
             .await
             .map_err(PurgeError::Unavailable)?;
-        let actor = format!("customer:{}", customer.id);
-        let devices = devices.join(",");
-        let _ = audit::append(
-            &mut conn,
-            &AuditEvent {
-                actor: &actor,
-                action: "purge.requested",
-                devices: &devices,
-                outcome: "pending",
-                detail: &format!("purge {id}"),
-            },
-        )
-        .await;
+        // The request is journaled and marked owed its audit line; a failure here leaves
+        // the line to the worker.
+        if let Err(e) = self.audit_requested(&mut conn, &id).await {
+            tracing::warn!(purge = %id, error = %e, "purge.requested audit line left to the worker");
+        }
         Ok(id)
+    }
+
+    /// Append the `purge.requested` audit line of purge `id` (from its record), then take
+    /// it off [`UNAUDITED_KEY`].
+    async fn audit_requested(&self, conn: &mut C, id: &str) -> Result<(), PurgeError> {
+        let h: HashMap<String, String> = conn.hgetall(record_key(id)).await?;
+        if let Some(customer) = h.get("customer") {
+            audit::append(
+                conn,
+                &AuditEvent {
+                    actor: &format!("customer:{customer}"),
+                    action: "purge.requested",
+                    devices: h.get("devices").map_or("", String::as_str),
+                    outcome: "pending",
+                    detail: &format!("purge {id}"),
+                },
+            )
+            .await?;
+        }
+        let _: () = conn.srem(UNAUDITED_KEY, requested_member(id)).await?;
+        Ok(())
     }
 
     /// The receipt of purge `id`.
@@ -484,15 +508,23 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
     /// Write the audit lines that completed purges are still owed (a crash between the
     /// completion and its audit append), once their own gateway had time to.
     async fn audit_owed(&self, conn: &mut C) -> Result<usize, PurgeError> {
-        let ids: Vec<String> = conn.smembers(UNAUDITED_KEY).await?;
+        let members: Vec<String> = conn.smembers(UNAUDITED_KEY).await?;
         let now_ms = Timestamp::now().as_millisecond();
         let mut written = 0;
-        for id in &ids {
-            let completed: Option<i64> = conn.hget(record_key(id), "completed_ms").await?;
-            if completed.is_some_and(|t| now_ms - t < UNAUDITED_GRACE_MS) {
+        for member in &members {
+            let (id, at) = match member.strip_prefix(REQUESTED_PREFIX) {
+                Some(id) => (id, "requested_ms"),
+                None => (member.as_str(), "completed_ms"),
+            };
+            let when: Option<i64> = conn.hget(record_key(id), at).await?;
+            if when.is_some_and(|t| now_ms - t < UNAUDITED_GRACE_MS) {
                 continue;
             }
-            self.audit_completed(conn, id).await?;
+            if at == "requested_ms" {
+                self.audit_requested(conn, id).await?;
+            } else {
+                self.audit_completed(conn, id).await?;
+            }
             written += 1;
         }
         Ok(written)

@@ -688,12 +688,58 @@ async fn a_purge_left_by_an_old_gateway_after_start_up_is_still_finished() {
     running.await.unwrap();
 }
 
+/// Audit lines of `action` about purge `id`.
+async fn audit_lines(mut conn: trackgate::redis_conn::RedisConn, action: &str, id: &str) -> usize {
+    let r: redis::streams::StreamRangeReply =
+        conn.xrange_all(trackgate::audit::AUDIT_KEY).await.unwrap();
+    r.ids
+        .iter()
+        .filter(|e| {
+            e.get::<String>("action").as_deref() == Some(action)
+                && e.get::<String>("detail").is_some_and(|d| d.contains(id))
+        })
+        .count()
+}
+
+/// The `purge.requested` audit line goes to another slot than the journal: a Redis blip
+/// or a crash between the two must not lose it either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_request_whose_audit_line_was_lost_gets_it_from_the_worker() {
+    use trackgate::audit::AUDIT_KEY;
+    use trackgate::purge::{UNAUDITED_KEY, record_key};
+    let redis = Backend::from_env();
+    let c = customer(redis.conn()).await;
+    let p = KeyRing::ephemeral().pseudonym(&Imei::new(&imei(78)).unwrap());
+    let mut conn = redis.conn();
+    let purger = Purger::new(redis.conn(), TOMB_TTL);
+    // The audit stream refuses appends while the request is journaled.
+    let _: () = conn.set(AUDIT_KEY, "not a stream").await.unwrap();
+    let id = purger.journal(&c, &whole_device(&p)).await.unwrap();
+    let owed: Vec<String> = conn.smembers(UNAUDITED_KEY).await.unwrap();
+    assert_eq!(owed, [format!("req:{id}")]);
+    let _: () = conn.del(AUDIT_KEY).await.unwrap();
+    purger.work_once().await.unwrap();
+    assert_eq!(
+        audit_lines(conn.clone(), "purge.requested", &id).await,
+        0,
+        "left to the requesting gateway within its minute"
+    );
+    let long_ago = Timestamp::now().as_millisecond() - 120_000;
+    let _: () = conn
+        .hset(record_key(&id), "requested_ms", long_ago)
+        .await
+        .unwrap();
+    purger.work_once().await.unwrap();
+    assert_eq!(audit_lines(conn.clone(), "purge.requested", &id).await, 1);
+    let owed: Vec<String> = conn.smembers(UNAUDITED_KEY).await.unwrap();
+    assert!(owed.is_empty(), "{owed:?}");
+}
+
 /// The `purge.completed` audit line goes to another slot than the completion itself: a
 /// crash between the two must not lose it. The worker writes what is owed, once the
 /// completing gateway has had its minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completed_purge_whose_audit_line_was_lost_gets_it_from_the_worker() {
-    use trackgate::audit::AUDIT_KEY;
     use trackgate::purge::{UNAUDITED_KEY, record_key};
     let redis = Backend::from_env();
     let c = customer(redis.conn()).await;
@@ -703,17 +749,8 @@ async fn a_completed_purge_whose_audit_line_was_lost_gets_it_from_the_worker() {
     let req = whole_device(&p);
     let receipt = purger.request(&c, &req).await.unwrap();
     assert_eq!(receipt.state, "completed");
-    let completed_lines = |conn: trackgate::redis_conn::RedisConn, id: String| async move {
-        let mut conn = conn;
-        let r: redis::streams::StreamRangeReply = conn.xrange_all(AUDIT_KEY).await.unwrap();
-        r.ids
-            .iter()
-            .filter(|e| {
-                e.get::<String>("action").as_deref() == Some("purge.completed")
-                    && e.get::<String>("detail").is_some_and(|d| d.contains(&id))
-            })
-            .count()
-    };
+    let completed_lines =
+        |conn, id: String| async move { audit_lines(conn, "purge.completed", &id).await };
     assert_eq!(completed_lines(conn.clone(), receipt.id.clone()).await, 1);
     let owed: Vec<String> = conn.smembers(UNAUDITED_KEY).await.unwrap();
     assert!(owed.is_empty(), "{owed:?}");
