@@ -31,6 +31,8 @@ pub struct V1State {
     pub audit_conn: Conn,
     /// Retention: exports never return anything older than the owner's retention.
     pub retention: crate::retention::Retention,
+    /// Entries an export reads per Redis call (`http.export_chunk_entries`).
+    pub export_chunk_entries: usize,
 }
 
 /// The OpenAPI document of the `/v1` API (served at `/openapi.json`, checked in as
@@ -483,6 +485,7 @@ async fn export_fixes(
         ttl,
         owned_since_ms: since_ms,
         format,
+        chunk_entries: state.export_chunk_entries,
     };
     let body = axum::body::Body::from_stream(crate::export::stream(state.audit_conn.clone(), q));
     let mut r = (StatusCode::OK, body).into_response();

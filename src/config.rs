@@ -56,6 +56,20 @@ pub struct PurgeConfig {
     /// a fix received before the purge past it. Costs at most this long of fixes received
     /// just after a purge request.
     pub clock_skew_margin_ms: u64,
+    /// A range purge's fast path examines the whole stream up to this many entries; a
+    /// longer stream's fast path only examines the receive times around the range (the
+    /// fixes that arrived on time) and leaves the rest to the worker (receipt `pending`).
+    pub fast_full_scan_max_entries: u64,
+    /// How far around the range the fast path of a long stream looks by receive time
+    /// (clock skew before, delivery delay after).
+    pub fast_window_margin_ms: u64,
+    /// Entries one range-purge script call examines: keeps each call short (Redis is
+    /// single threaded; a long script stalls every gateway's writes).
+    pub range_chunk_entries: usize,
+    /// A purge's audit lines are left to the gateway that journaled or completed it for
+    /// this long before the worker writes the ones still owed (a line may then appear
+    /// twice, never not at all).
+    pub audit_grace_ms: u64,
 }
 
 impl Default for PurgeConfig {
@@ -63,6 +77,10 @@ impl Default for PurgeConfig {
         PurgeConfig {
             worker_interval_s: 60,
             clock_skew_margin_ms: 2000,
+            fast_full_scan_max_entries: 20_000,
+            fast_window_margin_ms: 10 * 60 * 1000,
+            range_chunk_entries: 2000,
+            audit_grace_ms: 60_000,
         }
     }
 }
@@ -140,6 +158,11 @@ pub struct Limits {
     pub ack_wait_timeout_s: u64,
     /// On SIGTERM/Ctrl-C: time to finish writing and acknowledging what was received.
     pub shutdown_grace_s: u64,
+    /// At shutdown a connection keeps reading (bytes the device already sent are received
+    /// data, stored and confirmed) until its socket has been quiet this long…
+    pub shutdown_quiet_ms: u64,
+    /// …but no longer than this in all: a device that never pauses cannot hold shutdown.
+    pub shutdown_read_max_ms: u64,
 }
 
 impl Default for Limits {
@@ -157,6 +180,8 @@ impl Default for Limits {
             write_timeout_s: 10,
             ack_wait_timeout_s: 60,
             shutdown_grace_s: 30,
+            shutdown_quiet_ms: 50,
+            shutdown_read_max_ms: 500,
         }
     }
 }
@@ -237,6 +262,10 @@ pub struct RedisConfig {
     pub batch_max_delay_ms: u64,
     /// Time for Redis to answer one pipeline before it is retried.
     pub response_timeout_ms: u64,
+    /// Attempts at a device's batch that Redis refuses with a permanent error (a key of
+    /// the wrong type, a script error) before it is dropped unacknowledged and counted,
+    /// so one broken key cannot hold its device forever. Transient errors retry on.
+    pub max_permanent_failures: u32,
     /// Time to (re)connect.
     pub connect_timeout_ms: u64,
     /// Backoff between retries of a failed pipeline: starts here, doubles, capped below.
@@ -262,6 +291,7 @@ impl Default for RedisConfig {
             node_held_max_jobs: 4096,
             batch_max_fixes: 512,
             batch_max_delay_ms: 2,
+            max_permanent_failures: 5,
             response_timeout_ms: 2000,
             connect_timeout_ms: 2000,
             retry_backoff_initial_ms: 50,
@@ -297,6 +327,10 @@ pub struct RetentionConfig {
     /// `redis.retry_backoff_max_ms`, until one succeeds (its write trims to the real
     /// retention). Below `limits.ack_wait_timeout_s`.
     pub lookup_timeout_ms: u64,
+    /// Stream keys asked for per SCAN call of the sweeper.
+    pub sweep_scan_count: usize,
+    /// Late deliveries (see `tg:{P}:late`) one sweeper script call deletes at most.
+    pub sweep_late_chunk_entries: u64,
 }
 
 impl RetentionConfig {
@@ -313,6 +347,8 @@ impl Default for RetentionConfig {
             sweep_interval_s: 3600,
             max_customer_ttl_s: 365 * 24 * 3600,
             ingest_upkeep_interval_s: 60,
+            sweep_scan_count: 500,
+            sweep_late_chunk_entries: 1000,
             owner_refresh_s: 300,
             lookup_timeout_ms: 2000,
         }
@@ -340,6 +376,8 @@ pub struct HttpConfig {
     pub auth_failures_per_minute: u32,
     /// Client addresses the failure counter tracks at most (bounds its memory).
     pub auth_failure_tracked_ips: usize,
+    /// Stream entries an export reads per Redis call (and holds in memory at once).
+    pub export_chunk_entries: usize,
 }
 
 impl Default for HttpConfig {
@@ -349,6 +387,7 @@ impl Default for HttpConfig {
             admin_token_sha256: None,
             auth_failures_per_minute: 20,
             auth_failure_tracked_ips: 65_536,
+            export_chunk_entries: 1000,
         }
     }
 }
@@ -491,6 +530,28 @@ impl Config {
             ("limits.write_timeout_s", l.write_timeout_s),
             ("limits.ack_wait_timeout_s", l.ack_wait_timeout_s),
             ("limits.accept_backoff_max_ms", l.accept_backoff_max_ms),
+            ("limits.shutdown_read_max_ms", l.shutdown_read_max_ms),
+            ("limits.shutdown_quiet_ms", l.shutdown_quiet_ms),
+            (
+                "redis.max_permanent_failures",
+                u64::from(r.max_permanent_failures),
+            ),
+            (
+                "retention.sweep_scan_count",
+                self.retention.sweep_scan_count as u64,
+            ),
+            (
+                "retention.sweep_late_chunk_entries",
+                self.retention.sweep_late_chunk_entries,
+            ),
+            (
+                "http.export_chunk_entries",
+                self.http.export_chunk_entries as u64,
+            ),
+            (
+                "purge.range_chunk_entries",
+                self.purge.range_chunk_entries as u64,
+            ),
             ("redis.writers", r.writers as u64),
             ("redis.queue_depth_jobs", r.queue_depth_jobs as u64),
             ("redis.held_max_jobs", r.held_max_jobs as u64),
@@ -545,6 +606,13 @@ impl Config {
                 l.shutdown_grace_s.saturating_mul(1000),
             ),
             ("limits.accept_backoff_max_ms", l.accept_backoff_max_ms),
+            ("limits.shutdown_quiet_ms", l.shutdown_quiet_ms),
+            ("limits.shutdown_read_max_ms", l.shutdown_read_max_ms),
+            (
+                "purge.fast_window_margin_ms",
+                self.purge.fast_window_margin_ms,
+            ),
+            ("purge.audit_grace_ms", self.purge.audit_grace_ms),
             ("redis.response_timeout_ms", r.response_timeout_ms),
             ("redis.connect_timeout_ms", r.connect_timeout_ms),
             ("redis.retry_backoff_max_ms", r.retry_backoff_max_ms),

@@ -33,11 +33,6 @@ use crate::retention::Retention;
 use crate::sink::{Sink, SubmitError, WriteJob};
 use crate::storage::StoredFix;
 
-/// At shutdown, a connection keeps reading until its socket has been quiet this long…
-const SHUTDOWN_QUIET: Duration = Duration::from_millis(50);
-/// …but no longer than this in all (a device that never pauses cannot hold shutdown).
-const SHUTDOWN_READ_MAX: Duration = Duration::from_millis(500);
-
 /// What the codec yields. `Debug` never shows frame bytes (they hold the IMEI).
 pub enum Inbound {
     /// A complete frame whose length, checksum, IMEI and command checked out.
@@ -335,15 +330,17 @@ where
                 reading = false;
                 // Bytes the device already sent (in our buffer or the kernel's) are received
                 // data: store and confirm them too. Read until the socket has been quiet for
-                // a moment (the reactor may not have seen the last bytes yet), at most
-                // SHUTDOWN_READ_MAX in all.
+                // a moment (the reactor may not have seen the last bytes yet,
+                // limits.shutdown_quiet_ms), at most limits.shutdown_read_max_ms in all.
                 // Not capped by max_inflight_frames: these bytes were sent before the
-                // shutdown and are worth storing; SHUTDOWN_READ_MAX bounds the frames'
+                // shutdown and are worth storing; shutdown_read_max_ms bounds the frames'
                 // handling too (a full write queue), not only the reads, so the work stays
                 // bounded by time and the write queue.
-                let until = tokio::time::Instant::now() + SHUTDOWN_READ_MAX;
+                let until = tokio::time::Instant::now()
+                    + Duration::from_millis(limits.shutdown_read_max_ms);
+                let quiet_for = Duration::from_millis(limits.shutdown_quiet_ms);
                 loop {
-                    let quiet = until.min(tokio::time::Instant::now() + SHUTDOWN_QUIET);
+                    let quiet = until.min(tokio::time::Instant::now() + quiet_for);
                     let Ok(Some(Ok(item))) = tokio::time::timeout_at(quiet, framed.next()).await else {
                         break;
                     };

@@ -16,9 +16,6 @@ use serde_json::{Map, Value, json};
 use crate::pseudonym::Pseudonym;
 use crate::storage::{F_EXTRAS, F_PACKED, F_TIME, PACKED_FIELDS, fixes_key, unpack};
 
-/// Entries read per Redis call.
-pub const EXPORT_CHUNK_ENTRIES: usize = 1000;
-
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -168,6 +165,8 @@ pub struct ExportQuery {
     /// before is the previous owner's history and not exported.
     pub owned_since_ms: Option<i64>,
     pub format: Format,
+    /// Entries read per Redis call (`http.export_chunk_entries`).
+    pub chunk_entries: usize,
 }
 
 struct State<C> {
@@ -229,7 +228,7 @@ where
                 .arg(&start)
                 .arg("+")
                 .arg("COUNT")
-                .arg(EXPORT_CHUNK_ENTRIES)
+                .arg(st.q.chunk_entries)
                 .query_async(&mut st.conn)
                 .await?;
             if reply.ids.is_empty() {

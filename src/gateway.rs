@@ -122,12 +122,11 @@ impl Gateway {
             let api_conn = redis_conn::connect(&config.redis)?;
             let v1 = api_v1::V1State {
                 registry: Registry::new(api_conn.clone(), MAX_TTL_S),
-                purger: Purger::new(api_conn.clone(), tomb_ttl).with_clock_skew_margin(
-                    Duration::from_millis(config.purge.clock_skew_margin_ms),
-                ),
+                purger: Purger::new(api_conn.clone(), tomb_ttl).with_config(&config.purge),
                 keys: shared.keys.clone(),
                 audit_conn: api_conn.clone(),
                 retention: Retention::new(&config.retention),
+                export_chunk_entries: config.http.export_chunk_entries,
             };
             let mut authed = api_v1::router(v1.clone());
             if let Some(admin) = &config.http.admin_token_sha256 {
@@ -151,8 +150,7 @@ impl Gateway {
             }));
         }
 
-        let mut purger = Purger::new(conn.clone(), tomb_ttl)
-            .with_clock_skew_margin(Duration::from_millis(config.purge.clock_skew_margin_ms));
+        let mut purger = Purger::new(conn.clone(), tomb_ttl).with_config(&config.purge);
         if !conn.is_cluster() {
             purger = purger.with_legacy_migration();
         }

@@ -33,6 +33,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditEvent};
+use crate::config::PurgeConfig;
 use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
 use crate::storage::{fixes_key, late_key, meta_key, tomb_key};
@@ -53,10 +54,6 @@ const REQUESTED_PREFIX: &str = "req:";
 fn requested_member(id: &str) -> String {
     format!("{REQUESTED_PREFIX}{id}")
 }
-
-/// A purge is left to its own gateway's audit append for this long before the
-/// worker writes the line (which could then appear twice, never not at all).
-const UNAUDITED_GRACE_MS: i64 = 60_000;
 
 /// Whether a purge record (`tg:{purge}:<id>`) is for the same devices and range as `req`.
 fn same_request(record: &HashMap<String, String>, req: &PurgeRequest) -> bool {
@@ -134,20 +131,6 @@ if #entries > 0 then last = entries[#entries][1] end
 return {last, #doomed}
 "#;
 
-/// A range purge of a stream up to this many entries is done whole in the fast path.
-/// Above it, the fast path deletes the range's fixes that arrived on time (entry ids in
-/// the range, widened by [`RANGE_WINDOW_MARGIN_MS`]) and the worker finishes the rest
-/// (late deliveries) well within the deadline.
-pub const RANGE_FAST_FULL_SCAN_ENTRIES: u64 = 20_000;
-
-/// Receive-time margin around the range for the fast path (clock skew before, delivery
-/// delay after).
-pub const RANGE_WINDOW_MARGIN_MS: i64 = 10 * 60 * 1000;
-
-/// Entries examined per range-purge script call: keeps each call short (Redis is single
-/// threaded; a long script would stall every gateway's writes).
-pub const RANGE_CHUNK_ENTRIES: usize = 2000;
-
 /// Purge problems.
 #[derive(Debug, thiserror::Error)]
 pub enum PurgeError {
@@ -218,8 +201,8 @@ pub struct Purger<C> {
     chunk: std::sync::Arc<redis::Script>,
     /// Move bookkeeping from the old key layout before the first pass (single server).
     migrate_legacy: bool,
-    /// Added to the cutoff in the tombstone (`purge.clock_skew_margin_ms`).
-    clock_skew_margin_ms: i64,
+    /// Limits and margins (`[purge]` in the configuration).
+    config: PurgeConfig,
 }
 
 fn ts_ms(ms: i64) -> Timestamp {
@@ -235,16 +218,21 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             mark: std::sync::Arc::new(redis::Script::new(PURGE_RANGE_MARK)),
             chunk: std::sync::Arc::new(redis::Script::new(PURGE_RANGE_CHUNK)),
             migrate_legacy: false,
-            clock_skew_margin_ms: 0,
+            config: PurgeConfig::default(),
         }
     }
 
-    /// Refuse in-flight fixes received up to `margin` after a purge's cutoff too: the
-    /// cutoff is this gateway's clock, a fix's receive time another gateway's (see
-    /// `purge.clock_skew_margin_ms`). The receipt still shows the requested cutoff.
-    pub fn with_clock_skew_margin(mut self, margin: Duration) -> Self {
-        self.clock_skew_margin_ms = i64::try_from(margin.as_millis()).unwrap_or(i64::MAX);
+    /// Use these limits and margins instead of the defaults. Among them
+    /// `clock_skew_margin_ms`: in-flight fixes received up to that long after a purge's
+    /// cutoff are refused too, since the cutoff is this gateway's clock and a fix's
+    /// receive time another gateway's. The receipt still shows the requested cutoff.
+    pub fn with_config(mut self, config: &PurgeConfig) -> Self {
+        self.config = config.clone();
         self
+    }
+
+    fn ms(v: u64) -> i64 {
+        i64::try_from(v).unwrap_or(i64::MAX)
     }
 
     /// Have the worker move purges kept under the old key layout (see
@@ -417,7 +405,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             return Ok(());
         }
         let cutoff_ms: i64 = h.get("cutoff_ms").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let tomb_cutoff_ms = cutoff_ms.saturating_add(self.clock_skew_margin_ms);
+        let tomb_cutoff_ms = cutoff_ms.saturating_add(Self::ms(self.config.clock_skew_margin_ms));
         let range = match (h.get("from_s"), h.get("to_s")) {
             (Some(a), Some(b)) => {
                 Some((a.parse::<i64>().unwrap_or(0), b.parse::<i64>().unwrap_or(0)))
@@ -517,7 +505,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                 None => (member.as_str(), "completed_ms"),
             };
             let when: Option<i64> = conn.hget(record_key(id), at).await?;
-            if when.is_some_and(|t| now_ms - t < UNAUDITED_GRACE_MS) {
+            if when.is_some_and(|t| now_ms - t < Self::ms(self.config.audit_grace_ms)) {
                 continue;
             }
             if at == "requested_ms" {
@@ -553,13 +541,14 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         // exact purge examines the whole stream. A long stream's fast path only examines
         // the ids around the range.
         let len: u64 = conn.xlen(fixes_key(p)).await?;
-        let whole = !fast || len <= RANGE_FAST_FULL_SCAN_ENTRIES;
+        let whole = !fast || len <= self.config.fast_full_scan_max_entries;
+        let margin_ms = Self::ms(self.config.fast_window_margin_ms);
         let (mut start, end) = if whole {
             ("-".to_string(), "+".to_string())
         } else {
             (
-                format!("{}-0", (from_s * 1000 - RANGE_WINDOW_MARGIN_MS).max(0)),
-                format!("{}", to_s * 1000 + 999 + RANGE_WINDOW_MARGIN_MS),
+                format!("{}-0", (from_s * 1000).saturating_sub(margin_ms).max(0)),
+                format!("{}", (to_s * 1000 + 999).saturating_add(margin_ms)),
             )
         };
         let mut deleted = 0u64;
@@ -568,7 +557,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                 .chunk
                 .key(fixes_key(p))
                 .arg(&start)
-                .arg(RANGE_CHUNK_ENTRIES)
+                .arg(self.config.range_chunk_entries)
                 .arg(from_s)
                 .arg(to_s)
                 .arg(&end)

@@ -36,9 +36,6 @@ use crate::storage::{FIXES_PATTERN, late_key, meta_key, pseudonym_of_key};
 /// The sweeper's lease (one slot of its own in a cluster).
 pub const SWEEP_LEASE_KEY: &str = "tg:{sweep}:lease";
 
-/// Keys asked for per SCAN page.
-const SCAN_COUNT: usize = 500;
-
 /// Meta hash field holding the device's TTL in ms (written by the append script).
 pub const META_TTL_MS: &str = "tt";
 
@@ -47,6 +44,10 @@ pub const META_TTL_MS: &str = "tt";
 pub struct Retention {
     default_ttl: Duration,
     max_customer_ttl: Duration,
+    /// The sweeper's batch sizes (`retention.sweep_scan_count`,
+    /// `retention.sweep_late_chunk_entries`).
+    sweep_scan_count: usize,
+    sweep_late_chunk: u64,
 }
 
 impl Retention {
@@ -54,6 +55,8 @@ impl Retention {
         Retention {
             default_ttl: Duration::from_secs(config.ttl_s),
             max_customer_ttl: Duration::from_secs(config.max_customer_ttl_s),
+            sweep_scan_count: config.sweep_scan_count,
+            sweep_late_chunk: config.sweep_late_chunk_entries,
         }
     }
 
@@ -176,9 +179,6 @@ pub async fn try_lease<C: ConnectionLike + Send + Sync>(
     Ok(set.is_some())
 }
 
-/// Late deliveries deleted per script call (bounded work per call).
-const LATE_CHUNK: u64 = 1000;
-
 /// One stream's sweep step: trim by receive time (entry ids), then delete up to a chunk
 /// of the late-delivered entries (`crate::storage::late_key`) whose fix time is past the
 /// TTL. KEYS: fixes, late index. ARGV: min id ms, fix-time cutoff s (exclusive), chunk.
@@ -205,7 +205,13 @@ pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::Redis
         let mut cursor: u64 = 0;
         loop {
             let (next, keys) = conn
-                .scan_page(&target, cursor, FIXES_PATTERN, SCAN_COUNT, "stream")
+                .scan_page(
+                    &target,
+                    cursor,
+                    FIXES_PATTERN,
+                    retention.sweep_scan_count,
+                    "stream",
+                )
                 .await?;
             for key in keys {
                 let default_ms = retention.default_ttl().as_millis() as i64;
@@ -230,11 +236,11 @@ pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::Redis
                         .key(late_key(&p))
                         .arg(cutoff_ms)
                         .arg(cutoff_ms.div_euclid(1000))
-                        .arg(LATE_CHUNK)
+                        .arg(retention.sweep_late_chunk)
                         .invoke_async(&mut keyed)
                         .await?;
                     trimmed += n;
-                    if late < LATE_CHUNK {
+                    if late < retention.sweep_late_chunk {
                         break;
                     }
                 }

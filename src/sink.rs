@@ -370,6 +370,7 @@ pub fn start(
             backoff_max: Duration::from_millis(config.retry_backoff_max_ms),
             held_max_jobs: config.held_max_jobs,
             node_held_max_jobs: config.node_held_max_jobs,
+            max_permanent_failures: config.max_permanent_failures,
             gate,
             closed_nodes: Vec::new(),
             closed_held: 0,
@@ -476,6 +477,7 @@ struct Writer {
     backoff_max: Duration,
     held_max_jobs: usize,
     node_held_max_jobs: usize,
+    max_permanent_failures: u32,
     /// This writer's slot gate (see [`SlotGate`]) and the nodes it has closed.
     gate: Arc<SlotGate>,
     closed_nodes: Vec<NodeAddr>,
@@ -912,7 +914,7 @@ impl Writer {
     }
 
     /// The head call of `p` failed with `e`: back off, or give up on a permanent error
-    /// after [`MAX_PERMANENT_FAILURES`] attempts (unacknowledged, so one broken key cannot
+    /// after `redis.max_permanent_failures` attempts (unacknowledged, so one broken key cannot
     /// hold the device forever). True if it will be retried.
     fn failed(&mut self, p: &Pseudonym, e: &redis::RedisError, now: Instant) -> bool {
         let Some(dq) = self.devices.get_mut(p) else {
@@ -923,7 +925,7 @@ impl Writer {
         };
         if !is_transient(e) {
             head.permanent_failures += 1;
-            if head.permanent_failures >= MAX_PERMANENT_FAILURES {
+            if head.permanent_failures >= self.max_permanent_failures {
                 let jobs = dq.groups.pop_front().map_or(0, |g| g.jobs.len());
                 if dq.groups.is_empty() {
                     self.devices.remove(p);
@@ -1054,10 +1056,6 @@ fn is_routing(e: &redis::RedisError) -> bool {
         || e.is_timeout()
         || matches!(e.code(), Some("MOVED" | "ASK" | "CLUSTERDOWN" | "TRYAGAIN"))
 }
-
-/// Attempts after which a device's part of a batch that fails with a permanent error
-/// (not a connection problem) is given up.
-pub const MAX_PERMANENT_FAILURES: u32 = 5;
 
 /// Errors worth retrying as they are: connection trouble, timeouts, and server states
 /// that pass (script cache lost, out of memory, loading, failover).

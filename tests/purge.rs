@@ -13,6 +13,7 @@ use common::*;
 use jiff::Timestamp;
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
+use trackgate::config::PurgeConfig;
 use trackgate::pseudonym::{Imei, KeyRing};
 use trackgate::purge::{PurgeError, PurgeRequest, Purger};
 use trackgate::registry::{Customer, Registry};
@@ -97,7 +98,9 @@ async fn complete_purge_while_the_device_keeps_sending() {
     assert!(receipt.deleted_fixes > 20);
     assert!(receipt.deadline > receipt.requested_at);
 
-    // The device keeps sending; new fixes are stored, none from before the cutoff is.
+    // The device keeps sending; new fixes are stored once the clock-skew margin has
+    // passed, none from before the cutoff is.
+    past_skew_margin(&receipt).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     sender.await.unwrap();
@@ -136,7 +139,10 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
     let writers = start_writers(&cfg);
 
     // Gateways' clocks may be up to a second apart.
-    let purger = Purger::new(conn.clone(), TOMB_TTL).with_clock_skew_margin(SKEW);
+    let purger = Purger::new(conn.clone(), TOMB_TTL).with_config(&PurgeConfig {
+        clock_skew_margin_ms: SKEW.as_millis() as u64,
+        ..PurgeConfig::default()
+    });
     let receipt = purger.request(&c, &whole_device(&p)).await.unwrap();
     let cutoff = receipt.cutoff.as_millisecond();
     // A write job read before the purge but reaching Redis after it (queued or retried).
@@ -174,6 +180,15 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
 }
 
 const SKEW: Duration = Duration::from_millis(1000);
+
+/// Wait until fixes read now are past `receipt`'s cutoff plus the default
+/// `purge.clock_skew_margin_ms` (until then the tombstone refuses them).
+async fn past_skew_margin(receipt: &trackgate::purge::Receipt) {
+    let margin_ms = PurgeConfig::default().clock_skew_margin_ms as i64;
+    let wait_ms =
+        receipt.cutoff.as_millisecond() + margin_ms + 50 - Timestamp::now().as_millisecond();
+    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_purge_deletes_exactly_the_range() {
@@ -230,8 +245,10 @@ async fn range_purge_deletes_exactly_the_range() {
         .collect();
     assert_eq!(left, want);
 
-    // A cached fix inside the range read after the purge is new data: stored. (One read
-    // before the purge is refused: see in_flight_range_fixes_are_refused.)
+    // A cached fix inside the range read after the purge (and its clock-skew margin) is
+    // new data: stored. (One read before the purge is refused: see
+    // in_flight_range_fixes_are_refused.)
+    past_skew_margin(&receipt).await;
     t.send(&cce_frame(
         &id,
         &[fix_at(Timestamp::from_second(from + 30).unwrap(), 0)],
@@ -457,8 +474,13 @@ async fn overdue_purges_raise_the_metric() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_stream_range_purge_fast_path_then_worker_finishes_exactly() {
-    use trackgate::purge::RANGE_FAST_FULL_SCAN_ENTRIES;
     use trackgate::storage::FieldValue;
+    // Small limits keep the stream short; several chunks per scan are still exercised.
+    let config = PurgeConfig {
+        fast_full_scan_max_entries: 2_000,
+        range_chunk_entries: 300,
+        ..PurgeConfig::default()
+    };
     let redis = Backend::from_env();
     let c = customer(redis.conn()).await;
     let keys = KeyRing::ephemeral();
@@ -466,7 +488,7 @@ async fn long_stream_range_purge_fast_path_then_worker_finishes_exactly() {
     let mut conn = redis.conn();
     // One fix per 10 s, received on time, plus one fix from inside the range that was
     // delivered hours late (its entry id is far outside the range).
-    let n = RANGE_FAST_FULL_SCAN_ENTRIES as i64 + 5_000;
+    let n = config.fast_full_scan_max_entries as i64 + 500;
     let start_s = now_s().as_second() - n * 10 - 7200;
     let entry = |id_ms: i64, fix_s: i64| {
         let s = StoredFix::from_fix(
@@ -495,7 +517,7 @@ async fn long_stream_range_purge_fast_path_then_worker_finishes_exactly() {
         .ignore();
     let _: () = pipe.query_async(&mut conn).await.unwrap();
 
-    let purger = Purger::new(conn.clone(), TOMB_TTL);
+    let purger = Purger::new(conn.clone(), TOMB_TTL).with_config(&config);
     let range = (
         Timestamp::from_second(from).unwrap(),
         Timestamp::from_second(to).unwrap(),
@@ -523,7 +545,7 @@ async fn long_stream_range_purge_fast_path_then_worker_finishes_exactly() {
         ("completed", 101),
         "worker: the late one too"
     );
-    // Count server-side (a 25k-entry XRANGE reply is slow to ship to the test).
+    // Count server-side (a long XRANGE reply is slow to ship to the test).
     let (total, in_range): (i64, i64) = redis::Script::new(
         r"local n, hit = 0, 0
           for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
