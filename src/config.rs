@@ -25,6 +25,9 @@ pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
 /// Upper bound of every timeout, backoff and grace period (one day, in ms).
 const MAX_LIMIT_MS: u64 = 24 * 3600 * 1000;
 
+/// Largest batch one Redis call may be asked for (`…_chunk_entries`, scan counts).
+const MAX_CHUNK_ENTRIES: u64 = 100_000;
+
 /// Upper bound for `redis.wait_replicas` (a typo such as 10 would stall every ACK).
 pub const MAX_WAIT_REPLICAS: u32 = 5;
 
@@ -532,6 +535,11 @@ impl Config {
             ("limits.accept_backoff_max_ms", l.accept_backoff_max_ms),
             ("limits.shutdown_read_max_ms", l.shutdown_read_max_ms),
             ("limits.shutdown_quiet_ms", l.shutdown_quiet_ms),
+            ("purge.worker_interval_s", self.purge.worker_interval_s),
+            (
+                "purge.fast_full_scan_max_entries",
+                self.purge.fast_full_scan_max_entries,
+            ),
             (
                 "redis.max_permanent_failures",
                 u64::from(r.max_permanent_failures),
@@ -613,6 +621,10 @@ impl Config {
                 self.purge.fast_window_margin_ms,
             ),
             ("purge.audit_grace_ms", self.purge.audit_grace_ms),
+            (
+                "purge.worker_interval_s",
+                self.purge.worker_interval_s.saturating_mul(1000),
+            ),
             ("redis.response_timeout_ms", r.response_timeout_ms),
             ("redis.connect_timeout_ms", r.connect_timeout_ms),
             ("redis.retry_backoff_max_ms", r.retry_backoff_max_ms),
@@ -630,6 +642,34 @@ impl Config {
         for (field, ms) in times {
             if ms > MAX_LIMIT_MS {
                 return Err(invalid(field, "must be at most one day"));
+            }
+        }
+        // Counts sent to Redis as COUNT arguments: a huge one would be refused by every
+        // call (or make one call long enough to stall every gateway's writes).
+        let counts = [
+            (
+                "retention.sweep_scan_count",
+                self.retention.sweep_scan_count as u64,
+            ),
+            (
+                "retention.sweep_late_chunk_entries",
+                self.retention.sweep_late_chunk_entries,
+            ),
+            (
+                "http.export_chunk_entries",
+                self.http.export_chunk_entries as u64,
+            ),
+            (
+                "purge.range_chunk_entries",
+                self.purge.range_chunk_entries as u64,
+            ),
+        ];
+        for (field, v) in counts {
+            if v > MAX_CHUNK_ENTRIES {
+                return Err(invalid(
+                    field,
+                    format!("must be at most {MAX_CHUNK_ENTRIES} (one Redis call each)"),
+                ));
             }
         }
         if self.purge.clock_skew_margin_ms > 60_000 {
@@ -788,6 +828,26 @@ mod tests {
         let mut c = Config::parse(MINIMAL)?;
         c.redis.retry_backoff_max_ms = 2 * 24 * 3600 * 1000;
         assert!(refusal(&c).contains("redis.retry_backoff_max_ms"));
+        Ok(())
+    }
+
+    #[test]
+    fn purge_and_batch_limits_are_bounded() -> Result<(), Box<dyn std::error::Error>> {
+        let mut c = Config::parse(MINIMAL)?;
+        c.purge.worker_interval_s = 0; // a zero period panics tokio's interval
+        assert!(refusal(&c).contains("purge.worker_interval_s"));
+        let mut c = Config::parse(MINIMAL)?;
+        c.purge.range_chunk_entries = usize::MAX;
+        assert!(refusal(&c).contains("purge.range_chunk_entries"));
+        let mut c = Config::parse(MINIMAL)?;
+        c.http.export_chunk_entries = 0;
+        assert!(refusal(&c).contains("http.export_chunk_entries"));
+        let mut c = Config::parse(MINIMAL)?;
+        c.purge.clock_skew_margin_ms = 3_600_000;
+        assert!(refusal(&c).contains("purge.clock_skew_margin_ms"));
+        let mut c = Config::parse(MINIMAL)?;
+        c.limits.shutdown_read_max_ms = u64::MAX;
+        assert!(refusal(&c).contains("limits.shutdown_read_max_ms"));
         Ok(())
     }
 

@@ -42,18 +42,13 @@ use crate::storage::{fixes_key, late_key, meta_key, tomb_key};
 pub const PENDING_KEY: &str = "tg:{purge}:pending";
 /// Stream of purge events (requested, completed).
 pub const JOURNAL_KEY: &str = "tg:{purge}:journal";
-/// Purges whose audit lines may not be written yet (`tg:audit` is another slot, so it
-/// cannot share the journaling or completing `MULTI`): ids of completed purges owed
-/// `purge.completed`, `req:<id>` for requests owed `purge.requested`. The worker writes
-/// what a crash or a Redis blip left out.
+/// Ids of completed purges whose `purge.completed` audit line may not be written yet
+/// (`tg:audit` is another slot, so it cannot share the completing `MULTI`): the worker
+/// writes what a crash left out.
 pub const UNAUDITED_KEY: &str = "tg:{purge}:unaudited";
-/// Member of [`UNAUDITED_KEY`] for a purge whose `purge.requested` line is owed: this
-/// prefix and its id (journaled with the request, removed once the line is written).
-const REQUESTED_PREFIX: &str = "req:";
-
-fn requested_member(id: &str) -> String {
-    format!("{REQUESTED_PREFIX}{id}")
-}
+/// The same for `purge.requested` (journaled with the request). A set of its own: a
+/// gateway of the previous version reads [`UNAUDITED_KEY`] as completed purges only.
+pub const UNAUDITED_REQUESTS_KEY: &str = "tg:{purge}:unaudited_requests";
 
 /// Whether a purge record (`tg:{purge}:<id>`) is for the same devices and range as `req`.
 fn same_request(record: &HashMap<String, String>, req: &PurgeRequest) -> bool {
@@ -314,7 +309,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .ignore()
             .sadd(PENDING_KEY, &id)
             .ignore()
-            .sadd(UNAUDITED_KEY, requested_member(&id))
+            .sadd(UNAUDITED_REQUESTS_KEY, &id)
             .ignore()
             .xadd(
                 JOURNAL_KEY,
@@ -343,7 +338,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
     }
 
     /// Append the `purge.requested` audit line of purge `id` (from its record), then take
-    /// it off [`UNAUDITED_KEY`].
+    /// it off [`UNAUDITED_REQUESTS_KEY`].
     async fn audit_requested(&self, conn: &mut C, id: &str) -> Result<(), PurgeError> {
         let h: HashMap<String, String> = conn.hgetall(record_key(id)).await?;
         if let Some(customer) = h.get("customer") {
@@ -359,7 +354,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             )
             .await?;
         }
-        let _: () = conn.srem(UNAUDITED_KEY, requested_member(id)).await?;
+        let _: () = conn.srem(UNAUDITED_REQUESTS_KEY, id).await?;
         Ok(())
     }
 
@@ -493,29 +488,43 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         Ok(())
     }
 
-    /// Write the audit lines that completed purges are still owed (a crash between the
-    /// completion and its audit append), once their own gateway had time to.
+    /// Write the audit lines that purges are still owed (a crash or a Redis blip between
+    /// the journaling or the completion and its audit append), once their own gateway had
+    /// time to. One line that cannot be written does not hold up the others.
     async fn audit_owed(&self, conn: &mut C) -> Result<usize, PurgeError> {
-        let members: Vec<String> = conn.smembers(UNAUDITED_KEY).await?;
+        let requested: Vec<String> = conn.smembers(UNAUDITED_REQUESTS_KEY).await?;
+        let completed: Vec<String> = conn.smembers(UNAUDITED_KEY).await?;
+        let owed = requested
+            .iter()
+            .map(|id| (id, "requested_ms"))
+            .chain(completed.iter().map(|id| (id, "completed_ms")));
         let now_ms = Timestamp::now().as_millisecond();
         let mut written = 0;
-        for member in &members {
-            let (id, at) = match member.strip_prefix(REQUESTED_PREFIX) {
-                Some(id) => (id, "requested_ms"),
-                None => (member.as_str(), "completed_ms"),
-            };
-            let when: Option<i64> = conn.hget(record_key(id), at).await?;
+        let mut first_error = None;
+        for (id, at) in owed {
+            // A damaged timestamp is no reason to owe the line forever: it counts as old.
+            let when: Option<String> = conn.hget(record_key(id), at).await?;
+            let when = when.and_then(|t| t.parse::<i64>().ok());
             if when.is_some_and(|t| now_ms - t < Self::ms(self.config.audit_grace_ms)) {
                 continue;
             }
-            if at == "requested_ms" {
-                self.audit_requested(conn, id).await?;
+            let result = if at == "requested_ms" {
+                self.audit_requested(conn, id).await
             } else {
-                self.audit_completed(conn, id).await?;
+                self.audit_completed(conn, id).await
+            };
+            match result {
+                Ok(()) => written += 1,
+                Err(e) => {
+                    tracing::warn!(purge = %id, error = %e, "owed purge audit line not written");
+                    first_error.get_or_insert(e);
+                }
             }
-            written += 1;
         }
-        Ok(written)
+        match first_error {
+            Some(e) if written == 0 => Err(e),
+            _ => Ok(written),
+        }
     }
 
     /// Range purge of one stream; returns (deleted, whether the whole stream was done).
@@ -618,7 +627,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             Ok(owed) => {
                 tracing::warn!(
                     purges = owed,
-                    "wrote purge.completed audit lines a crash had left out"
+                    "wrote purge audit lines a crash or a Redis blip had left out"
                 )
             }
             Err(e) => {
