@@ -16,6 +16,8 @@ rm -rf "$out"
 mkdir -p "$out"
 export TRACKGATE_RELIABILITY_OUT="$out"
 export FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+# A campaign, not a CI smoke run: the config target optimised too (fuzz/ci.sh).
+export FUZZ_GATEWAY_BUILD="${FUZZ_GATEWAY_BUILD:--O}"
 
 t0=$(date +%s)
 cargo test --test faults --test bad_input --test isolation --test privacy_scan --test tls \
