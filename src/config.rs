@@ -544,22 +544,6 @@ impl Config {
                 "redis.max_permanent_failures",
                 u64::from(r.max_permanent_failures),
             ),
-            (
-                "retention.sweep_scan_count",
-                self.retention.sweep_scan_count as u64,
-            ),
-            (
-                "retention.sweep_late_chunk_entries",
-                self.retention.sweep_late_chunk_entries,
-            ),
-            (
-                "http.export_chunk_entries",
-                self.http.export_chunk_entries as u64,
-            ),
-            (
-                "purge.range_chunk_entries",
-                self.purge.range_chunk_entries as u64,
-            ),
             ("redis.writers", r.writers as u64),
             ("redis.queue_depth_jobs", r.queue_depth_jobs as u64),
             ("redis.held_max_jobs", r.held_max_jobs as u64),
@@ -644,8 +628,9 @@ impl Config {
                 return Err(invalid(field, "must be at most one day"));
             }
         }
-        // Counts sent to Redis as COUNT arguments: a huge one would be refused by every
-        // call (or make one call long enough to stall every gateway's writes).
+        // Counts sent to Redis as COUNT arguments: 0 would make no progress, a huge one
+        // would be refused by every call (or make one call long enough to stall every
+        // gateway's writes).
         let counts = [
             (
                 "retention.sweep_scan_count",
@@ -665,10 +650,10 @@ impl Config {
             ),
         ];
         for (field, v) in counts {
-            if v > MAX_CHUNK_ENTRIES {
+            if !(1..=MAX_CHUNK_ENTRIES).contains(&v) {
                 return Err(invalid(
                     field,
-                    format!("must be at most {MAX_CHUNK_ENTRIES} (one Redis call each)"),
+                    format!("must be 1 to {MAX_CHUNK_ENTRIES} (one Redis call each)"),
                 ));
             }
         }

@@ -739,7 +739,7 @@ async fn a_purge_request_whose_audit_line_was_lost_gets_it_from_the_worker() {
     let _: () = conn.set(AUDIT_KEY, "not a stream").await.unwrap();
     let id = purger.journal(&c, &whole_device(&p)).await.unwrap();
     let owed: Vec<String> = conn.smembers(UNAUDITED_REQUESTS_KEY).await.unwrap();
-    assert_eq!(owed, [id.clone()]);
+    assert_eq!(owed.as_slice(), std::slice::from_ref(&id));
     let completed_owed: Vec<String> = conn.smembers(UNAUDITED_KEY).await.unwrap();
     assert!(
         completed_owed.is_empty(),
