@@ -170,10 +170,20 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(c) = &self.child {
-            signal(c.id(), "-CONT");
+            resume(c.id());
         }
         self.kill();
     }
+}
+
+/// SIGCONT for a process a test may have frozen, before it is killed. Never fails: the
+/// process may have exited already (a node that could not bind its port), and a panic in
+/// a drop during a panic aborts the whole test binary.
+fn resume(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
 }
 
 pub fn signal(pid: u32, sig: &str) {
@@ -526,7 +536,7 @@ impl ClusterNode {
     /// Kill the process (SIGKILL: no goodbye to the cluster).
     pub fn kill(&mut self) {
         if let Some(c) = &self.child {
-            signal(c.id(), "-CONT");
+            resume(c.id());
         }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
