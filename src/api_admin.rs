@@ -312,14 +312,7 @@ pub struct Device {
 }
 
 fn device(s: &AdminState, imei: &str) -> Result<(Imei, String), Response> {
-    let imei = Imei::new(imei).ok_or_else(|| {
-        problem(
-            StatusCode::BAD_REQUEST,
-            "bad_imei",
-            "imei must be 14-15 digits",
-            None,
-        )
-    })?;
+    let imei = crate::api_v1::imei_from_body(imei)?;
     let devices =
         s.v1.keys
             .all_pseudonyms(&imei)

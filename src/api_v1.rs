@@ -129,6 +129,19 @@ pub(crate) async fn imei_in_url() -> Response {
     )
 }
 
+/// The IMEI of a request body, or the `400 bad_imei` answer (which never echoes it).
+#[allow(clippy::result_large_err)] // the early response of a cold path, as in api_admin
+pub(crate) fn imei_from_body(imei: &str) -> Result<Imei, Response> {
+    Imei::new(imei).ok_or_else(|| {
+        problem(
+            StatusCode::BAD_REQUEST,
+            "bad_imei",
+            "imei must be 14-15 digits",
+            None,
+        )
+    })
+}
+
 fn not_found() -> Response {
     problem(StatusCode::NOT_FOUND, "not_found", "Not found", None)
 }
@@ -262,13 +275,9 @@ async fn create_purge(
             None,
         );
     };
-    let Some(imei) = Imei::new(&body.imei) else {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "bad_imei",
-            "imei must be 14-15 digits",
-            None,
-        );
+    let imei = match imei_from_body(&body.imei) {
+        Ok(i) => i,
+        Err(r) => return r,
     };
     let range = match (body.from, body.to) {
         (None, None) => None,
@@ -436,13 +445,9 @@ async fn export_fixes(
             None,
         );
     };
-    let Some(imei) = Imei::new(&params.imei) else {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "bad_imei",
-            "imei must be 14-15 digits",
-            None,
-        );
+    let imei = match imei_from_body(&params.imei) {
+        Ok(i) => i,
+        Err(r) => return r,
     };
     let Owned {
         pseudonyms,
