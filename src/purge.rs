@@ -50,6 +50,31 @@ pub const UNAUDITED_KEY: &str = "tg:{purge}:unaudited";
 /// gateway of the previous version reads [`UNAUDITED_KEY`] as completed purges only.
 pub const UNAUDITED_REQUESTS_KEY: &str = "tg:{purge}:unaudited_requests";
 
+/// The two audit lines of a purge that are owed until written.
+#[derive(Debug, Clone, Copy)]
+enum AuditLine {
+    Requested,
+    Completed,
+}
+
+impl AuditLine {
+    /// The set of purges owed this line.
+    fn owed_key(self) -> &'static str {
+        match self {
+            AuditLine::Requested => UNAUDITED_REQUESTS_KEY,
+            AuditLine::Completed => UNAUDITED_KEY,
+        }
+    }
+
+    /// The record field (ms) the grace before the worker writes the line counts from.
+    fn since_field(self) -> &'static str {
+        match self {
+            AuditLine::Requested => "requested_ms",
+            AuditLine::Completed => "completed_ms",
+        }
+    }
+}
+
 /// Whether a purge record (`tg:{purge}:<id>`) is for the same devices and range as `req`.
 fn same_request(record: &HashMap<String, String>, req: &PurgeRequest) -> bool {
     let mut stored: Vec<&str> = record
@@ -331,31 +356,13 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .map_err(PurgeError::Unavailable)?;
         // The request is journaled and marked owed its audit line; a failure here leaves
         // the line to the worker.
-        if let Err(e) = self.audit_requested(&mut conn, &id).await {
+        if let Err(e) = self
+            .write_audit_line(&mut conn, &id, AuditLine::Requested)
+            .await
+        {
             tracing::warn!(purge = %id, error = %e, "purge.requested audit line left to the worker");
         }
         Ok(id)
-    }
-
-    /// Append the `purge.requested` audit line of purge `id` (from its record), then take
-    /// it off [`UNAUDITED_REQUESTS_KEY`].
-    async fn audit_requested(&self, conn: &mut C, id: &str) -> Result<(), PurgeError> {
-        let h: HashMap<String, String> = conn.hgetall(record_key(id)).await?;
-        if let Some(customer) = h.get("customer") {
-            audit::append(
-                conn,
-                &AuditEvent {
-                    actor: &format!("customer:{customer}"),
-                    action: "purge.requested",
-                    devices: h.get("devices").map_or("", String::as_str),
-                    outcome: "pending",
-                    detail: &format!("purge {id}"),
-                },
-            )
-            .await?;
-        }
-        let _: () = conn.srem(UNAUDITED_REQUESTS_KEY, id).await?;
-        Ok(())
     }
 
     /// The receipt of purge `id`.
@@ -463,28 +470,48 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .ignore();
         let _: () = tx.query_async(&mut conn).await?;
         metrics::counter!(crate::metrics::PURGES_COMPLETED).increment(1);
-        self.audit_completed(&mut conn, id).await
+        self.write_audit_line(&mut conn, id, AuditLine::Completed)
+            .await
     }
 
-    /// Append the `purge.completed` audit line of a completed purge (from its record),
-    /// then take it off [`UNAUDITED_KEY`].
-    async fn audit_completed(&self, conn: &mut C, id: &str) -> Result<(), PurgeError> {
+    /// Append audit line `line` of purge `id` (from its record: `purge.completed` only
+    /// once it is completed), then take the purge off the line's owed set.
+    async fn write_audit_line(
+        &self,
+        conn: &mut C,
+        id: &str,
+        line: AuditLine,
+    ) -> Result<(), PurgeError> {
         let h: HashMap<String, String> = conn.hgetall(record_key(id)).await?;
-        if h.get("state").map(String::as_str) == Some("completed") {
-            let field = |k: &str| h.get(k).cloned().unwrap_or_default();
+        let field = |k: &str| h.get(k).map_or("", String::as_str);
+        let (due, action, outcome, detail) = match line {
+            AuditLine::Requested => (
+                h.contains_key("customer"),
+                "purge.requested",
+                "pending",
+                format!("purge {id}"),
+            ),
+            AuditLine::Completed => (
+                field("state") == "completed",
+                "purge.completed",
+                "ok",
+                format!("purge {id}: {} fixes deleted", field("deleted")),
+            ),
+        };
+        if due {
             audit::append(
                 conn,
                 &AuditEvent {
                     actor: &format!("customer:{}", field("customer")),
-                    action: "purge.completed",
-                    devices: &field("devices"),
-                    outcome: "ok",
-                    detail: &format!("purge {id}: {} fixes deleted", field("deleted")),
+                    action,
+                    devices: field("devices"),
+                    outcome,
+                    detail: &detail,
                 },
             )
             .await?;
         }
-        let _: () = conn.srem(UNAUDITED_KEY, id).await?;
+        let _: () = conn.srem(line.owed_key(), id).await?;
         Ok(())
     }
 
@@ -492,27 +519,22 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
     /// the journaling or the completion and its audit append), once their own gateway had
     /// time to. One line that cannot be written does not hold up the others.
     async fn audit_owed(&self, conn: &mut C) -> Result<usize, PurgeError> {
-        let requested: Vec<String> = conn.smembers(UNAUDITED_REQUESTS_KEY).await?;
-        let completed: Vec<String> = conn.smembers(UNAUDITED_KEY).await?;
-        let owed = requested
-            .iter()
-            .map(|id| (id, "requested_ms"))
-            .chain(completed.iter().map(|id| (id, "completed_ms")));
+        let mut owed = Vec::new();
+        for line in [AuditLine::Requested, AuditLine::Completed] {
+            let ids: Vec<String> = conn.smembers(line.owed_key()).await?;
+            owed.extend(ids.into_iter().map(|id| (id, line)));
+        }
         let now_ms = Timestamp::now().as_millisecond();
         let mut written = 0;
         let mut first_error = None;
-        for (id, at) in owed {
+        for (id, line) in &owed {
             // A damaged timestamp is no reason to owe the line forever: it counts as old.
-            let when: Option<String> = conn.hget(record_key(id), at).await?;
+            let when: Option<String> = conn.hget(record_key(id), line.since_field()).await?;
             let when = when.and_then(|t| t.parse::<i64>().ok());
             if when.is_some_and(|t| now_ms - t < Self::ms(self.config.audit_grace_ms)) {
                 continue;
             }
-            let result = if at == "requested_ms" {
-                self.audit_requested(conn, id).await
-            } else {
-                self.audit_completed(conn, id).await
-            };
+            let result = self.write_audit_line(conn, id, *line).await;
             match result {
                 Ok(()) => written += 1,
                 Err(e) => {
