@@ -724,12 +724,22 @@ async fn audit_lines(mut conn: trackgate::redis_conn::RedisConn, action: &str, i
         .count()
 }
 
+/// Move purge `id`'s `field` (ms) two minutes back: past the grace the worker leaves its
+/// own gateway before writing an owed audit line.
+async fn past_audit_grace(conn: &mut trackgate::redis_conn::RedisConn, id: &str, field: &str) {
+    let long_ago = Timestamp::now().as_millisecond() - 120_000;
+    let _: () = conn
+        .hset(trackgate::purge::record_key(id), field, long_ago)
+        .await
+        .unwrap();
+}
+
 /// The `purge.requested` audit line goes to another slot than the journal: a Redis blip
 /// or a crash between the two must not lose it either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_request_whose_audit_line_was_lost_gets_it_from_the_worker() {
     use trackgate::audit::AUDIT_KEY;
-    use trackgate::purge::{UNAUDITED_KEY, UNAUDITED_REQUESTS_KEY, record_key};
+    use trackgate::purge::{UNAUDITED_KEY, UNAUDITED_REQUESTS_KEY};
     let redis = Backend::from_env();
     let c = customer(redis.conn()).await;
     let p = KeyRing::ephemeral().pseudonym(&Imei::new(&imei(78)).unwrap());
@@ -752,11 +762,7 @@ async fn a_purge_request_whose_audit_line_was_lost_gets_it_from_the_worker() {
         0,
         "left to the requesting gateway within its minute"
     );
-    let long_ago = Timestamp::now().as_millisecond() - 120_000;
-    let _: () = conn
-        .hset(record_key(&id), "requested_ms", long_ago)
-        .await
-        .unwrap();
+    past_audit_grace(&mut conn, &id, "requested_ms").await;
     purger.work_once().await.unwrap();
     assert_eq!(audit_lines(conn.clone(), "purge.requested", &id).await, 1);
     let owed: Vec<String> = conn.smembers(UNAUDITED_REQUESTS_KEY).await.unwrap();
@@ -768,7 +774,7 @@ async fn a_purge_request_whose_audit_line_was_lost_gets_it_from_the_worker() {
 /// completing gateway has had its minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completed_purge_whose_audit_line_was_lost_gets_it_from_the_worker() {
-    use trackgate::purge::{UNAUDITED_KEY, record_key};
+    use trackgate::purge::UNAUDITED_KEY;
     let redis = Backend::from_env();
     let c = customer(redis.conn()).await;
     let p = KeyRing::ephemeral().pseudonym(&Imei::new(&imei(77)).unwrap());
@@ -791,11 +797,7 @@ async fn a_completed_purge_whose_audit_line_was_lost_gets_it_from_the_worker() {
         1,
         "left to the completing gateway within its minute"
     );
-    let long_ago = Timestamp::now().as_millisecond() - 120_000;
-    let _: () = conn
-        .hset(record_key(&receipt.id), "completed_ms", long_ago)
-        .await
-        .unwrap();
+    past_audit_grace(&mut conn, &receipt.id, "completed_ms").await;
     purger.work_once().await.unwrap();
     assert_eq!(completed_lines(conn.clone(), receipt.id.clone()).await, 2);
     let owed: Vec<String> = conn.smembers(UNAUDITED_KEY).await.unwrap();
