@@ -214,9 +214,7 @@ async fn purge_and_export_across_instances(backend: Backend) {
     assert!(r.contains("\"completed\""), "{r}");
 
     // New fixes received after the purge (and its clock-skew margin) are stored again.
-    let margin_ms = backend.config().purge.clock_skew_margin_ms as i64;
-    let wait_ms = cutoff_ms + margin_ms + 50 - jiff::Timestamp::now().as_millisecond();
-    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
+    past_purge_margin(cutoff_ms, backend.config().purge.clock_skew_margin_ms).await;
     t.send(&ccc_frame(&id, &[fix_at(now_s(), 10)])).await;
     assert!(t.reply(LONG).await.is_some());
     assert_eq!(xlen(&mut c, &p).await, 1);

@@ -182,13 +182,10 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
 
 const SKEW: Duration = Duration::from_millis(1000);
 
-/// Wait until fixes read now are past `receipt`'s cutoff plus the default
-/// `purge.clock_skew_margin_ms` (until then the tombstone refuses them).
+/// [`past_purge_margin`] for `receipt`, with the default margin.
 async fn past_skew_margin(receipt: &trackgate::purge::Receipt) {
-    let margin_ms = PurgeConfig::default().clock_skew_margin_ms as i64;
-    let wait_ms =
-        receipt.cutoff.as_millisecond() + margin_ms + 50 - Timestamp::now().as_millisecond();
-    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
+    let margin_ms = PurgeConfig::default().clock_skew_margin_ms;
+    past_purge_margin(receipt.cutoff.as_millisecond(), margin_ms).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

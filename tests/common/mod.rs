@@ -274,6 +274,13 @@ pub fn now_s() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap()
 }
 
+/// Wait until fixes read now are received after a purge's cutoff (Unix ms) and the
+/// `purge.clock_skew_margin_ms` the purge applied: until then its tombstone refuses them.
+pub async fn past_purge_margin(cutoff_ms: i64, margin_ms: u64) {
+    let wait_ms = cutoff_ms + margin_ms as i64 + 50 - Timestamp::now().as_millisecond();
+    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
+}
+
 fn frame(imei: &str, cmd: &[u8; 3], payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     encode::frame(
