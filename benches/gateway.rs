@@ -20,7 +20,7 @@ const UPKEEP: Upkeep = Upkeep {
     interval: Duration::from_secs(60),
     late_after: Duration::from_secs(3600),
 };
-use trackgate::storage::StoredFix;
+use trackgate::store::StoredFix;
 use trackgate_protocols::MessageKind;
 
 fn pseudonymize(c: &mut Criterion) {

@@ -16,7 +16,7 @@ use trackgate::pseudonym::{Imei, KeyRing};
 use trackgate::purge::{PurgeRequest, Purger};
 use trackgate::redis_child::RedisChild;
 use trackgate::registry::Customer;
-use trackgate::storage::{FieldValue, StoredFix, fixes_key};
+use trackgate::store::{FieldValue, StoredFix, fixes_key};
 use trackgate_protocols::{Fix, MessageKind};
 
 const FIXES: i64 = 777_600;

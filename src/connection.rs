@@ -31,7 +31,7 @@ use crate::metrics as m;
 use crate::pseudonym::{Imei, KeyRing, Pseudonym};
 use crate::retention::Retention;
 use crate::sink::{Sink, SubmitError, WriteJob};
-use crate::storage::StoredFix;
+use crate::store::StoredFix;
 
 /// What the codec yields. `Debug` never shows frame bytes (they hold the IMEI).
 pub enum Inbound {

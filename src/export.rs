@@ -14,7 +14,7 @@ use redis::aio::ConnectionLike;
 use serde_json::{Map, Value, json};
 
 use crate::pseudonym::Pseudonym;
-use crate::storage::{F_EXTRAS, F_PACKED, F_TIME, PACKED_FIELDS, fixes_key, unpack};
+use crate::store::{F_EXTRAS, F_PACKED, F_TIME, PACKED_FIELDS, fixes_key, unpack};
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,15 +301,15 @@ mod tests {
         };
         fix.analog.battery_mv = Some(4150);
         fix.push_extra(ExtraKey::Named("battery_pct"), ExtraValue::Int(96));
-        let stored = crate::storage::StoredFix::from_fix(MessageKind::Aaa, &fix);
+        let stored = crate::store::StoredFix::from_fix(MessageKind::Aaa, &fix);
         let fields: Vec<(String, Vec<u8>)> = stored
             .fields
             .iter()
             .map(|(k, v)| {
                 let bytes = match v {
-                    crate::storage::FieldValue::Int(i) => i.to_string().into_bytes(),
-                    crate::storage::FieldValue::Text(t) => t.clone().into_bytes(),
-                    crate::storage::FieldValue::Bytes(b) => b.clone(),
+                    crate::store::FieldValue::Int(i) => i.to_string().into_bytes(),
+                    crate::store::FieldValue::Text(t) => t.clone().into_bytes(),
+                    crate::store::FieldValue::Bytes(b) => b.clone(),
                 };
                 (k.to_string(), bytes)
             })

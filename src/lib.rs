@@ -25,4 +25,4 @@ pub mod redis_conn;
 pub mod registry;
 pub mod retention;
 pub mod sink;
-pub mod storage;
+pub mod store;

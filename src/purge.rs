@@ -36,7 +36,7 @@ use crate::audit::{self, AuditEvent};
 use crate::config::PurgeConfig;
 use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
-use crate::storage::{fixes_key, late_key, meta_key, tomb_key};
+use crate::store::{fixes_key, late_key, meta_key, tomb_key};
 
 /// Ids of purges not yet completed.
 pub const PENDING_KEY: &str = "tg:{purge}:pending";

@@ -31,7 +31,7 @@ use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
 use crate::redis_conn::RedisConn;
 use crate::registry::owner_key;
-use crate::storage::{FIXES_PATTERN, late_key, meta_key, pseudonym_of_key};
+use crate::store::{FIXES_PATTERN, late_key, meta_key, pseudonym_of_key};
 
 /// The sweeper's lease (one slot of its own in a cluster).
 pub const SWEEP_LEASE_KEY: &str = "tg:{sweep}:lease";
@@ -180,7 +180,7 @@ pub async fn try_lease<C: ConnectionLike + Send + Sync>(
 }
 
 /// One stream's sweep step: trim by receive time (entry ids), then delete up to a chunk
-/// of the late-delivered entries (`crate::storage::late_key`) whose fix time is past the
+/// of the late-delivered entries (`crate::store::late_key`) whose fix time is past the
 /// TTL. KEYS: fixes, late index. ARGV: min id ms, fix-time cutoff s (exclusive), chunk.
 /// Returns {entries removed, late index members taken}.
 const SWEEP_STREAM: &str = r#"

@@ -41,7 +41,7 @@ use crate::config::RedisConfig;
 use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
 use crate::redis_conn::{RedisConn, SlotMap, key_slot};
-use crate::storage::{FieldValue, StoredFix, fixes_key, late_key, meta_key, tomb_key};
+use crate::store::{FieldValue, StoredFix, fixes_key, late_key, meta_key, tomb_key};
 
 /// One decoded frame's worth of fixes for one device.
 #[derive(Debug)]
@@ -188,7 +188,7 @@ impl SlotGate {
 /// absent if unknown). Per job rather than per entry, the received time is one argument
 /// for a whole CCE batch.
 ///
-/// Late index (`crate::storage::late_key`): the entry ids of fixes delivered late, by fix
+/// Late index (`crate::store::late_key`): the entry ids of fixes delivered late, by fix
 /// time, so that the sweeper deletes them by fix time (trimming goes by receive time).
 /// Only jobs flagged late are parsed for it.
 ///

@@ -26,7 +26,7 @@ use trackgate::redis_conn::RedisConn;
 use trackgate::registry::{Customer, Registry};
 use trackgate::retention::{Retention, sweep_once, try_lease};
 use trackgate::sink::{self, WriteJob};
-use trackgate::storage::{StoredFix, fixes_key, meta_key};
+use trackgate::store::{StoredFix, fixes_key, meta_key};
 use trackgate_protocols::MessageKind;
 
 const LONG: Duration = Duration::from_secs(15);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use redis::AsyncCommands;
-use trackgate::storage::fixes_key;
+use trackgate::store::fixes_key;
 
 const SHORT: Duration = Duration::from_millis(700);
 const LONG: Duration = Duration::from_secs(10);
@@ -392,7 +392,7 @@ async fn one_broken_device_key_does_not_stall_the_others() {
     // A tombstone that is not a number: the append script fails for this device only.
     let _: () = conn
         .set(
-            trackgate::storage::tomb_key(&pseudonym(&keys, &broken)),
+            trackgate::store::tomb_key(&pseudonym(&keys, &broken)),
             "not-a-number",
         )
         .await

@@ -18,7 +18,7 @@ use trackgate::pseudonym::{Imei, KeyRing};
 use trackgate::purge::{PurgeError, PurgeRequest, Purger};
 use trackgate::registry::{Customer, Registry};
 use trackgate::sink::WriteJob;
-use trackgate::storage::{StoredFix, fixes_key};
+use trackgate::store::{StoredFix, fixes_key};
 use trackgate_protocols::MessageKind;
 
 const LONG: Duration = Duration::from_secs(10);
@@ -472,7 +472,7 @@ async fn overdue_purges_raise_the_metric() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_stream_range_purge_fast_path_then_worker_finishes_exactly() {
-    use trackgate::storage::FieldValue;
+    use trackgate::store::FieldValue;
     // Small limits keep the stream short; several chunks per scan are still exercised.
     let config = PurgeConfig {
         fast_full_scan_max_entries: 2_000,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use redis::AsyncCommands;
-use trackgate::storage::{fixes_key, meta_key};
+use trackgate::store::{fixes_key, meta_key};
 
 const TTL_S: u64 = 2;
 const SWEEP_S: u64 = 1;
@@ -274,7 +274,7 @@ async fn a_retention_unknown_at_connect_is_provisional_and_corrected_by_the_next
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fix_delivered_late_is_swept_by_its_fix_time() {
-    use trackgate::storage::late_key;
+    use trackgate::store::late_key;
     let redis = Backend::from_env();
     let mut c = config(&redis);
     c.retention.ttl_s = 3;

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use trackgate::config::RedisConfig;
 use trackgate::pseudonym::{KeyRing, Pseudonym};
 use trackgate::sink::WriteJob;
-use trackgate::storage::StoredFix;
+use trackgate::store::StoredFix;
 use trackgate_protocols::MessageKind;
 
 const LONG: Duration = Duration::from_secs(15);
@@ -137,7 +137,7 @@ async fn a_writer_holds_at_most_held_max_jobs_then_pushes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_is_pushed_out_once_per_upkeep_interval_and_follows_a_ttl_change() {
     use redis::AsyncCommands;
-    use trackgate::storage::{fixes_key, meta_key};
+    use trackgate::store::{fixes_key, meta_key};
     let redis = RedisServer::start();
     let cfg = one_writer(&redis);
     let writers = start_writers(&cfg); // upkeep interval: 60 s

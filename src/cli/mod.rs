@@ -117,7 +117,7 @@ async fn count_stored_fixes(
     let mut cursor = 0u64;
     let mut total = 0u64;
     loop {
-        let (next, keys) = crate::storage::scan_fixes_keys(conn, cursor).await?;
+        let (next, keys) = crate::store::scan_fixes_keys(conn, cursor).await?;
         if keys.is_empty() {
             // SCAN pages may be empty; an empty pipeline is an error to redis-rs.
             if next == 0 {

@@ -435,7 +435,7 @@ pub async fn verify(
     };
     for log in logs {
         let p = pseudonym(keys, &log.imei);
-        let key = trackgate::storage::fixes_key(&p);
+        let key = trackgate::store::fixes_key(&p);
         let mut stored = BTreeSet::new();
         let mut entries = 0usize;
         let mut start = "-".to_string();

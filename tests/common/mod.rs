@@ -377,7 +377,7 @@ pub async fn stream_len<C: redis::aio::ConnectionLike + Send + Sync>(
     conn: &mut C,
     p: &Pseudonym,
 ) -> usize {
-    conn.xlen(trackgate::storage::fixes_key(p)).await.unwrap()
+    conn.xlen(trackgate::store::fixes_key(p)).await.unwrap()
 }
 
 /// Redis writers on their own connection, as the gateway starts them (default upkeep
@@ -397,7 +397,7 @@ pub async fn stored_mileages<C: redis::aio::ConnectionLike + Send + Sync>(
     conn: &mut C,
     p: &Pseudonym,
 ) -> Vec<i64> {
-    use trackgate::storage::{F_PACKED, PACKED_FIELDS, fixes_key, unpack};
+    use trackgate::store::{F_PACKED, PACKED_FIELDS, fixes_key, unpack};
     let r: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(p)).await.unwrap();
     let mileage = PACKED_FIELDS
         .iter()

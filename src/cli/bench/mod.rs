@@ -33,7 +33,7 @@ use crate::loadgen::fleet::sample_fixes;
 use crate::loadgen::report::LoadReport;
 use crate::metrics as m;
 use crate::redis_child::RedisChild;
-use crate::storage::{FieldValue, StoredFix};
+use crate::store::{FieldValue, StoredFix};
 
 /// Arguments of `trackgate bench`.
 #[derive(Debug, Args)]

@@ -1,7 +1,4 @@
-//! The Redis data model (DESIGN §5): key names and how a fix is laid out in a stream entry.
-//!
-//! Every key of a device carries its pseudonym as the hash tag `{P}`, so a device's keys
-//! land in one Redis Cluster slot and can be written in one pipeline or script.
+//! How one fix is laid out in a live-tail stream entry (`tg:{P}:fixes`).
 //!
 //! A fix is a stream entry of (at most) three fields, the same in every entry so Redis
 //! stores the names once per listpack node:
@@ -17,58 +14,7 @@
 
 use trackgate_protocols::{Fix, MessageKind};
 
-use crate::pseudonym::{Imei, Pseudonym};
-
-/// `tg:{P}:fixes`, the device's location history.
-pub fn fixes_key(p: &Pseudonym) -> String {
-    format!("tg:{{{p}}}:fixes")
-}
-
-/// `tg:{P}:meta`, owner, retention override, last seen, key version.
-pub fn meta_key(p: &Pseudonym) -> String {
-    format!("tg:{{{p}}}:meta")
-}
-
-/// `tg:{P}:tomb`, purge cutoffs (issue 5).
-pub fn tomb_key(p: &Pseudonym) -> String {
-    format!("tg:{{{p}}}:tomb")
-}
-
-/// `tg:{P}:late`, index of the fixes delivered late (taken more than a sweep interval
-/// before they were received): sorted set, score = fix time (s), member = stream entry
-/// id. Trimming goes by receive time (entry ids); these would outlive their fix time's
-/// retention by their delay, so the sweeper deletes them by fix time from here.
-pub fn late_key(p: &Pseudonym) -> String {
-    format!("tg:{{{p}}}:late")
-}
-
-/// Pattern matching every fixes stream (for the sweeper's SCAN).
-pub const FIXES_PATTERN: &str = "tg:{*}:fixes";
-
-/// One page of a SCAN over every fixes stream: (next cursor, keys); cursor 0 starts and
-/// a returned 0 ends. Single node only: the sweeper scans each cluster primary
-/// through [`crate::redis_conn::RedisConn::scan_page`].
-pub async fn scan_fixes_keys<C: redis::aio::ConnectionLike + Send>(
-    conn: &mut C,
-    cursor: u64,
-) -> redis::RedisResult<(u64, Vec<String>)> {
-    redis::cmd("SCAN")
-        .arg(cursor)
-        .arg("MATCH")
-        .arg(FIXES_PATTERN)
-        .arg("COUNT")
-        .arg(500)
-        .arg("TYPE")
-        .arg("stream")
-        .query_async(conn)
-        .await
-}
-
-/// The pseudonym inside a `tg:{P}:…` key.
-pub fn pseudonym_of_key(key: &str) -> Option<Pseudonym> {
-    let inner = key.strip_prefix("tg:{")?.split_once('}')?.0;
-    Pseudonym::parse(inner)
-}
+use crate::pseudonym::Imei;
 
 /// `<imei>` as hex: what replaces the IMEI's digits inside a raw (hex) extra.
 const SCRUBBED_HEX: &str = "3c696d65693e";
@@ -386,15 +332,6 @@ mod tests {
         let file_name = v["file_name"].as_str().unwrap_or_default();
         assert!(file_name.starts_with(SCRUBBED_HEX), "{x}");
         Ok(())
-    }
-
-    #[test]
-    fn keys_share_the_hash_tag() {
-        let p = Pseudonym::parse("p1_abcdefghijklmnopqrstuvwxyz").unwrap();
-        assert_eq!(fixes_key(&p), "tg:{p1_abcdefghijklmnopqrstuvwxyz}:fixes");
-        assert_eq!(meta_key(&p), "tg:{p1_abcdefghijklmnopqrstuvwxyz}:meta");
-        assert_eq!(pseudonym_of_key(&fixes_key(&p)), Some(p));
-        assert_eq!(pseudonym_of_key("tg:{nope}:fixes"), None);
     }
 
     #[test]

@@ -1,0 +1,11 @@
+//! The Redis data model (DESIGN §5), in one place: key names ([`keys`]), the layout of a
+//! live-tail entry ([`fix`]), the compressed history chunk codec ([`chunk`]) and the rows
+//! both decode to ([`row`]). Nothing outside this module writes a `tg:` key literal.
+
+pub mod chunk;
+pub mod fix;
+pub mod keys;
+pub mod row;
+
+pub use fix::*;
+pub use keys::*;
