@@ -21,7 +21,7 @@ targets="$(cargo fuzz list)"
 # took 7.5 of a 20-minute CI optimised; unoptimised (--dev) it builds in 3 and still runs
 # thousands of inputs a second. FUZZ_GATEWAY_BUILD=-O for longer campaigns.
 gateway_build="${FUZZ_GATEWAY_BUILD:---dev}"
-gateway_targets="config_parse"
+gateway_targets="config_parse chunk_decode"
 build_flags() {
   if [[ " $gateway_targets " == *" $1 "* ]]; then
     echo "$gateway_build --features gateway"

@@ -4,7 +4,7 @@
 # payload after `<cmd>,` (cut by the frame layout, so only well-formed vectors are used).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-for t in framer decode_aaa decode_cce decode_ccc decode_any config_parse; do mkdir -p "$here/corpus/$t"; done
+for t in framer decode_aaa decode_cce decode_ccc decode_any config_parse chunk_decode; do mkdir -p "$here/corpus/$t"; done
 # Seeds kept in fuzz/seeds/<target>/: the config parser's example config and variants,
 # and inputs of crashes found and fixed (regressions).
 for d in "$here"/seeds/*/; do cp "$d"* "$here/corpus/$(basename "$d")/"; done

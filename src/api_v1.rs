@@ -33,6 +33,8 @@ pub struct V1State {
     pub retention: crate::retention::Retention,
     /// Entries an export reads per Redis call (`http.export_chunk_entries`).
     pub export_chunk_entries: usize,
+    /// `storage.future_fix_tolerance_s`, for reading tail entries.
+    pub future_tolerance_s: i64,
 }
 
 /// The OpenAPI document of the `/v1` API (served at `/openapi.json`, checked in as
@@ -491,6 +493,7 @@ async fn export_fixes(
         owned_since_ms: since_ms,
         format,
         chunk_entries: state.export_chunk_entries,
+        future_tolerance_s: state.future_tolerance_s,
     };
     let body = axum::body::Body::from_stream(crate::export::stream(state.audit_conn.clone(), q));
     let mut r = (StatusCode::OK, body).into_response();

@@ -44,6 +44,89 @@ pub struct Config {
     pub keys: KeysConfig,
     pub http: HttpConfig,
     pub purge: PurgeConfig,
+    pub storage: StorageConfig,
+}
+
+/// Storage layout: the live tail and the compressed history (DESIGN §5).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Fixes received longer ago than this leave the live tail (one stream entry each) and
+    /// are sealed into compressed history chunks. Consumers that follow the tail see every
+    /// fix for at least this long.
+    pub compact_after_s: u64,
+    /// How often a compaction pass runs (one gateway per pass, lease `tg:{compact}:lease`).
+    pub compact_interval_s: u64,
+    /// Rows per history chunk at most: larger chunks cost fewer bytes per fix, smaller
+    /// ones less work when a purge or the TTL rewrites a chunk.
+    pub chunk_max_fixes: usize,
+    /// Tail entries one device seals per pass at most (bounds one script call).
+    pub compact_device_max_fixes: usize,
+    /// Tail entries one pass seals at most over all devices; the rest waits for the next.
+    pub compact_pass_max_fixes: u64,
+    /// A fix time more than this after its receive time is not trusted for ordering and
+    /// retention (a device clock far ahead would keep it past its TTL): such a fix is
+    /// kept by its receive time. Its reported time is still exported unchanged.
+    pub future_fix_tolerance_s: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            compact_after_s: 900,
+            compact_interval_s: 60,
+            chunk_max_fixes: 256,
+            compact_device_max_fixes: 4096,
+            compact_pass_max_fixes: 1_000_000,
+            future_fix_tolerance_s: 86_400,
+        }
+    }
+}
+
+/// Most rows a history chunk may be asked to hold (the codec's own bound is larger, so
+/// merging a late batch into a full chunk still fits).
+pub const MAX_CHUNK_FIXES: usize = 4096;
+
+impl StorageConfig {
+    /// `future_fix_tolerance_s` as the signed seconds the row code compares with.
+    pub fn future_tolerance_s(&self) -> i64 {
+        i64::try_from(self.future_fix_tolerance_s).unwrap_or(i64::MAX)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let day_s = MAX_LIMIT_MS / 1000;
+        for (field, v) in [
+            ("storage.compact_after_s", self.compact_after_s),
+            ("storage.compact_interval_s", self.compact_interval_s),
+            (
+                "storage.future_fix_tolerance_s",
+                self.future_fix_tolerance_s,
+            ),
+        ] {
+            if !(1..=day_s).contains(&v) {
+                return Err(invalid(field, format!("must be 1 to {day_s} (one day)")));
+            }
+        }
+        if !(16..=MAX_CHUNK_FIXES).contains(&self.chunk_max_fixes) {
+            return Err(invalid(
+                "storage.chunk_max_fixes",
+                format!("must be 16 to {MAX_CHUNK_FIXES}"),
+            ));
+        }
+        if !(1..=MAX_CHUNK_ENTRIES as usize).contains(&self.compact_device_max_fixes) {
+            return Err(invalid(
+                "storage.compact_device_max_fixes",
+                format!("must be 1 to {MAX_CHUNK_ENTRIES} (one Redis call each)"),
+            ));
+        }
+        if self.compact_pass_max_fixes == 0 {
+            return Err(invalid(
+                "storage.compact_pass_max_fixes",
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Purges (DESIGN §7).
@@ -102,6 +185,7 @@ impl Default for Config {
             keys: KeysConfig::default(),
             http: HttpConfig::default(),
             purge: PurgeConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -657,6 +741,7 @@ impl Config {
                 ));
             }
         }
+        self.storage.validate()?;
         if self.purge.clock_skew_margin_ms > 60_000 {
             return Err(invalid(
                 "purge.clock_skew_margin_ms",

@@ -1,9 +1,16 @@
 //! Export: a customer reads and copies its own device's history (NDJSON, CSV, GeoJSON).
 //!
-//! Streamed chunk by chunk from Redis (`XRANGE … COUNT`), never buffering the history,
-//! across the device's pseudonyms under every key version. Nothing older than the
-//! retention period is ever returned, whether or not the sweeper has removed it yet: an
-//! entry is skipped if its receive time (entry id) or its fix time is past the TTL.
+//! Per pseudonym of the device (every key version): its live tail is read whole (it
+//! holds minutes of fixes) and sorted, then merged with its history chunks, decoded one at
+//! a time, so records come out in time order (the fix time; see
+//! [`crate::store::row::effective_time`]) with at most one chunk decoded at once. The
+//! chunks are read in one call, an atomic snapshot against compaction (their compressed
+//! bytes: a few MB for a device's three months). A fix sealed while the tail was read is
+//! written once (by its id), and so is a resent copy of a fix.
+//!
+//! Nothing older than the retention period is ever returned, whether or not the sweeper
+//! has removed it yet: a row is skipped if its receive time or its fix time is past the
+//! TTL.
 
 use std::time::Duration;
 
@@ -14,7 +21,10 @@ use redis::aio::ConnectionLike;
 use serde_json::{Map, Value, json};
 
 use crate::pseudonym::Pseudonym;
-use crate::store::{F_EXTRAS, F_PACKED, F_TIME, PACKED_FIELDS, fixes_key, unpack};
+use crate::store::chunk;
+use crate::store::hist::{self, StoredChunk};
+use crate::store::row::Row;
+use crate::store::tail;
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,48 +78,12 @@ pub const CSV_COLUMNS: &[&str] = &[
     "outputs",
 ];
 
-fn rfc3339_s(s: i64) -> Option<String> {
-    Timestamp::from_second(s).ok().map(|t| t.to_string())
-}
-
-fn id_ms(id: &str) -> Option<i64> {
-    id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
-}
-
-/// One stored entry as the JSON record `trackgate decode` would print (same names/units).
+/// One stored tail entry as the JSON record `trackgate decode` would print (same names
+/// and units); an entry that cannot be read gives an empty record.
 pub fn entry_json(id: &str, fields: &[(String, Vec<u8>)]) -> Map<String, Value> {
-    let get = |k: &str| {
-        fields
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_slice())
-    };
-    let mut m = Map::new();
-    let t = get(F_TIME)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse::<i64>().ok());
-    if let Some(t) = t.and_then(rfc3339_s) {
-        m.insert("time".into(), json!(t));
-    }
-    if let Some(r) = id_ms(id).and_then(|ms| Timestamp::from_millisecond(ms).ok()) {
-        m.insert("received_at".into(), json!(r.to_string()));
-    }
-    if let Some((kind, values)) = get(F_PACKED).and_then(unpack) {
-        m.insert("type".into(), json!(kind));
-        for (i, v) in values {
-            let (name, div) = PACKED_FIELDS[i];
-            let value = match name {
-                "valid" => json!(v != 0),
-                _ if div == 1.0 => json!(v),
-                _ => json!(v as f64 / div),
-            };
-            m.insert(name.into(), value);
-        }
-    }
-    if let Some(x) = get(F_EXTRAS).and_then(|x| serde_json::from_slice::<Value>(x).ok()) {
-        m.insert("extra".into(), x);
-    }
-    m
+    Row::from_entry(id, fields, i64::MAX)
+        .map(|r| r.to_json())
+        .unwrap_or_default()
 }
 
 fn csv_field(v: Option<&Value>) -> String {
@@ -167,37 +141,177 @@ pub struct ExportQuery {
     pub format: Format,
     /// Entries read per Redis call (`http.export_chunk_entries`).
     pub chunk_entries: usize,
+    /// `storage.future_fix_tolerance_s`: how a tail entry's time is read.
+    pub future_tolerance_s: i64,
+}
+
+/// Which rows an export returns: within the retention (by receive and fix time), the
+/// caller's ownership and the asked fix-time range.
+#[derive(Debug, Clone, Copy)]
+struct Filter {
+    oldest_ms: i64,
+    from_s: Option<i64>,
+    to_s: Option<i64>,
+}
+
+impl Filter {
+    fn keeps(&self, r: &Row) -> bool {
+        if r.recv_ms < self.oldest_ms {
+            return false;
+        }
+        match r.fix_time_s {
+            Some(t) => {
+                t.saturating_mul(1000) >= self.oldest_ms
+                    && self.from_s.is_none_or(|f| t >= f)
+                    && self.to_s.is_none_or(|x| t <= x)
+            }
+            None => self.from_s.is_none() && self.to_s.is_none(),
+        }
+    }
+
+    /// Whether a chunk may hold rows this filter keeps.
+    fn may_keep(&self, h: &chunk::Header) -> bool {
+        h.displaced()
+            || (h.last.saturating_mul(1000) >= self.oldest_ms.saturating_sub(999)
+                && self.from_s.is_none_or(|f| h.last >= f))
+    }
+}
+
+/// One device (pseudonym) being exported: its tail, read whole and sorted, merged with
+/// its history chunks, read in one atomic call, one chunk at a time.
+struct Device {
+    tail: std::collections::VecDeque<Row>,
+    /// Tail entries' ids: a fix sealed into a chunk while the export read the tail is in
+    /// both, and is written once.
+    tail_ids: std::collections::HashSet<(i64, u64)>,
+    chunks: std::collections::VecDeque<StoredChunk>,
+    /// Rows written with the current time: a resent copy of one of them is skipped.
+    group: Vec<Row>,
+}
+
+impl Device {
+    /// Read `p`'s tail, then its history (in that order: a fix that moves from one to the
+    /// other meanwhile is then read at least once).
+    async fn load<C: ConnectionLike + Send>(
+        conn: &mut C,
+        p: &Pseudonym,
+        q: &ExportQuery,
+        filter: &Filter,
+    ) -> redis::RedisResult<Device> {
+        let mut rows = Vec::new();
+        let mut start = format!("{}-0", filter.oldest_ms.max(0));
+        loop {
+            let page = tail::range(conn, p, &start, "+", q.chunk_entries).await?;
+            let Some(last) = page.last() else { break };
+            start = format!("({}", last.0);
+            let full = page.len() == q.chunk_entries;
+            rows.extend(
+                page.iter()
+                    .filter_map(|e| tail::row_of(e, q.future_tolerance_s, "export").ok())
+                    .filter(|r| filter.keeps(r)),
+            );
+            if !full {
+                break;
+            }
+        }
+        rows.sort_by_key(Row::order_key);
+        let tail_ids = rows.iter().map(|r| (r.recv_ms, r.seq)).collect();
+        let max =
+            q.to.map_or("+inf".to_string(), |t| t.as_second().to_string());
+        let chunks = hist::chunks_by_score(conn, p, "-inf", &max, 0, usize::MAX)
+            .await?
+            .into_iter()
+            .filter(|c| c.header.as_ref().map_or(true, |h| filter.may_keep(h)))
+            .collect();
+        Ok(Device {
+            tail: rows.into(),
+            tail_ids,
+            chunks,
+            group: Vec::new(),
+        })
+    }
+
+    /// The next rows to write, in time order: the next chunk's rows with the tail rows
+    /// that come before them; the rest of the tail once the chunks are done. `None` once
+    /// the device is done.
+    fn next_rows(&mut self, filter: &Filter) -> Option<Vec<Row>> {
+        let Some(c) = self.chunks.pop_front() else {
+            if self.tail.is_empty() {
+                return None;
+            }
+            let rest: Vec<Row> = self.tail.drain(..).collect();
+            return Some(self.unique(rest));
+        };
+        let rows: Vec<Row> = c
+            .rows("export")
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| filter.keeps(r) && !self.tail_ids.contains(&(r.recv_ms, r.seq)))
+            .collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            while self
+                .tail
+                .front()
+                .is_some_and(|t| t.order_key() < r.order_key())
+            {
+                out.extend(self.tail.pop_front());
+            }
+            out.push(r);
+        }
+        Some(self.unique(out))
+    }
+
+    /// `rows` without the resends of rows already written.
+    fn unique(&mut self, rows: Vec<Row>) -> Vec<Row> {
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            if self.group.last().is_some_and(|g| g.time != r.time) {
+                self.group.clear();
+            }
+            if self.group.iter().any(|g| r.is_resend_of(g)) {
+                continue;
+            }
+            self.group.push(r.clone());
+            out.push(r);
+        }
+        out
+    }
 }
 
 struct State<C> {
     conn: C,
     q: ExportQuery,
+    filter: Filter,
+    /// Index of the pseudonym being exported, and its loaded rows.
     device: usize,
-    /// XRANGE start for the current device's stream: `<ms>-0` (inclusive, the TTL
-    /// bound) or `(<id>` (exclusive, after the last entry read).
-    after: String,
+    current: Option<Device>,
     started: bool,
     finished: bool,
     emitted: u64,
-    oldest_ms: i64,
 }
 
-/// The export as a byte stream (header, records, footer).
+/// The export as a byte stream (header, records in time order per pseudonym, footer).
 pub fn stream<C>(conn: C, q: ExportQuery) -> impl Stream<Item = Result<Bytes, redis::RedisError>>
 where
     C: ConnectionLike + Send + 'static,
 {
     let oldest_ms = (Timestamp::now().as_millisecond() - q.ttl.as_millis() as i64)
         .max(q.owned_since_ms.unwrap_or(0));
+    let filter = Filter {
+        oldest_ms,
+        from_s: q.from.map(|t| t.as_second()),
+        to_s: q.to.map(|t| t.as_second()),
+    };
     let state = State {
         conn,
         q,
+        filter,
         device: 0,
-        after: String::new(),
+        current: None,
         started: false,
         finished: false,
         emitted: 0,
-        oldest_ms,
     };
     futures::stream::try_unfold(state, |mut st| async move {
         if st.finished {
@@ -216,65 +330,30 @@ where
                 }
                 Format::Ndjson => {}
             }
-            // Entries older than the TTL by receive time are skipped by the id range.
-            st.after = format!("{}-0", st.oldest_ms.max(0));
             return Ok(Some((Bytes::from(out), st)));
         }
         while st.device < st.q.pseudonyms.len() {
-            let key = fixes_key(&st.q.pseudonyms[st.device]);
-            let start = st.after.clone();
-            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(st.q.chunk_entries)
-                .query_async(&mut st.conn)
-                .await?;
-            if reply.ids.is_empty() {
-                st.device += 1;
-                st.after = format!("{}-0", st.oldest_ms.max(0));
-                continue;
-            }
-            let (from_s, to_s) = (
-                st.q.from.map(|t| t.as_second()),
-                st.q.to.map(|t| t.as_second()),
-            );
-
-            for e in &reply.ids {
-                let fields: Vec<(String, Vec<u8>)> = e
-                    .map
-                    .iter()
-                    .filter_map(|(k, v)| {
-                        redis::from_redis_value::<Vec<u8>>(v.clone())
-                            .ok()
-                            .map(|v| (k.clone(), v))
-                    })
-                    .collect();
-                let t = fields
-                    .iter()
-                    .find(|(k, _)| k == F_TIME)
-                    .and_then(|(_, v)| std::str::from_utf8(v).ok())
-                    .and_then(|v| v.parse::<i64>().ok());
-                let keep = match t {
-                    Some(t) => {
-                        t.saturating_mul(1000) >= st.oldest_ms
-                            && from_s.is_none_or(|f| t >= f)
-                            && to_s.is_none_or(|x| t <= x)
+            let device = match st.current.as_mut() {
+                Some(d) => d,
+                None => {
+                    let p = &st.q.pseudonyms[st.device];
+                    let d = Device::load(&mut st.conn, p, &st.q, &st.filter).await?;
+                    st.current.insert(d)
+                }
+            };
+            match device.next_rows(&st.filter) {
+                Some(rows) => {
+                    for r in rows {
+                        out.extend(render(st.q.format, &r.to_json(), st.emitted == 0));
+                        st.emitted += 1;
                     }
-                    None => from_s.is_none() && to_s.is_none(),
-                };
-                if keep {
-                    let rec = entry_json(&e.id, &fields);
-                    out.extend(render(st.q.format, &rec, st.emitted == 0));
-                    st.emitted += 1;
+                    return Ok(Some((Bytes::from(out), st)));
+                }
+                None => {
+                    st.current = None;
+                    st.device += 1;
                 }
             }
-            if let Some(last) = reply.ids.last() {
-                // Exclusive start for the next chunk.
-                st.after = format!("({}", last.id);
-            }
-            return Ok(Some((Bytes::from(out), st)));
         }
         st.finished = true;
         if st.q.format == Format::GeoJson {

@@ -70,7 +70,7 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let framer = Framer::new(Direction::DeviceToServer, config.limits.max_frame_bytes)
             .with_early_resync(true);
-        let retention = Retention::new(&config.retention);
+        let retention = Retention::new(&config.retention).with_future_tolerance(&config.storage);
         let shared = Arc::new(Shared {
             config: config.clone(),
             keys,
@@ -127,6 +127,7 @@ impl Gateway {
                 audit_conn: api_conn.clone(),
                 retention: Retention::new(&config.retention),
                 export_chunk_entries: config.http.export_chunk_entries,
+                future_tolerance_s: config.storage.future_tolerance_s(),
             };
             let mut authed = api_v1::router(v1.clone());
             if let Some(admin) = &config.http.admin_token_sha256 {
@@ -162,6 +163,12 @@ impl Gateway {
             conn.clone(),
             retention,
             Duration::from_secs(config.retention.sweep_interval_s),
+            hex::encode(rand::random::<[u8; 8]>()),
+            shutdown.clone(),
+        ));
+        let compactor = tokio::spawn(crate::compact::run_compactor(
+            conn.clone(),
+            crate::compact::Compaction::from(&config.storage),
             hex::encode(rand::random::<[u8; 8]>()),
             shutdown.clone(),
         ));
@@ -222,7 +229,7 @@ impl Gateway {
             // Background tasks stop on the shutdown token; never wait past the deadline for
             // them (a sweep of many keys, an HTTP client that never finishes its request).
             let late = deadline.max(tokio::time::Instant::now());
-            let mut background = vec![sweeper, purge_worker];
+            let mut background = vec![sweeper, purge_worker, compactor];
             background.extend(http_task);
             background.extend(upkeep);
             for mut t in background {

@@ -41,6 +41,20 @@ pub const RETENTION_LOOKUP_FAILURES: &str = "trackgate_retention_lookup_failures
 pub const PURGES_COMPLETED: &str = "trackgate_purges_completed_total";
 pub const PURGES_OVERDUE: &str = "trackgate_purges_overdue";
 pub const AUTH_RATE_LIMITED: &str = "trackgate_auth_rate_limited_total";
+/// Tail entries sealed into history chunks by compaction.
+pub const FIXES_SEALED: &str = "trackgate_fixes_sealed_total";
+/// Fixes stored twice (a batch resent after its ACK was lost) dropped at sealing.
+pub const FIXES_DEDUPLICATED: &str = "trackgate_fixes_deduplicated_total";
+/// Compaction passes run (and skipped: another gateway held the lease).
+pub const COMPACTIONS: &str = "trackgate_compactions_total";
+pub const COMPACTIONS_SKIPPED: &str = "trackgate_compactions_skipped_total";
+/// A device's seal found its tail or chunks changed meanwhile (a purge, the sweeper):
+/// retried next pass.
+pub const COMPACTION_CONFLICTS: &str = "trackgate_compaction_conflicts_total";
+/// Stored rows that cannot be read, by `kind` and `role` (export, purge, compaction,
+/// retention): tail entries (`trackgate_tail_entry_errors_total`) and history chunks.
+pub const TAIL_ENTRY_ERRORS: &str = "trackgate_tail_entry_errors_total";
+pub const CHUNK_ERRORS: &str = "trackgate_chunk_errors_total";
 
 /// Command labels of [`FRAMES`] and [`ACKS_SENT`]: the commands we model, and `other`
 /// (device-chosen strings must not mint series).

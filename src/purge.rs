@@ -36,7 +36,8 @@ use crate::audit::{self, AuditEvent};
 use crate::config::PurgeConfig;
 use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
-use crate::store::{fixes_key, late_key, meta_key, tomb_key};
+use crate::store::hist;
+use crate::store::{fixes_key, hist_key, late_key, meta_key, tomb_key};
 
 /// Ids of purges not yet completed.
 pub const PENDING_KEY: &str = "tg:{purge}:pending";
@@ -106,12 +107,25 @@ fn idem_key(customer: &str, key: &str) -> String {
     )
 }
 
-/// Complete purge of one pseudonym. KEYS: fixes, meta, tomb, late index. ARGV: cutoff ms,
-/// tomb ttl ms.
+/// Complete purge of one pseudonym: tail, history, metadata, late index; the cutoff only
+/// ever rises. Returns the fixes deleted (the history's from its chunks' row counts, the
+/// varint after a chunk's version and flags bytes; see `crate::store::chunk`).
+/// KEYS: fixes, meta, tomb, late index, history. ARGV: cutoff ms, tomb ttl ms.
 const PURGE_ALL: &str = r#"
 local n = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then n = redis.call('XLEN', KEYS[1]) end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[4])
+for _, c in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  local v, scale, pos = 0, 1, 3
+  while true do
+    local b = string.byte(c, pos)
+    if b == nil then break end
+    v = v + (b % 128) * scale
+    if b < 128 then break end
+    pos, scale = pos + 1, scale * 128
+  end
+  n = n + v
+end
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
 local old = tonumber(redis.call('HGET', KEYS[3], 'all') or '-1')
 if tonumber(ARGV[1]) > old then redis.call('HSET', KEYS[3], 'all', ARGV[1]) end
 if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
@@ -429,6 +443,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                         .key(meta_key(p))
                         .key(tomb_key(p))
                         .key(late_key(p))
+                        .key(hist_key(p))
                         .arg(tomb_cutoff_ms)
                         .arg(tomb_ttl_ms)
                         .invoke_async::<u64>(&mut conn)
@@ -596,10 +611,56 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                 .await?;
             deleted += n;
             if last.is_empty() {
-                return Ok((deleted, whole));
+                break;
             }
             start = format!("({last}");
         }
+        deleted += self.purge_history_range(conn, p, from_s, to_s).await?;
+        Ok((deleted, whole))
+    }
+
+    /// Range purge of one device's history chunks: every row whose fix time is in
+    /// `[from_s, to_s]` (survivors of a chunk rewritten). Chunks that changed meanwhile
+    /// (sealed, swept) are read again, a bounded number of times; a damaged chunk that
+    /// lies wholly inside the range goes whole, one that straddles it stays (counted).
+    async fn purge_history_range(
+        &self,
+        conn: &mut C,
+        p: &Pseudonym,
+        from_s: i64,
+        to_s: i64,
+    ) -> Result<u64, PurgeError> {
+        const ATTEMPTS: usize = 8;
+        let mut deleted = 0;
+        for _ in 0..ATTEMPTS {
+            let chunks: Vec<_> =
+                hist::chunks_by_score(conn, p, "-inf", &to_s.to_string(), 0, usize::MAX)
+                    .await?
+                    .into_iter()
+                    .filter(|c| {
+                        c.header
+                            .as_ref()
+                            .map_or(true, |h| h.displaced() || h.last >= from_s)
+                    })
+                    .collect();
+            let out = hist::drop_rows(
+                conn,
+                p,
+                chunks,
+                "purge",
+                |r| r.fix_time_s.is_some_and(|t| (from_s..=to_s).contains(&t)),
+                |h| !h.displaced() && h.first >= from_s && h.last <= to_s,
+            )
+            .await?;
+            deleted += out.rows;
+            if out.conflicts == 0 {
+                return Ok(deleted);
+            }
+        }
+        Err(PurgeError::Redis(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "history kept changing during a range purge; the worker retries",
+        ))))
     }
 
     /// Finish pending purges every `interval` until `stop`; counts overdue ones.

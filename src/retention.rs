@@ -31,7 +31,8 @@ use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
 use crate::redis_conn::RedisConn;
 use crate::registry::owner_key;
-use crate::store::{FIXES_PATTERN, late_key, meta_key, pseudonym_of_key};
+use crate::store::hist;
+use crate::store::{FIXES_PATTERN, HIST_PATTERN, late_key, pseudonym_of_key};
 
 /// The sweeper's lease (one slot of its own in a cluster).
 pub const SWEEP_LEASE_KEY: &str = "tg:{sweep}:lease";
@@ -48,6 +49,8 @@ pub struct Retention {
     /// `retention.sweep_late_chunk_entries`).
     sweep_scan_count: usize,
     sweep_late_chunk: u64,
+    /// `storage.future_fix_tolerance_s`: how far past its receipt a row's time may lie.
+    future_tolerance_s: i64,
 }
 
 impl Retention {
@@ -57,7 +60,15 @@ impl Retention {
             max_customer_ttl: Duration::from_secs(config.max_customer_ttl_s),
             sweep_scan_count: config.sweep_scan_count,
             sweep_late_chunk: config.sweep_late_chunk_entries,
+            future_tolerance_s: crate::config::StorageConfig::default().future_tolerance_s(),
         }
+    }
+
+    /// Use `storage.future_fix_tolerance_s` (the sweeper reads history chunks up to that
+    /// far past the cutoff).
+    pub fn with_future_tolerance(mut self, storage: &crate::config::StorageConfig) -> Self {
+        self.future_tolerance_s = storage.future_tolerance_s();
+        self
     }
 
     /// The hook every write and read path asks: how long may this device's fixes live?
@@ -129,7 +140,7 @@ pub async fn run_sweeper(
     crate::periodic::every(interval, stop, || {
         let mut conn = conn.clone();
         async move {
-            match try_lease(&mut conn, instance, lease_for(interval)).await {
+            match try_lease(&mut conn, SWEEP_LEASE_KEY, instance, lease_for(interval)).await {
                 Ok(true) => {}
                 Ok(false) => {
                     metrics::counter!(m::RETENTION_SWEEPS_SKIPPED).increment(1);
@@ -162,14 +173,16 @@ pub fn lease_for(interval: Duration) -> Duration {
     (interval * 9 / 10).max(Duration::from_millis(1))
 }
 
-/// Take the sweep lease for `ttl` if nobody holds it; true if `instance` now holds it.
+/// Take the lease `key` (the sweep's, the compactor's) for `ttl` if nobody holds it; true
+/// if `instance` now holds it.
 pub async fn try_lease<C: ConnectionLike + Send + Sync>(
     conn: &mut C,
+    key: &str,
     instance: &str,
     ttl: Duration,
 ) -> redis::RedisResult<bool> {
     let set: Option<String> = redis::cmd("SET")
-        .arg(SWEEP_LEASE_KEY)
+        .arg(key)
         .arg(instance)
         .arg("NX")
         .arg("PX")
@@ -194,65 +207,100 @@ end
 return {n, #ids}
 "#;
 
-/// Trim every fixes stream (on every primary, in cluster mode) to its TTL exactly, by
-/// receive time and, for fixes delivered late, by fix time; returns the entries removed.
+/// Trim every device's tail and history (on every primary, in cluster mode) to its
+/// retention exactly: the tail by receive time and, for fixes delivered late, by fix time;
+/// the history by row time. The retention is looked up now for each device (its owner's
+/// agreement, else the default), not taken from its last write, so a lowered one reaches
+/// quiet devices too. Returns the fixes removed.
 pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::RedisResult<u64> {
     let sweep = redis::Script::new(SWEEP_STREAM);
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut trimmed = 0u64;
     let mut keyed = conn.clone();
     for target in conn.scan_targets().await? {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys) = conn
-                .scan_page(
-                    &target,
-                    cursor,
-                    FIXES_PATTERN,
-                    retention.sweep_scan_count,
-                    "stream",
-                )
-                .await?;
-            for key in keys {
-                let default_ms = retention.default_ttl().as_millis() as i64;
-                let Some(p) = pseudonym_of_key(&key) else {
-                    let n: u64 = redis::cmd("XTRIM")
-                        .arg(&key)
-                        .arg("MINID")
-                        .arg(now_ms - default_ms)
-                        .query_async(&mut keyed)
+        for (pattern, kind) in [(FIXES_PATTERN, "stream"), (HIST_PATTERN, "zset")] {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) = conn
+                    .scan_page(&target, cursor, pattern, retention.sweep_scan_count, kind)
+                    .await?;
+                for key in keys {
+                    let Some(p) = pseudonym_of_key(&key) else {
+                        continue;
+                    };
+                    let ttl = retention
+                        .ttl_for(&mut keyed, std::slice::from_ref(&p))
                         .await?;
-                    trimmed += n;
-                    continue;
-                };
-                let stored: Option<i64> = keyed.hget(meta_key(&p), META_TTL_MS).await?;
-                let ttl_ms = stored.unwrap_or(default_ms);
-                // By receive time (entry ids), then the late deliveries by fix time; the
-                // same cutoff as at ingest: fix time (s) < (now - ttl) (s).
-                let cutoff_ms = now_ms - ttl_ms;
-                loop {
-                    let (n, late): (u64, u64) = sweep
-                        .key(&key)
-                        .key(late_key(&p))
-                        .arg(cutoff_ms)
-                        .arg(cutoff_ms.div_euclid(1000))
-                        .arg(retention.sweep_late_chunk)
-                        .invoke_async(&mut keyed)
-                        .await?;
-                    trimmed += n;
-                    if late < retention.sweep_late_chunk {
-                        break;
-                    }
+                    let cutoff_ms = now_ms - i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+                    trimmed += match kind {
+                        "stream" => {
+                            sweep_tail(&mut keyed, &sweep, &key, &p, cutoff_ms, retention).await?
+                        }
+                        _ => sweep_history(&mut keyed, &p, cutoff_ms, retention).await?,
+                    };
                 }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
     }
     metrics::counter!(m::RETENTION_TRIMMED).increment(trimmed);
     Ok(trimmed)
+}
+
+/// Trim one tail: by receive time (entry ids), then the late deliveries by fix time; the
+/// same cutoff as at ingest: fix time (s) < (now − ttl) (s).
+async fn sweep_tail(
+    conn: &mut RedisConn,
+    sweep: &redis::Script,
+    key: &str,
+    p: &Pseudonym,
+    cutoff_ms: i64,
+    retention: &Retention,
+) -> redis::RedisResult<u64> {
+    let mut trimmed = 0;
+    loop {
+        let (n, late): (u64, u64) = sweep
+            .key(key)
+            .key(late_key(p))
+            .arg(cutoff_ms)
+            .arg(cutoff_ms.div_euclid(1000))
+            .arg(retention.sweep_late_chunk)
+            .invoke_async(conn)
+            .await?;
+        trimmed += n;
+        if late < retention.sweep_late_chunk {
+            return Ok(trimmed);
+        }
+    }
+}
+
+/// Trim one history: every row whose time is before the cutoff, or that was received
+/// before it. Only chunks that start before the cutoff plus the future-fix tolerance can
+/// hold one (a row's time is at most that far past its receipt): those are read, the
+/// expired whole ones removed, a straddling one rewritten. A chunk that changed meanwhile
+/// is left to the next sweep.
+async fn sweep_history(
+    conn: &mut RedisConn,
+    p: &Pseudonym,
+    cutoff_ms: i64,
+    retention: &Retention,
+) -> redis::RedisResult<u64> {
+    let cutoff_s = cutoff_ms.div_euclid(1000);
+    let max = format!("({}", cutoff_s.saturating_add(retention.future_tolerance_s));
+    let chunks = hist::chunks_by_score(conn, p, "-inf", &max, 0, usize::MAX).await?;
+    let out = hist::drop_rows(
+        conn,
+        p,
+        chunks,
+        "retention",
+        |r| r.time < cutoff_s || r.recv_ms < cutoff_ms,
+        |h| h.last < cutoff_s,
+    )
+    .await?;
+    Ok(out.rows)
 }
 
 #[cfg(test)]

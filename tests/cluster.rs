@@ -24,7 +24,7 @@ use trackgate::gateway::Gateway;
 use trackgate::pseudonym::{Imei, KeyRing, Pseudonym};
 use trackgate::redis_conn::RedisConn;
 use trackgate::registry::{Customer, Registry};
-use trackgate::retention::{Retention, sweep_once, try_lease};
+use trackgate::retention::{Retention, SWEEP_LEASE_KEY, sweep_once, try_lease};
 use trackgate::sink::{self, WriteJob};
 use trackgate::store::{StoredFix, fixes_key, meta_key};
 use trackgate_protocols::MessageKind;
@@ -266,10 +266,22 @@ async fn sweep_and_lease(backend: Backend) {
 
     // The lease: the first instance gets it, the second skips, and it frees in time.
     let lease = Duration::from_millis(300);
-    assert!(try_lease(&mut conn, "gw-a", lease).await.unwrap());
-    assert!(!try_lease(&mut conn, "gw-b", lease).await.unwrap());
+    assert!(
+        try_lease(&mut conn, SWEEP_LEASE_KEY, "gw-a", lease)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !try_lease(&mut conn, SWEEP_LEASE_KEY, "gw-b", lease)
+            .await
+            .unwrap()
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(try_lease(&mut conn, "gw-b", lease).await.unwrap());
+    assert!(
+        try_lease(&mut conn, SWEEP_LEASE_KEY, "gw-b", lease)
+            .await
+            .unwrap()
+    );
 }
 
 /// `XTRIM` calls so far, summed over every primary (`INFO commandstats`).

@@ -4,8 +4,11 @@
 
 pub mod chunk;
 pub mod fix;
+pub mod hist;
 pub mod keys;
 pub mod row;
+pub mod scripts;
+pub mod tail;
 
 pub use fix::*;
 pub use keys::*;

@@ -1,0 +1,298 @@
+//! Compaction: fixes received longer ago than `storage.compact_after_s` leave the live
+//! tail and are sealed into compressed history chunks (DESIGN §5).
+//!
+//! Invariants:
+//! * **Atomic.** A device's seal is one script call (`store/scripts/seal.lua`) that deletes
+//!   the tail entries and adds the chunks holding them, and only if every tail entry and
+//!   every chunk it replaces is still there: a purge, the sweeper or another gateway that
+//!   got there first turns it into a no-op, read again next pass. A `kill -9` at any
+//!   point leaves either the old or the new state, never a fix lost or stored twice.
+//! * **Chunks never overlap in time.** A row goes into the chunk whose time span holds it,
+//!   or into the gap between two chunks (topping up the one before when it has room), so
+//!   score order is time order for every reader.
+//! * **Exactly once.** A resent fix (same fix time and content, see
+//!   [`Row::is_resend_of`]) meets its first copy in the same chunk and is dropped there.
+//! * **Bounded.** At most `compact_device_max_fixes` per device and
+//!   `compact_pass_max_fixes` per pass; one gateway per pass (lease `tg:{compact}:lease`,
+//!   as for the retention sweep).
+
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::StorageConfig;
+use crate::metrics as m;
+use crate::pseudonym::Pseudonym;
+use crate::redis_conn::RedisConn;
+use crate::store::hist::{self, StoredChunk};
+use crate::store::row::Row;
+use crate::store::scripts::{self, Swap};
+use crate::store::{COMPACT_LEASE_KEY, FIXES_PATTERN, pseudonym_of_key, tail};
+
+/// Compaction settings, from `[storage]`.
+#[derive(Debug, Clone)]
+pub struct Compaction {
+    pub after: Duration,
+    pub interval: Duration,
+    pub chunk_max_fixes: usize,
+    pub device_max_fixes: usize,
+    pub pass_max_fixes: u64,
+    pub future_tolerance_s: i64,
+    /// Keys asked for per SCAN call.
+    pub scan_count: usize,
+}
+
+impl From<&StorageConfig> for Compaction {
+    fn from(s: &StorageConfig) -> Self {
+        Compaction {
+            after: Duration::from_secs(s.compact_after_s),
+            interval: Duration::from_secs(s.compact_interval_s),
+            chunk_max_fixes: s.chunk_max_fixes,
+            device_max_fixes: s.compact_device_max_fixes,
+            pass_max_fixes: s.compact_pass_max_fixes,
+            future_tolerance_s: s.future_tolerance_s(),
+            scan_count: 500,
+        }
+    }
+}
+
+/// What sealing one device did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    /// Tail entries moved into history.
+    pub fixes: u64,
+    /// Of those, resends of a fix already stored, dropped.
+    pub deduplicated: u64,
+    /// The tail or a chunk changed meanwhile: nothing done, try again.
+    pub conflict: bool,
+    /// The device has more due entries than one call takes.
+    pub more: bool,
+}
+
+/// Where a run of rows goes: merged with `chunk` (if any) into new chunks.
+struct Group {
+    chunk: Option<StoredChunk>,
+    rows: Vec<Row>,
+}
+
+/// The chunk with the greatest first time at or before `t`, and the first time of the
+/// chunk after `t` (if any).
+async fn neighbours<C: ConnectionLike + Send>(
+    conn: &mut C,
+    p: &Pseudonym,
+    t: i64,
+) -> redis::RedisResult<(Option<StoredChunk>, Option<i64>)> {
+    let before = hist::chunks_before(conn, p, t, 0, 1)
+        .await?
+        .into_iter()
+        .next();
+    let after = hist::chunks_by_score(conn, p, &format!("({t}"), "+inf", 0, 1)
+        .await?
+        .into_iter()
+        .next();
+    let next_first = match after {
+        // A chunk whose header is damaged: its score still bounds the gap.
+        Some(c) => Some(c.header.map(|h| h.first).unwrap_or(t.saturating_add(1))),
+        None => None,
+    };
+    Ok((before, next_first))
+}
+
+/// Seal `p`'s tail entries received before `now_ms − after` (at most `budget`).
+pub async fn seal_device<C: ConnectionLike + Send>(
+    conn: &mut C,
+    p: &Pseudonym,
+    s: &Compaction,
+    now_ms: i64,
+    budget: usize,
+) -> redis::RedisResult<Sealed> {
+    let end_ms = now_ms.saturating_sub(i64::try_from(s.after.as_millis()).unwrap_or(i64::MAX));
+    if end_ms < 0 {
+        return Ok(Sealed::default());
+    }
+    let take = budget.min(s.device_max_fixes).max(1);
+    let entries = tail::range(conn, p, "-", &end_ms.to_string(), take).await?;
+    let more = entries.len() == take;
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut rows = Vec::with_capacity(entries.len());
+    for e in &entries {
+        // An entry that cannot be read stays in the tail (the sweeper trims it by its
+        // receive time); it is counted and logged.
+        if let Ok(r) = tail::row_of(e, s.future_tolerance_s, "compaction") {
+            ids.push(e.0.clone());
+            rows.push(r);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(Sealed {
+            more,
+            ..Sealed::default()
+        });
+    }
+    rows.sort_by_key(Row::order_key);
+    let groups = group_rows(conn, p, rows, s.chunk_max_fixes).await?;
+    let mut swap = Swap {
+        tail_ids: ids,
+        ..Swap::default()
+    };
+    let mut deduplicated = 0;
+    for g in groups {
+        let mut merged = g.rows;
+        if let Some(c) = g.chunk {
+            // A damaged chunk is left alone; the new rows go beside it.
+            if let Ok(old) = c.rows("compaction") {
+                merged.extend(old);
+                swap.old_chunks.push(c.bytes);
+            }
+        }
+        merged.sort_by_key(Row::order_key);
+        deduplicated += hist::dedup_sorted(&mut merged);
+        swap.new_chunks
+            .extend(hist::encode_chunks(&merged, s.chunk_max_fixes));
+    }
+    let fixes = swap.tail_ids.len() as u64;
+    if !scripts::swap(conn, p, &swap).await? {
+        return Ok(Sealed {
+            conflict: true,
+            more,
+            ..Sealed::default()
+        });
+    }
+    Ok(Sealed {
+        fixes,
+        deduplicated: deduplicated as u64,
+        conflict: false,
+        more,
+    })
+}
+
+/// Assign sorted `rows` to the chunks their times fall in, or to the gaps between chunks
+/// (joining the chunk before a gap while it has room).
+async fn group_rows<C: ConnectionLike + Send>(
+    conn: &mut C,
+    p: &Pseudonym,
+    mut rows: Vec<Row>,
+    chunk_max: usize,
+) -> redis::RedisResult<Vec<Group>> {
+    let mut groups = Vec::new();
+    while let Some(first) = rows.first() {
+        let t = first.time;
+        let (before, next_first) = neighbours(conn, p, t).await?;
+        let covering = before
+            .as_ref()
+            .and_then(|c| c.header.as_ref().ok())
+            .filter(|h| h.last >= t)
+            .map(|h| h.last);
+        let (limit, chunk) = match covering {
+            // Inside a chunk's span: merge with it, up to its end.
+            Some(last) => (Some(last), before),
+            // In the gap after `before`: up to the next chunk; top `before` up if it has
+            // room (it then ends before the next chunk still).
+            None => {
+                let room = before
+                    .as_ref()
+                    .and_then(|c| c.header.as_ref().ok())
+                    .is_some_and(|h| h.count < chunk_max);
+                (next_first.map(|n| n - 1), if room { before } else { None })
+            }
+        };
+        let cut = limit.map_or(rows.len(), |l| rows.partition_point(|r| r.time <= l));
+        let rest = rows.split_off(cut.max(1));
+        // The chunk the previous group merges with, met again from the gap after it:
+        // one group (a chunk is replaced once).
+        match groups.last_mut() {
+            Some(Group {
+                chunk: Some(prev),
+                rows: prev_rows,
+            }) if chunk.as_ref().is_some_and(|c| c.bytes == prev.bytes) => prev_rows.extend(rows),
+            _ => groups.push(Group { chunk, rows }),
+        }
+        rows = rest;
+    }
+    Ok(groups)
+}
+
+/// One compaction pass over every device (every primary of a cluster), within the
+/// pass budget. Returns the tail entries sealed.
+pub async fn compact_once(conn: &RedisConn, s: &Compaction) -> redis::RedisResult<u64> {
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let mut budget = s.pass_max_fixes;
+    let mut sealed = 0u64;
+    let mut keyed = conn.clone();
+    'targets: for target in conn.scan_targets().await? {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys) = conn
+                .scan_page(&target, cursor, FIXES_PATTERN, s.scan_count, "stream")
+                .await?;
+            for key in keys {
+                let Some(p) = pseudonym_of_key(&key) else {
+                    continue;
+                };
+                loop {
+                    if budget == 0 {
+                        break 'targets;
+                    }
+                    let take = usize::try_from(budget).unwrap_or(usize::MAX);
+                    let out = seal_device(&mut keyed, &p, s, now_ms, take).await?;
+                    sealed += out.fixes;
+                    budget = budget.saturating_sub(out.fixes.max(1));
+                    metrics::counter!(m::FIXES_SEALED).increment(out.fixes);
+                    metrics::counter!(m::FIXES_DEDUPLICATED).increment(out.deduplicated);
+                    if out.conflict {
+                        metrics::counter!(m::COMPACTION_CONFLICTS).increment(1);
+                    }
+                    if out.conflict || !out.more || out.fixes == 0 {
+                        break;
+                    }
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(sealed)
+}
+
+/// Compact every `s.interval` until `stop`, when this gateway (`instance`) holds the
+/// compaction lease (a pass is idempotent: stopping half-way loses nothing).
+pub async fn run_compactor(
+    conn: RedisConn,
+    s: Compaction,
+    instance: String,
+    stop: CancellationToken,
+) {
+    let s = &s;
+    let instance = instance.as_str();
+    crate::periodic::every(s.interval, stop, || {
+        let mut conn = conn.clone();
+        async move {
+            let lease = crate::retention::lease_for(s.interval);
+            match crate::retention::try_lease(&mut conn, COMPACT_LEASE_KEY, instance, lease).await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    metrics::counter!(m::COMPACTIONS_SKIPPED).increment(1);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "compaction lease unavailable; will retry next interval");
+                    return;
+                }
+            }
+            match compact_once(&conn, s).await {
+                Ok(sealed) => {
+                    metrics::counter!(m::COMPACTIONS).increment(1);
+                    tracing::debug!(sealed, "compaction pass done");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "compaction pass failed; will retry next interval")
+                }
+            }
+        }
+    })
+    .await;
+}

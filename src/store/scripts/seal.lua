@@ -1,0 +1,35 @@
+-- Move rows between a device's live tail and its history chunks, atomically, only if
+-- everything it was computed from is still there: a purge, the sweeper or another
+-- gateway that changed any of it in the meantime makes it a no-op (returns 0), and the
+-- caller reads again. Sealing (tail entries into chunks) and rewriting chunks (purge
+-- inside a chunk, retention across a chunk boundary) both go through here.
+-- KEYS: tail stream, history set, late index.
+-- ARGV: k, k tail entry ids to delete; m, m chunks to remove; then (score, chunk) pairs
+-- to add. Returns 1 when applied, 0 on a conflict.
+local k = tonumber(ARGV[1])
+for i = 2, k + 1 do
+  if #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i], 'COUNT', 1) == 0 then return 0 end
+end
+local m = tonumber(ARGV[k + 2])
+local o = k + 3
+for i = o, o + m - 1 do
+  if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then return 0 end
+end
+if k > 0 then
+  redis.call('XDEL', KEYS[1], unpack(ARGV, 2, k + 1))
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    redis.call('ZREM', KEYS[3], unpack(ARGV, 2, k + 1))
+  end
+end
+if m > 0 then redis.call('ZREM', KEYS[2], unpack(ARGV, o, o + m - 1)) end
+for i = o + m, #ARGV, 2 do
+  redis.call('ZADD', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+-- The history lives at least as long as the tail it came from would have (the append
+-- script keeps the tail's expiry beyond its newest fix's retention).
+local pt = redis.call('PTTL', KEYS[1])
+if pt > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  local ph = redis.call('PTTL', KEYS[2])
+  if ph == -1 or ph < pt then redis.call('PEXPIRE', KEYS[2], pt) end
+end
+return 1

@@ -1,0 +1,272 @@
+//! Storage v2 (DESIGN §5): the live tail sealed into compressed history chunks. What is
+//! sealed exports exactly as it did from the tail, in time order; purges, the TTL and
+//! resends stay exact inside chunks; sealing is atomic against a racing change.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use jiff::Timestamp;
+use redis::AsyncCommands;
+use trackgate::compact::{Compaction, seal_device};
+use trackgate::export::{ExportQuery, Format};
+use trackgate::pseudonym::Pseudonym;
+use trackgate::store::{chunk, fixes_key, hist_key};
+use trackgate_protocols::{ExtraKey, ExtraValue, Fix};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Seal everything received so far, at once (no `compact_after_s` wait).
+fn seal_now() -> Compaction {
+    Compaction {
+        after: Duration::ZERO,
+        interval: Duration::from_secs(1),
+        chunk_max_fixes: 16,
+        device_max_fixes: 10_000,
+        pass_max_fixes: 1_000_000,
+        future_tolerance_s: 86_400,
+        scan_count: 100,
+    }
+}
+
+async fn seal_all(conn: &mut trackgate::redis_conn::RedisConn, p: &Pseudonym) -> u64 {
+    let mut sealed = 0;
+    loop {
+        let now = Timestamp::now().as_millisecond() + 1;
+        let out = seal_device(conn, p, &seal_now(), now, 10_000)
+            .await
+            .unwrap();
+        assert!(!out.conflict, "nothing races this seal");
+        sealed += out.fixes;
+        if !out.more {
+            return sealed;
+        }
+    }
+}
+
+/// The device's export as NDJSON lines.
+async fn export(conn: &trackgate::redis_conn::RedisConn, p: &Pseudonym) -> Vec<String> {
+    let q = ExportQuery {
+        pseudonyms: vec![p.clone()],
+        from: None,
+        to: None,
+        ttl: DAY,
+        owned_since_ms: None,
+        format: Format::Ndjson,
+        chunk_entries: 7,
+        future_tolerance_s: 86_400,
+    };
+    let mut body = Vec::new();
+    let mut s = std::pin::pin!(trackgate::export::stream(conn.clone(), q));
+    while let Some(part) = s.next().await {
+        body.extend_from_slice(&part.unwrap());
+    }
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A fix that varies in every field kind a tracker sends: moving position, analog
+/// noise, a changing cell, occasional extras.
+fn varied_fix(time: Timestamp, i: i32) -> Fix<'static> {
+    let mut f = fix_at(time, i * 731);
+    f.speed_kmh_x10 = Some((30 + (i * 37) % 40) as u32 * 10);
+    f.course_deg = Some(((i * 13) % 360) as u16);
+    f.analog.battery_mv = Some((4100 + (i * 7) % 50) as u32);
+    f.analog.adc_raw[0] = Some((i * 97 % 1024) as u32);
+    if i % 5 == 0 {
+        f.cell = None;
+    }
+    if i % 3 == 0 {
+        f.push_extra(
+            ExtraKey::Named("battery_pct"),
+            ExtraValue::Int(90 - i64::from(i % 9)),
+        );
+    }
+    f
+}
+
+/// Send `frames` from one tracker, each confirmed or at least read, then wait until the
+/// device's tail holds `expect` entries.
+async fn send_all(
+    gw: &trackgate::gateway::Gateway,
+    frames: &[Vec<u8>],
+    conn: &mut trackgate::redis_conn::RedisConn,
+    p: &Pseudonym,
+    expect: u64,
+) {
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    for f in frames {
+        t.send(f).await;
+    }
+    let key = fixes_key(p);
+    eventually(Duration::from_secs(10), "all fixes stored", || {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move { conn.xlen::<_, u64>(&key).await.unwrap() == expect }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_history_exports_exactly_what_the_tail_did_in_time_order() {
+    let redis = Backend::from_env();
+    let (gw, keys) = start_gateway(redis.config()).await;
+    let id = imei(500);
+    let p = pseudonym(&keys, &id);
+    let mut conn = redis.conn();
+    let base = now_s().as_second() - 3_600;
+    let at = |s: i64| Timestamp::from_second(base + s).unwrap();
+    let mut frames = Vec::new();
+    // On-time reports, then a cached batch of older fixes delivered late, then more.
+    for i in 0..40 {
+        frames.push(aaa_frame(
+            &id,
+            &varied_fix(at(1_200 + i64::from(i) * 30), i),
+        ));
+    }
+    let cached: Vec<Fix<'static>> = (0..16)
+        .map(|i| varied_fix(at(i64::from(i) * 30), 100 + i))
+        .collect();
+    frames.push(cce_frame(&id, &cached));
+    for i in 40..50 {
+        frames.push(aaa_frame(
+            &id,
+            &varied_fix(at(1_200 + i64::from(i) * 30), i),
+        ));
+    }
+    send_all(&gw, &frames, &mut conn, &p, 66).await;
+
+    let before = export(&conn, &p).await;
+    assert_eq!(before.len(), 66);
+    let times: Vec<String> = before
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time"].to_string())
+        .collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted, "export is in fix-time order");
+
+    // The receive-order reading of the tail (what export returned before history
+    // existed) holds the same records.
+    let raw: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(&p)).await.unwrap();
+    let mut v1: Vec<String> = raw
+        .ids
+        .iter()
+        .map(|e| {
+            let fields: Vec<(String, Vec<u8>)> = e
+                .map
+                .iter()
+                .map(|(k, v)| (k.clone(), redis::from_redis_value(v.clone()).unwrap()))
+                .collect();
+            serde_json::Value::Object(trackgate::export::entry_json(&e.id, &fields)).to_string()
+        })
+        .collect();
+    v1.sort();
+    let mut v2 = before.clone();
+    v2.sort();
+    assert_eq!(v1, v2, "same records as the tail's own reading");
+
+    assert_eq!(seal_all(&mut conn, &p).await, 66);
+    assert_eq!(
+        conn.xlen::<_, u64>(fixes_key(&p)).await.unwrap(),
+        0,
+        "tail sealed"
+    );
+    let chunks: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
+    assert!(chunks.len() >= 66 / 16, "{} chunks", chunks.len());
+    let spans: Vec<(i64, i64)> = chunks
+        .iter()
+        .map(|c| chunk::header(c).map(|h| (h.first, h.last)).unwrap())
+        .collect();
+    assert!(
+        spans.windows(2).all(|w| w[0].1 < w[1].0),
+        "chunks never overlap in time: {spans:?}"
+    );
+    assert_eq!(export(&conn, &p).await, before, "identical after sealing");
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_resent_after_a_lost_ack_is_stored_once() {
+    let redis = Backend::from_env();
+    let (gw, keys) = start_gateway(redis.config()).await;
+    let id = imei(501);
+    let p = pseudonym(&keys, &id);
+    let mut conn = redis.conn();
+    let base = now_s().as_second() - 600;
+    let batch: Vec<Fix<'static>> = (0..10)
+        .map(|i| varied_fix(Timestamp::from_second(base + i64::from(i) * 30).unwrap(), i))
+        .collect();
+    let frame = cce_frame(&id, &batch);
+    send_all(&gw, std::slice::from_ref(&frame), &mut conn, &p, 10).await;
+    // The device never saw the ACK: it sends the batch again, on a new connection.
+    send_all(&gw, &[frame], &mut conn, &p, 20).await;
+    assert_eq!(
+        export(&conn, &p).await.len(),
+        10,
+        "export shows each fix once"
+    );
+
+    seal_all(&mut conn, &p).await;
+    let chunks: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
+    let rows: usize = chunks.iter().map(|c| chunk::decode(c).unwrap().len()).sum();
+    assert_eq!(rows, 10, "stored once after sealing");
+    assert_eq!(export(&conn, &p).await.len(), 10);
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_fixes_are_sealed_into_the_chunk_their_time_falls_in() {
+    let redis = Backend::from_env();
+    let (gw, keys) = start_gateway(redis.config()).await;
+    let id = imei(502);
+    let p = pseudonym(&keys, &id);
+    let mut conn = redis.conn();
+    let base = now_s().as_second() - 7_200;
+    let at = |s: i64| Timestamp::from_second(base + s).unwrap();
+    let frames: Vec<Vec<u8>> = (0..48)
+        .map(|i| aaa_frame(&id, &varied_fix(at(i * 60 + 30), i as i32)))
+        .collect();
+    send_all(&gw, &frames, &mut conn, &p, 48).await;
+    seal_all(&mut conn, &p).await;
+    let before: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
+    // A cached batch that falls between and inside the sealed chunks.
+    let late: Vec<Fix<'static>> = (0..8)
+        .map(|i| varied_fix(at(i64::from(i) * 360), 900 + i))
+        .collect();
+    send_all(&gw, &[cce_frame(&id, &late)], &mut conn, &p, 8).await;
+    seal_all(&mut conn, &p).await;
+    let after: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
+    let spans: Vec<(i64, i64)> = after
+        .iter()
+        .map(|c| chunk::header(c).map(|h| (h.first, h.last)).unwrap())
+        .collect();
+    assert!(spans.windows(2).all(|w| w[0].1 < w[1].0), "{spans:?}");
+    let rows: usize = after.iter().map(|c| chunk::decode(c).unwrap().len()).sum();
+    assert_eq!(rows, 56);
+    // Each full chunk a late row lands in splits once; no late row gets a chunk alone.
+    assert!(
+        after.len() <= 2 * before.len() + 1,
+        "late rows join existing chunks: {} then {}: {spans:?}",
+        before.len(),
+        after.len()
+    );
+    let lines = export(&conn, &p).await;
+    assert_eq!(lines.len(), 56);
+    let times: Vec<String> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time"].to_string())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "time order");
+    gw.shutdown();
+    gw.wait().await;
+}
