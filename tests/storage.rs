@@ -270,3 +270,135 @@ async fn late_fixes_are_sealed_into_the_chunk_their_time_falls_in() {
     gw.shutdown();
     gw.wait().await;
 }
+
+/// Send `n` on-time AAA fixes one minute apart ending `ago_s` ago, and seal them.
+async fn sealed_device(
+    gw: &trackgate::gateway::Gateway,
+    conn: &mut trackgate::redis_conn::RedisConn,
+    p: &Pseudonym,
+    id: &str,
+    start_s: i64,
+    n: i64,
+) {
+    let frames: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            aaa_frame(
+                id,
+                &varied_fix(Timestamp::from_second(start_s + i * 60).unwrap(), i as i32),
+            )
+        })
+        .collect();
+    send_all(gw, &frames, conn, p, n as u64).await;
+    assert_eq!(seal_all(conn, p).await, n as u64);
+}
+
+/// Fix times (s) of every row of the device's history.
+async fn history_times(conn: &mut trackgate::redis_conn::RedisConn, p: &Pseudonym) -> Vec<i64> {
+    let chunks: Vec<Vec<u8>> = conn.zrange(hist_key(p), 0, -1).await.unwrap();
+    chunks
+        .iter()
+        .flat_map(|c| chunk::decode(c).unwrap())
+        .map(|r| r.fix_time_s.unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_purge_deletes_exactly_the_fixes_in_range_inside_chunks() {
+    let redis = Backend::from_env();
+    let (gw, keys) = start_gateway(redis.config()).await;
+    let id = imei(503);
+    let p = pseudonym(&keys, &id);
+    let mut conn = redis.conn();
+    let start = now_s().as_second() - 7_200;
+    sealed_device(&gw, &mut conn, &p, &id, start, 60).await;
+    // A range that cuts through chunks of 16 on both ends.
+    let (from, to) = (start + 10 * 60, start + 40 * 60);
+    let purger = trackgate::purge::Purger::new(conn.clone(), DAY);
+    let customer = trackgate::registry::Customer::new("acme", "ACME", "Europe/Berlin");
+    trackgate::registry::Registry::new(conn.clone(), 365 * 86_400)
+        .add_customer(&customer)
+        .await
+        .unwrap();
+    let receipt = purger
+        .request(
+            &customer,
+            &trackgate::purge::PurgeRequest {
+                pseudonyms: vec![p.clone()],
+                range: Some((
+                    Timestamp::from_second(from).unwrap(),
+                    Timestamp::from_second(to).unwrap(),
+                )),
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(receipt.state, "completed");
+    assert_eq!(receipt.deleted_fixes, 31, "minutes 10 to 40 inclusive");
+    let expected: Vec<i64> = (0..60)
+        .map(|i| start + i * 60)
+        .filter(|t| !(from..=to).contains(t))
+        .collect();
+    assert_eq!(
+        history_times(&mut conn, &p).await,
+        expected,
+        "survivors rewritten"
+    );
+    assert_eq!(export(&conn, &p).await.len(), 29);
+
+    // A complete purge takes the history with it.
+    let receipt = purger
+        .request(
+            &customer,
+            &trackgate::purge::PurgeRequest {
+                pseudonyms: vec![p.clone()],
+                range: None,
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(receipt.deleted_fixes, 29);
+    assert!(!conn.exists::<_, bool>(hist_key(&p)).await.unwrap());
+    assert!(export(&conn, &p).await.is_empty());
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_trims_history_by_time_across_a_chunk_boundary_with_the_current_retention() {
+    let redis = Backend::from_env();
+    let (gw, keys) = start_gateway(redis.config()).await;
+    let id = imei(504);
+    let p = pseudonym(&keys, &id);
+    let mut conn = redis.conn();
+    let start = now_s().as_second() - 3_000;
+    sealed_device(&gw, &mut conn, &p, &id, start, 40).await;
+    // The device went quiet; the retention is then lowered to 20 minutes: the sweep
+    // applies it without any new write from the device.
+    let mut cfg = redis.config().retention;
+    cfg.ttl_s = 1_200;
+    let retention = trackgate::retention::Retention::new(&cfg);
+    let trimmed = trackgate::retention::sweep_once(&conn, &retention)
+        .await
+        .unwrap();
+    let cutoff = now_s().as_second() - 1_200;
+    let left = history_times(&mut conn, &p).await;
+    assert!(
+        !left.is_empty() && left.iter().all(|t| *t >= cutoff - 2),
+        "{left:?}"
+    );
+    assert_eq!(
+        trimmed as usize + left.len(),
+        40,
+        "exactly the expired ones"
+    );
+    let expected_left = (0..40).filter(|i| start + i * 60 >= cutoff).count();
+    assert!(
+        left.len().abs_diff(expected_left) <= 1,
+        "{} left, {expected_left} expected",
+        left.len()
+    );
+    gw.shutdown();
+    gw.wait().await;
+}
