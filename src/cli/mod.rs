@@ -114,29 +114,79 @@ fn runtime_with_threads(
 async fn count_stored_fixes(
     conn: &mut redis::aio::MultiplexedConnection,
 ) -> redis::RedisResult<u64> {
-    let mut cursor = 0u64;
+    use crate::store::{FIXES_PATTERN, HIST_PATTERN, chunk, scan_keys};
     let mut total = 0u64;
-    loop {
-        let (next, keys) = crate::store::scan_fixes_keys(conn, cursor).await?;
-        if keys.is_empty() {
+    for (pattern, kind) in [(FIXES_PATTERN, "stream"), (HIST_PATTERN, "zset")] {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys) = scan_keys(conn, cursor, pattern, kind).await?;
             // SCAN pages may be empty; an empty pipeline is an error to redis-rs.
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    match kind {
+                        "stream" => pipe.cmd("XLEN").arg(k),
+                        _ => pipe.cmd("ZRANGE").arg(k).arg(0).arg(-1),
+                    };
+                }
+                total += match kind {
+                    "stream" => pipe
+                        .query_async::<Vec<u64>>(conn)
+                        .await?
+                        .iter()
+                        .sum::<u64>(),
+                    _ => pipe
+                        .query_async::<Vec<Vec<Vec<u8>>>>(conn)
+                        .await?
+                        .iter()
+                        .flatten()
+                        .filter_map(|c| chunk::header(c).ok())
+                        .map(|h| h.count as u64)
+                        .sum(),
+                };
+            }
             if next == 0 {
-                return Ok(total);
+                break;
             }
             cursor = next;
-            continue;
         }
-        let mut pipe = redis::pipe();
-        for k in &keys {
-            pipe.cmd("XLEN").arg(k);
+    }
+    Ok(total)
+}
+
+/// Bytes per column over every history chunk in Redis (decoded and encoded again one
+/// column at a time), largest first: where the bytes of a sealed fix go.
+async fn chunk_column_bytes(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> redis::RedisResult<Vec<(String, u64)>> {
+    use crate::store::{HIST_PATTERN, chunk, scan_keys};
+    let mut sums: Vec<(String, u64)> = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys) = scan_keys(conn, cursor, HIST_PATTERN, "zset").await?;
+        for k in keys {
+            let chunks: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query_async(conn)
+                .await?;
+            for rows in chunks.iter().filter_map(|c| chunk::decode(c).ok()) {
+                for (i, (name, n)) in chunk::column_sizes(&rows).into_iter().enumerate() {
+                    match sums.get_mut(i) {
+                        Some(s) => s.1 += n as u64,
+                        None => sums.push((name.to_string(), n as u64)),
+                    }
+                }
+            }
         }
-        let lens: Vec<u64> = pipe.query_async(conn).await?;
-        total += lens.iter().sum::<u64>();
         if next == 0 {
-            return Ok(total);
+            break;
         }
         cursor = next;
     }
+    sums.sort_by(|a, b| b.1.cmp(&a.1));
+    Ok(sums)
 }
 
 #[cfg(test)]

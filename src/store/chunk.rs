@@ -207,21 +207,92 @@ fn put_presence(out: &mut Vec<u8>, present: &[bool], head: u8) {
     }
 }
 
-/// One integer column, with the smallest transform.
+/// Bit 4 of a column's head byte: the values are bit-packed (see [`put_packed`]) rather
+/// than tokens.
+const PACKED: u8 = 1 << 4;
+
+/// Frame-of-reference bit packing: the smallest value (zigzag varint), the bit width of
+/// the largest difference to it (one byte, 0 to 64), then every difference in that many
+/// bits, least significant first. Noisy values (a signal level, a cell id that changes
+/// every fix) cost their width in bits instead of whole bytes.
+fn put_packed(out: &mut Vec<u8>, values: &[i64]) {
+    let min = values.iter().copied().min().unwrap_or(0);
+    let span = values
+        .iter()
+        .map(|v| v.wrapping_sub(min) as u64)
+        .max()
+        .unwrap_or(0);
+    let width = 64 - span.leading_zeros();
+    put_varint(out, u128::from(zigzag(min)));
+    out.push(width as u8);
+    let (mut acc, mut bits) = (0u128, 0u32);
+    for v in values {
+        acc |= u128::from(v.wrapping_sub(min) as u64) << bits;
+        bits += width;
+        while bits >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            bits -= 8;
+        }
+    }
+    if bits > 0 {
+        out.push(acc as u8);
+    }
+}
+
+fn get_packed(r: &mut Reader<'_>, m: usize, what: &'static str) -> Result<Vec<i64>, ChunkError> {
+    let min = unzigzag(r.u64(what)?);
+    let width = u32::from(r.byte(what)?);
+    if width > 64 {
+        return Err(ChunkError::Range(what));
+    }
+    let len = (m as u64 * u64::from(width)).div_ceil(8);
+    let bytes = r.bytes(
+        usize::try_from(len).map_err(|_| ChunkError::Range(what))?,
+        what,
+    )?;
+    let mask = if width == 64 {
+        u64::MAX
+    } else {
+        (1u64 << width) - 1
+    };
+    let (mut acc, mut bits, mut next) = (0u128, 0u32, bytes.iter());
+    let mut values = Vec::with_capacity(m);
+    for _ in 0..m {
+        while bits < width {
+            acc |= u128::from(*next.next().ok_or(ChunkError::Truncated(what))?) << bits;
+            bits += 8;
+        }
+        values.push(min.wrapping_add((acc as u64 & mask) as i64));
+        acc >>= width;
+        bits -= width;
+    }
+    Ok(values)
+}
+
+/// One integer column, with the smallest transform and packing.
 fn put_int_column(out: &mut Vec<u8>, column: &[Option<i64>]) {
     let present: Vec<bool> = column.iter().map(Option::is_some).collect();
     let values: Vec<i64> = column.iter().flatten().copied().collect();
-    let mut best: Option<(Transform, Vec<u8>)> = None;
+    let mut best: Option<(u8, Vec<u8>)> = None;
     for t in TRANSFORMS {
+        let d: Vec<i64> = transformed(&values, t).collect();
         let mut tokens = Vec::new();
-        put_tokens(&mut tokens, transformed(&values, t));
-        if best.as_ref().is_none_or(|(_, b)| tokens.len() < b.len()) {
-            best = Some((t, tokens));
+        put_tokens(&mut tokens, d.iter().copied());
+        let mut packed = Vec::new();
+        put_packed(&mut packed, &d);
+        for (head, bytes) in [((t as u8) << 2, tokens), ((t as u8) << 2 | PACKED, packed)] {
+            if best.as_ref().is_none_or(|(_, b)| bytes.len() < b.len()) {
+                best = Some((head, bytes));
+            }
         }
     }
-    let (t, tokens) = best.unwrap_or((Transform::Raw, Vec::new()));
-    put_presence(out, &present, (t as u8) << 2);
-    out.extend_from_slice(&tokens);
+    let (head, bytes) = best.unwrap_or((0, Vec::new()));
+    put_presence(out, &present, head);
+    if values.is_empty() {
+        return;
+    }
+    out.extend_from_slice(&bytes);
 }
 
 /// Read a presence byte: (transform bits, which rows are present).
@@ -231,7 +302,7 @@ fn get_presence(
     what: &'static str,
 ) -> Result<(u8, Vec<bool>), ChunkError> {
     let head = r.byte(what)?;
-    if head >> 4 != 0 {
+    if head >> 5 != 0 {
         return Err(ChunkError::Range(what));
     }
     let present = match head & 3 {
@@ -246,16 +317,7 @@ fn get_presence(
     Ok((head >> 2, present))
 }
 
-fn get_int_column(
-    r: &mut Reader<'_>,
-    n: usize,
-    what: &'static str,
-) -> Result<Vec<Option<i64>>, ChunkError> {
-    let (t, present) = get_presence(r, n, what)?;
-    let transform = *TRANSFORMS
-        .get(usize::from(t))
-        .ok_or(ChunkError::Range(what))?;
-    let m = present.iter().filter(|p| **p).count();
+fn get_tokens(r: &mut Reader<'_>, m: usize, what: &'static str) -> Result<Vec<i64>, ChunkError> {
     let mut raw = Vec::with_capacity(m);
     while raw.len() < m {
         let token = r.varint(what)?;
@@ -270,6 +332,26 @@ fn get_int_column(
             raw.extend(std::iter::repeat_n(0, run as usize));
         }
     }
+    Ok(raw)
+}
+
+fn get_int_column(
+    r: &mut Reader<'_>,
+    n: usize,
+    what: &'static str,
+) -> Result<Vec<Option<i64>>, ChunkError> {
+    let (head, present) = get_presence(r, n, what)?;
+    let transform = *TRANSFORMS
+        .get(usize::from(head & 3))
+        .ok_or(ChunkError::Range(what))?;
+    let m = present.iter().filter(|p| **p).count();
+    let raw = if m == 0 {
+        Vec::new()
+    } else if head & (PACKED >> 2) != 0 {
+        get_packed(r, m, what)?
+    } else {
+        get_tokens(r, m, what)?
+    };
     let (mut prev, mut prev_delta) = (0i64, 0i64);
     let mut values = raw.into_iter().map(|d| match transform {
         Transform::Raw => d,
@@ -359,6 +441,34 @@ pub fn encode(rows: &[Row]) -> Vec<u8> {
     }
     put_extras_column(&mut out, rows);
     out
+}
+
+/// Bytes each column of [`encode`] takes for `rows`, by column name: where a fleet's
+/// bytes per fix go (`trackgate bench`, docs/storage-format.md).
+pub fn column_sizes(rows: &[Row]) -> Vec<(&'static str, usize)> {
+    let size = |column: Vec<Option<i64>>| {
+        let mut out = Vec::new();
+        put_int_column(&mut out, &column);
+        out.len()
+    };
+    let column = |f: &dyn Fn(&Row) -> Option<i64>| rows.iter().map(f).collect::<Vec<_>>();
+    let mut sizes = vec![
+        ("time", size(column(&|r| Some(r.time)))),
+        ("recv_ms", size(column(&|r| Some(r.recv_ms)))),
+        ("seq", size(column(&|r| Some(r.seq as i64)))),
+        (
+            "fix_time",
+            size(column(&|r| r.fix_time_s.map(|t| t.wrapping_sub(r.time)))),
+        ),
+        ("kind", size(column(&|r| Some(i64::from(r.kind))))),
+    ];
+    for (i, (name, _)) in super::fix::PACKED_FIELDS.iter().enumerate() {
+        sizes.push((name, size(column(&|r| r.values[i]))));
+    }
+    let mut extras = Vec::new();
+    put_extras_column(&mut extras, rows);
+    sizes.push(("extras", extras.len()));
+    sizes
 }
 
 /// Read the header alone.
@@ -475,6 +585,18 @@ mod tests {
         );
         assert!(!h.displaced());
         Ok(())
+    }
+
+    #[test]
+    fn noisy_values_cost_their_bit_width() {
+        // A signal level jumping within 10..=31 every fix: 5 bits, not a byte.
+        let column: Vec<Option<i64>> = (0..256).map(|i| Some(10 + (i * 7919) % 22)).collect();
+        let mut out = Vec::new();
+        put_int_column(&mut out, &column);
+        assert!(out.len() <= 2 + 2 + 256 * 5 / 8, "{} bytes", out.len());
+        let mut r = Reader { b: &out, pos: 0 };
+        assert_eq!(get_int_column(&mut r, 256, "test"), Ok(column));
+        assert_eq!(r.pos, out.len());
     }
 
     #[test]

@@ -48,21 +48,24 @@ pub fn late_key(p: &Pseudonym) -> String {
 /// Pattern matching every fixes stream (for the sweeper's SCAN).
 pub const FIXES_PATTERN: &str = "tg:{*}:fixes";
 
-/// One page of a SCAN over every fixes stream: (next cursor, keys); cursor 0 starts and
-/// a returned 0 ends. Single node only: the sweeper scans each cluster primary
-/// through [`crate::redis_conn::RedisConn::scan_page`].
-pub async fn scan_fixes_keys<C: redis::aio::ConnectionLike + Send>(
+/// One page of a SCAN over every key matching `pattern` of type `kind` (`stream`,
+/// `zset`): (next cursor, keys); cursor 0 starts and a returned 0 ends. Single node only:
+/// the sweeper scans each cluster primary through
+/// [`crate::redis_conn::RedisConn::scan_page`].
+pub async fn scan_keys<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
     cursor: u64,
+    pattern: &str,
+    kind: &str,
 ) -> redis::RedisResult<(u64, Vec<String>)> {
     redis::cmd("SCAN")
         .arg(cursor)
         .arg("MATCH")
-        .arg(FIXES_PATTERN)
+        .arg(pattern)
         .arg("COUNT")
         .arg(500)
         .arg("TYPE")
-        .arg("stream")
+        .arg(kind)
         .query_async(conn)
         .await
 }

@@ -74,6 +74,9 @@ pub struct BenchArgs {
     /// Fixes to store for the Redis bytes-per-fix figure.
     #[arg(long, default_value_t = 1_000_000)]
     pub memory_fixes: u64,
+    /// Only the Redis bytes-per-fix step (tail, then sealed history): for sizing.
+    #[arg(long)]
+    pub memory_only: bool,
 }
 
 /// Everything a run measured.
@@ -140,7 +143,15 @@ pub(crate) struct RedisMemory {
     pub fixes_stored: u64,
     pub devices: u64,
     pub used_memory_delta_bytes: f64,
+    /// At steady state: after compaction sealed the tail into history chunks.
     pub bytes_per_fix: f64,
+    /// Before compaction, every fix a live-tail stream entry.
+    pub tail_bytes_per_fix: f64,
+    /// Fixes compaction sealed, and how long that took (one pass, in-process).
+    pub sealed_fixes: u64,
+    pub seal_seconds: f64,
+    /// Chunk bytes per sealed fix by column, largest first.
+    pub column_bytes_per_fix: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -227,6 +238,12 @@ async fn bench(args: &BenchArgs) -> Result<PathBuf, String> {
 
     say("decode vs checksum-only");
     report.decode = decode_speed();
+    if args.memory_only {
+        say("Redis bytes per stored fix");
+        report.redis_memory =
+            Some(redis_memory(args, 20_000.0, &redis.url(), work.path(), &mut conn).await?);
+        return finish(report, args, &dir, redis).await;
+    }
 
     say("ceiling: redis-benchmark XADD");
     report.ceiling = measure_ceiling(redis.port, args.quick).await?;
@@ -329,13 +346,23 @@ async fn bench(args: &BenchArgs) -> Result<PathBuf, String> {
     report.redis_memory =
         Some(redis_memory(args, rate, &redis.url(), work.path(), &mut conn).await?);
 
+    finish(report, args, &dir, redis).await
+}
+
+/// Write the report and stop the bench's Redis.
+async fn finish(
+    mut report: BenchReport,
+    args: &BenchArgs,
+    dir: &Path,
+    redis: RedisChild,
+) -> Result<PathBuf, String> {
     report.machine.loadavg_end = loadavg();
     report.notes = notes(&report);
     let json = serde_json::to_vec_pretty(&report).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("report.json"), json).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("summary.md"), summary(&report, args)).map_err(|e| e.to_string())?;
     redis.stop().await;
-    Ok(dir)
+    Ok(dir.to_path_buf())
 }
 
 /// The load generator's own report of a run, kept beside the plots drawn from it.
@@ -624,14 +651,43 @@ async fn redis_memory(
     ]);
     let r = run_loadgen(&load, &work.join("memory.json")).await?;
     gw.stop().await;
+    let tail_stored = super::count_stored_fixes(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tail_delta = redis_info(conn, "used_memory").await.unwrap_or(0.0) - before;
+    // Steady state: every fix older than compact_after_s is sealed; here all of them.
+    let store = crate::redis_conn::connect(&crate::config::RedisConfig {
+        url: redis_url.to_string(),
+        response_timeout_ms: 120_000,
+        ..crate::config::RedisConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let sealed = crate::compact::seal_everything(&store, &crate::config::StorageConfig::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let seal_seconds = t.elapsed().as_secs_f64();
     let stored = super::count_stored_fixes(conn)
         .await
         .map_err(|e| e.to_string())?;
     let after = redis_info(conn, "used_memory").await.unwrap_or(0.0);
     let delta = after - before;
+    let column_bytes_per_fix: Vec<(String, f64)> = super::chunk_column_bytes(conn)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(name, n)| (name, n as f64 / stored.max(1) as f64))
+        .collect();
+    let top: Vec<String> = column_bytes_per_fix
+        .iter()
+        .take(8)
+        .map(|(n, b)| format!("{n} {b:.2}"))
+        .collect();
+    eprintln!("  chunk bytes per fix by column: {}", top.join(", "));
     eprintln!(
-        "  {stored} fixes stored ({} confirmed): {:.1} MiB, {:.1} B per fix",
+        "  {stored} fixes stored ({} confirmed): tail {:.1} B per fix; sealed ({sealed} in {seal_seconds:.1} s) {:.1} MiB, {:.1} B per fix",
         r.totals.fixes_acked,
+        tail_delta / tail_stored.max(1) as f64,
         delta / 1024.0 / 1024.0,
         delta / stored.max(1) as f64
     );
@@ -640,6 +696,10 @@ async fn redis_memory(
         devices: devices as u64,
         used_memory_delta_bytes: delta,
         bytes_per_fix: delta / stored.max(1) as f64,
+        tail_bytes_per_fix: tail_delta / tail_stored.max(1) as f64,
+        sealed_fixes: sealed,
+        seal_seconds,
+        column_bytes_per_fix,
     })
 }
 
