@@ -413,6 +413,21 @@ pub async fn stored_mileages<C: redis::aio::ConnectionLike + Send + Sync>(
         .collect()
 }
 
+/// `CONFIG SET name value` (e.g. `maxmemory`, `maxmemory-policy`) on a running server.
+pub async fn config_set<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    name: &str,
+    value: &str,
+) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 /// Wait until `f` holds (polling), or panic after `wait`.
 pub async fn eventually<F, Fut>(wait: Duration, what: &str, mut f: F)
 where
