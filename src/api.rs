@@ -1,6 +1,6 @@
 //! HTTP endpoints: `/metrics` (Prometheus), `/healthz` (the process is up), `/readyz`
-//! (Redis answers, runs no forbidden eviction policy, and the gateway is not shutting
-//! down: a load balancer should only send devices to a ready gateway).
+//! (Redis answers, has room for writes, runs no forbidden eviction policy, and the gateway
+//! is not shutting down: a load balancer should only send devices to a ready gateway).
 
 use std::time::Duration;
 
@@ -24,7 +24,8 @@ struct ApiState {
 
 /// The router; serve it with `axum::serve`. `/readyz` turns 503 once `shutdown` fires,
 /// so a load balancer stops sending devices to a draining gateway, and while `memory`
-/// reports a forbidden eviction policy (`redis_evicting_policy`).
+/// reports Redis out of memory (`redis_oom`) or on a forbidden eviction policy
+/// (`redis_evicting_policy`).
 pub fn router(
     redis: RedisConn,
     memory: MemoryStatus,

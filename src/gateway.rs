@@ -25,7 +25,7 @@ use crate::config::{Config, MAX_TTL_S};
 use crate::connection::Shared;
 use crate::pseudonym::KeyRing;
 use crate::purge::Purger;
-use crate::redis_memory::{EvictingPolicy, MemoryStatus, PolicyWatch};
+use crate::redis_memory::{EvictingPolicy, MemoryStatus, OomWatch, PolicyWatch};
 use crate::registry::Registry;
 use crate::retention::{self, Retention};
 use crate::{api, api_admin, api_v1, auth_limit, listener, metrics, redis_conn, sink};
@@ -68,6 +68,7 @@ impl Gateway {
         let policy = Arc::new(PolicyWatch::from(&config.redis));
         policy.at_start(&conn).await?;
         let memory = MemoryStatus {
+            oom: Arc::new(OomWatch::from(&config.redis)),
             policy: policy.clone(),
         };
         let abort = CancellationToken::new();
@@ -76,6 +77,7 @@ impl Gateway {
             &config.redis,
             sink::Upkeep::from(&config.retention),
             abort.clone(),
+            memory.oom.clone(),
         );
         let shutdown = CancellationToken::new();
         let framer = Framer::new(Direction::DeviceToServer, config.limits.max_frame_bytes)

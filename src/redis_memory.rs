@@ -12,9 +12,17 @@
 //!   an error once. A server that refuses `CONFIG GET` (renamed or disabled `CONFIG`, an
 //!   ACL without `+config|get`, as managed services do) cannot be checked: that is
 //!   logged as a warning and the gateway goes on.
+//! * **Out of memory.** Under `noeviction`, a full Redis refuses writes (`OOM` error
+//!   replies). The writers keep retrying with backoff (nothing is acknowledged, nothing
+//!   dropped), and [`OomWatch`] turns the refusals of all writers into one episode:
+//!   logged once when it starts (warning, with the devices and jobs waiting) and once
+//!   when it ends (info, with how long it lasted and how many attempts were refused),
+//!   shown by `trackgate_redis_oom` (0/1) and `trackgate_redis_oom_refused_total`, and
+//!   by `/readyz` (503 `redis_oom`) while it lasts.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::RedisConfig;
 use crate::metrics as m;
@@ -283,9 +291,154 @@ fn log_policy(found: &PolicyCheck, result: &Result<(), EvictingPolicy>) {
     }
 }
 
+/// The out-of-memory episodes of all writers (see the module docs). Cheap when nothing is
+/// refused: only refusals and the writes of refused devices take its lock.
+#[derive(Debug)]
+pub struct OomWatch {
+    active: AtomicBool,
+    episode: Mutex<Episode>,
+    /// An episode ends once every refused call has been written and nothing has been
+    /// refused for this long: a Redis at the edge of `maxmemory` that takes one write and
+    /// refuses the next stays one episode.
+    settle: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Episode {
+    since: Option<Instant>,
+    last_refused: Option<Instant>,
+    /// Device calls refused and not yet written (nor given up), across writers.
+    devices: usize,
+    /// Jobs (frames) in those calls.
+    jobs: usize,
+    peak_devices: usize,
+    peak_jobs: usize,
+    /// Attempts refused during the episode.
+    refused: u64,
+}
+
+/// What one node pipeline met with, for [`OomWatch::record`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OomTally {
+    /// Calls refused with `OOM` (every attempt counts).
+    pub refused: usize,
+    /// Of those, calls refused for the first time: devices now waiting, and their jobs.
+    pub new_devices: usize,
+    pub new_jobs: usize,
+    /// Calls written (or given up, which is logged on its own) that had been refused
+    /// before: no longer waiting.
+    pub done_devices: usize,
+    pub done_jobs: usize,
+}
+
+impl OomWatch {
+    /// `settle`: how long nothing may be refused before an episode ends (from the
+    /// configuration: twice `redis.retry_backoff_max_ms`, in which every waiting device
+    /// has retried).
+    pub fn new(settle: Duration) -> Self {
+        OomWatch {
+            active: AtomicBool::new(false),
+            episode: Mutex::new(Episode::default()),
+            settle,
+        }
+    }
+
+    /// True while an episode lasts (`/readyz`).
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Count what a pipeline met with; start an episode at the first refusal. `error`:
+    /// one of the refusals, for the log line.
+    pub fn record(&self, t: OomTally, error: Option<&redis::RedisError>, now: Instant) {
+        if t == OomTally::default() {
+            return;
+        }
+        metrics::counter!(m::REDIS_OOM_REFUSED).increment(t.refused as u64);
+        let Ok(mut ep) = self.episode.lock() else {
+            return;
+        };
+        ep.devices = (ep.devices + t.new_devices).saturating_sub(t.done_devices);
+        ep.jobs = (ep.jobs + t.new_jobs).saturating_sub(t.done_jobs);
+        ep.peak_devices = ep.peak_devices.max(ep.devices);
+        ep.peak_jobs = ep.peak_jobs.max(ep.jobs);
+        if t.refused > 0 {
+            ep.refused += t.refused as u64;
+            ep.last_refused = Some(now);
+            if ep.since.is_none() {
+                ep.since = Some(now);
+                self.active.store(true, Ordering::Release);
+                metrics::gauge!(m::REDIS_OOM).set(1.0);
+                tracing::warn!(
+                    devices_waiting = ep.devices,
+                    jobs_waiting = ep.jobs,
+                    error = %error.map(ToString::to_string).unwrap_or_default(),
+                    "Redis is out of memory (maxmemory reached): writes are refused and retried with backoff; nothing is acknowledged or dropped meanwhile. Free memory or raise maxmemory"
+                );
+            }
+        }
+        self.end_if_due(&mut ep, now);
+    }
+
+    /// When the current episode may end, if nothing is waiting any more (a writer wakes
+    /// then and calls [`OomWatch::poll`]).
+    pub fn end_due(&self) -> Option<Instant> {
+        let ep = self.episode.lock().ok()?;
+        if ep.since.is_none() || ep.devices > 0 {
+            return None;
+        }
+        ep.last_refused.map(|t| t + self.settle)
+    }
+
+    /// End the episode if it is over.
+    pub fn poll(&self, now: Instant) {
+        if !self.active() {
+            return;
+        }
+        if let Ok(mut ep) = self.episode.lock() {
+            self.end_if_due(&mut ep, now);
+        }
+    }
+
+    fn end_if_due(&self, ep: &mut Episode, now: Instant) {
+        let Some(since) = ep.since else {
+            return;
+        };
+        let quiet = ep.last_refused.is_none_or(|t| now >= t + self.settle);
+        if ep.devices > 0 || !quiet {
+            return;
+        }
+        tracing::info!(
+            lasted_ms = u64::try_from(now.duration_since(since).as_millis()).unwrap_or(u64::MAX),
+            refused_attempts = ep.refused,
+            devices_peak = ep.peak_devices,
+            jobs_peak = ep.peak_jobs,
+            "Redis accepts writes again: the out-of-memory episode is over"
+        );
+        *ep = Episode::default();
+        self.active.store(false, Ordering::Release);
+        metrics::gauge!(m::REDIS_OOM).set(0.0);
+    }
+}
+
+impl From<&RedisConfig> for OomWatch {
+    fn from(r: &RedisConfig) -> Self {
+        OomWatch::new(Duration::from_millis(
+            r.retry_backoff_max_ms.saturating_mul(2),
+        ))
+    }
+}
+
+/// `OOM` error reply: Redis is at `maxmemory` and refuses writes.
+pub fn is_oom(e: &redis::RedisError) -> bool {
+    e.code() == Some("OOM")
+}
+
 /// Why `/readyz` says no, as far as Redis memory goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotReady {
+    /// Redis refuses writes for want of memory.
+    Oom,
     /// A primary runs an evicting policy that is not allowed.
     EvictingPolicy,
 }
@@ -294,6 +447,7 @@ impl NotReady {
     /// The word `/readyz` answers with.
     pub fn label(self) -> &'static str {
         match self {
+            NotReady::Oom => "redis_oom",
             NotReady::EvictingPolicy => "redis_evicting_policy",
         }
     }
@@ -301,6 +455,9 @@ impl NotReady {
     /// `/readyz`'s answer: the label, then what it means.
     pub fn body(self) -> &'static str {
         match self {
+            NotReady::Oom => {
+                "redis_oom: Redis refuses writes (maxmemory reached); they are retried\n"
+            }
             NotReady::EvictingPolicy => {
                 "redis_evicting_policy: Redis would delete data when full (maxmemory-policy)\n"
             }
@@ -308,16 +465,23 @@ impl NotReady {
     }
 }
 
-/// What `/readyz` reads: the policy checks.
+/// What `/readyz` reads: the writers' episodes and the policy checks.
 #[derive(Debug, Clone)]
 pub struct MemoryStatus {
+    pub oom: std::sync::Arc<OomWatch>,
     pub policy: std::sync::Arc<PolicyWatch>,
 }
 
 impl MemoryStatus {
     /// The first reason not to be ready, if any.
     pub fn not_ready(&self) -> Option<NotReady> {
-        self.policy.refused().then_some(NotReady::EvictingPolicy)
+        if self.oom.active() {
+            Some(NotReady::Oom)
+        } else if self.policy.refused() {
+            Some(NotReady::EvictingPolicy)
+        } else {
+            None
+        }
     }
 }
 
@@ -388,9 +552,77 @@ mod tests {
         assert!(!managed.refused());
     }
 
+    fn oom_error() -> redis::RedisError {
+        redis::make_extension_error(
+            "OOM".into(),
+            Some("command not allowed when used memory > 'maxmemory'.".into()),
+        )
+    }
+
+    #[test]
+    fn oom_replies_are_recognised() {
+        assert!(is_oom(&oom_error()));
+        let other = redis::make_extension_error("BUSY".into(), None);
+        assert!(!is_oom(&other));
+    }
+
+    #[test]
+    fn an_oom_episode_lasts_until_every_refused_call_is_written_and_redis_stays_quiet() {
+        let w = OomWatch::new(Duration::from_millis(400));
+        let t0 = Instant::now();
+        assert!(!w.active());
+        let refused = |devices, jobs| OomTally {
+            refused: devices,
+            new_devices: devices,
+            new_jobs: jobs,
+            ..OomTally::default()
+        };
+        w.record(refused(3, 5), Some(&oom_error()), t0);
+        assert!(w.active());
+        assert_eq!(w.end_due(), None, "devices are waiting");
+        // Retries refused again: not new devices.
+        let again = OomTally {
+            refused: 3,
+            ..OomTally::default()
+        };
+        w.record(again, None, t0 + Duration::from_millis(100));
+        // Two of them written, one still waiting.
+        let some = OomTally {
+            done_devices: 2,
+            done_jobs: 3,
+            ..OomTally::default()
+        };
+        w.record(some, None, t0 + Duration::from_millis(200));
+        assert!(w.active());
+        let rest = OomTally {
+            done_devices: 1,
+            done_jobs: 2,
+            ..OomTally::default()
+        };
+        w.record(rest, None, t0 + Duration::from_millis(300));
+        assert!(w.active(), "quiet for only 200 ms");
+        assert_eq!(w.end_due(), Some(t0 + Duration::from_millis(500)));
+        // A refusal within the settle time continues the same episode.
+        w.record(refused(1, 1), None, t0 + Duration::from_millis(450));
+        w.poll(t0 + Duration::from_millis(900));
+        assert!(w.active(), "one device still waits");
+        let last = OomTally {
+            done_devices: 1,
+            done_jobs: 1,
+            ..OomTally::default()
+        };
+        w.record(last, None, t0 + Duration::from_millis(500));
+        w.poll(t0 + Duration::from_millis(849));
+        assert!(w.active());
+        w.poll(t0 + Duration::from_millis(850));
+        assert!(!w.active(), "over");
+        assert_eq!(w.end_due(), None);
+    }
+
     #[test]
     fn readiness_names_the_reason() {
         let status = MemoryStatus {
+            oom: std::sync::Arc::new(OomWatch::new(Duration::from_millis(1))),
             policy: std::sync::Arc::new(watch(false)),
         };
         assert_eq!(status.not_ready(), None);
@@ -403,7 +635,16 @@ mod tests {
             status.not_ready().map(NotReady::label),
             Some("redis_evicting_policy")
         );
-        let r = NotReady::EvictingPolicy;
-        assert!(r.body().starts_with(r.label()));
+        let t = OomTally {
+            refused: 1,
+            new_devices: 1,
+            new_jobs: 1,
+            ..OomTally::default()
+        };
+        status.oom.record(t, None, Instant::now());
+        assert_eq!(status.not_ready().map(NotReady::label), Some("redis_oom"));
+        for r in [NotReady::Oom, NotReady::EvictingPolicy] {
+            assert!(r.body().starts_with(r.label()));
+        }
     }
 }

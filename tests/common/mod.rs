@@ -388,6 +388,7 @@ pub fn start_writers(cfg: &trackgate::config::RedisConfig) -> trackgate::sink::W
         cfg,
         trackgate::sink::Upkeep::from(&trackgate::config::RetentionConfig::default()),
         tokio_util::sync::CancellationToken::new(),
+        Arc::new(trackgate::redis_memory::OomWatch::from(cfg)),
     )
 }
 
