@@ -429,6 +429,23 @@ pub async fn config_set<C: redis::aio::ConnectionLike + Send>(
         .unwrap();
 }
 
+/// A numeric field of `INFO <section>` (e.g. `memory`, `used_memory`).
+pub async fn info_u64<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    section: &str,
+    field: &str,
+) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in INFO {section}"))
+}
+
 /// Wait until `f` holds (polling), or panic after `wait`.
 pub async fn eventually<F, Fut>(wait: Duration, what: &str, mut f: F)
 where
