@@ -1,6 +1,6 @@
 //! HTTP endpoints: `/metrics` (Prometheus), `/healthz` (the process is up), `/readyz`
-//! (Redis answers and the gateway is not shutting down: a load balancer should only send
-//! devices to a ready gateway).
+//! (Redis answers, has room for writes, runs no forbidden eviction policy, and the gateway
+//! is not shutting down: a load balancer should only send devices to a ready gateway).
 
 use std::time::Duration;
 
@@ -12,18 +12,23 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::redis_conn::RedisConn;
+use crate::redis_memory::MemoryStatus;
 
 #[derive(Clone)]
 struct ApiState {
     redis: RedisConn,
+    memory: MemoryStatus,
     prometheus: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 }
 
 /// The router; serve it with `axum::serve`. `/readyz` turns 503 once `shutdown` fires,
-/// so a load balancer stops sending devices to a draining gateway.
+/// so a load balancer stops sending devices to a draining gateway, and while `memory`
+/// reports Redis out of memory (`redis_oom`) or on a forbidden eviction policy
+/// (`redis_evicting_policy`).
 pub fn router(
     redis: RedisConn,
+    memory: MemoryStatus,
     prometheus: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Router {
@@ -33,6 +38,7 @@ pub fn router(
         .route("/readyz", get(readyz))
         .with_state(ApiState {
             redis,
+            memory,
             prometheus,
             shutdown,
         })
@@ -51,6 +57,9 @@ async fn metrics(State(s): State<ApiState>) -> (StatusCode, String) {
 async fn readyz(State(mut s): State<ApiState>) -> (StatusCode, &'static str) {
     if s.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    if let Some(why) = s.memory.not_ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, why.body());
     }
     let cmd = redis::cmd("PING");
     let ping = cmd.query_async::<String>(&mut s.redis);

@@ -358,6 +358,17 @@ pub struct RedisConfig {
     /// Backoff between retries of a failed pipeline: starts here, doubles, capped below.
     pub retry_backoff_initial_ms: u64,
     pub retry_backoff_max_ms: u64,
+    /// Start (and keep writing) although Redis runs an evicting `maxmemory-policy`
+    /// (anything but `noeviction`). A full Redis then deletes keys to make room:
+    /// acknowledged fixes, purge tombstones and bookkeeping included. Off: `serve` refuses
+    /// to start on such a server. For a Redis that holds nothing else and whose memory is
+    /// known to suffice; logged as a warning at start and shown by the metric
+    /// `trackgate_redis_evicting_policy`.
+    pub allow_evicting_policy: bool,
+    /// How often `maxmemory-policy` is checked again on every primary after the start
+    /// check: a restarted, failed-over or reconfigured Redis may come back with another
+    /// policy (the connection gives no signal when it reconnects).
+    pub policy_check_interval_s: u64,
 }
 
 impl Default for RedisConfig {
@@ -383,6 +394,8 @@ impl Default for RedisConfig {
             connect_timeout_ms: 2000,
             retry_backoff_initial_ms: 50,
             retry_backoff_max_ms: 2000,
+            allow_evicting_policy: false,
+            policy_check_interval_s: 60,
         }
     }
 }
@@ -638,6 +651,7 @@ impl Config {
             ("redis.retry_backoff_initial_ms", r.retry_backoff_initial_ms),
             ("redis.retry_backoff_max_ms", r.retry_backoff_max_ms),
             ("redis.wait_timeout_ms", r.wait_timeout_ms),
+            ("redis.policy_check_interval_s", r.policy_check_interval_s),
             ("retention.ttl_s", self.retention.ttl_s),
             (
                 "retention.sweep_interval_s",
@@ -698,6 +712,10 @@ impl Config {
             ("redis.retry_backoff_max_ms", r.retry_backoff_max_ms),
             ("redis.wait_timeout_ms", r.wait_timeout_ms),
             ("redis.batch_max_delay_ms", r.batch_max_delay_ms),
+            (
+                "redis.policy_check_interval_s",
+                r.policy_check_interval_s.saturating_mul(1000),
+            ),
             (
                 "retention.owner_refresh_s",
                 self.retention.owner_refresh_s.saturating_mul(1000),
@@ -918,6 +936,29 @@ mod tests {
         let mut c = Config::parse(MINIMAL)?;
         c.limits.shutdown_read_max_ms = u64::MAX;
         assert!(refusal(&c).contains("limits.shutdown_read_max_ms"));
+        Ok(())
+    }
+
+    #[test]
+    fn redis_memory_fields_default_to_safe_and_are_bounded()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let c = Config::parse(MINIMAL)?;
+        assert!(
+            !c.redis.allow_evicting_policy,
+            "an evicting Redis is refused by default"
+        );
+        assert_eq!(c.redis.policy_check_interval_s, 60);
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[redis]\nallow_evicting_policy = true\npolicy_check_interval_s = 5\n"
+        ))?;
+        c.validate()?;
+        assert!(c.redis.allow_evicting_policy);
+        let mut zero = c.clone();
+        zero.redis.policy_check_interval_s = 0;
+        assert!(refusal(&zero).contains("redis.policy_check_interval_s"));
+        let mut huge = c;
+        huge.redis.policy_check_interval_s = 2 * 24 * 3600;
+        assert!(refusal(&huge).contains("redis.policy_check_interval_s"));
         Ok(())
     }
 

@@ -25,6 +25,7 @@ use crate::config::{Config, MAX_TTL_S};
 use crate::connection::Shared;
 use crate::pseudonym::KeyRing;
 use crate::purge::Purger;
+use crate::redis_memory::{EvictingPolicy, MemoryStatus, OomWatch, PolicyWatch};
 use crate::registry::Registry;
 use crate::retention::{self, Retention};
 use crate::{api, api_admin, api_v1, auth_limit, listener, metrics, redis_conn, sink};
@@ -41,6 +42,9 @@ pub enum StartError {
     Tls(#[from] listener::TlsError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Redis would delete data when full (see [`crate::redis_memory`]).
+    #[error(transparent)]
+    EvictingPolicy(#[from] EvictingPolicy),
 }
 
 /// A running gateway.
@@ -60,12 +64,20 @@ impl Gateway {
         let prometheus = metrics::install();
         let config = Arc::new(config);
         let conn = redis_conn::connect(&config.redis)?;
+        // Before any device is accepted: an evicting Redis would delete what we ACK.
+        let policy = Arc::new(PolicyWatch::from(&config.redis));
+        policy.at_start(&conn).await?;
+        let memory = MemoryStatus {
+            oom: Arc::new(OomWatch::from(&config.redis)),
+            policy: policy.clone(),
+        };
         let abort = CancellationToken::new();
         let writers = sink::start(
             conn.clone(),
             &config.redis,
             sink::Upkeep::from(&config.retention),
             abort.clone(),
+            memory.oom.clone(),
         );
         let shutdown = CancellationToken::new();
         let framer = Framer::new(Direction::DeviceToServer, config.limits.max_frame_bytes)
@@ -141,7 +153,8 @@ impl Gateway {
                 limit,
                 auth_limit::layer,
             ));
-            let app = api::router(api_conn, prometheus.clone(), shutdown.clone()).merge(authed);
+            let app =
+                api::router(api_conn, memory, prometheus.clone(), shutdown.clone()).merge(authed);
             let stop = shutdown.clone();
             http_task = Some(tokio::spawn(async move {
                 let service = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -159,6 +172,7 @@ impl Gateway {
             Duration::from_secs(config.purge.worker_interval_s),
             shutdown.clone(),
         ));
+        let policy_checks = tokio::spawn(policy.run(conn.clone(), shutdown.clone()));
         let sweeper = tokio::spawn(retention::run_sweeper(
             conn.clone(),
             retention,
@@ -229,7 +243,7 @@ impl Gateway {
             // Background tasks stop on the shutdown token; never wait past the deadline for
             // them (a sweep of many keys, an HTTP client that never finishes its request).
             let late = deadline.max(tokio::time::Instant::now());
-            let mut background = vec![sweeper, purge_worker, compactor];
+            let mut background = vec![sweeper, purge_worker, compactor, policy_checks];
             background.extend(http_task);
             background.extend(upkeep);
             for mut t in background {

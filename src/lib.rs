@@ -23,6 +23,7 @@ pub mod pseudonym;
 pub mod purge;
 pub mod redis_child;
 pub mod redis_conn;
+pub mod redis_memory;
 pub mod registry;
 pub mod retention;
 pub mod sink;

@@ -29,6 +29,14 @@ pub const REDIS_WRITE_SECONDS: &str = "trackgate_redis_write_seconds";
 pub const REDIS_WRITE_ERRORS: &str = "trackgate_redis_write_errors_total";
 /// Batches whose `WAIT` saw fewer replicas than `redis.wait_replicas` (retried, not ACKed).
 pub const REDIS_WAIT_SHORT: &str = "trackgate_redis_wait_short_total";
+/// 1 while Redis refuses writes for want of memory (an out-of-memory episode, see
+/// `crate::redis_memory`), else 0.
+pub const REDIS_OOM: &str = "trackgate_redis_oom";
+/// Device write attempts Redis refused with `OOM` (each is retried, nothing dropped).
+pub const REDIS_OOM_REFUSED: &str = "trackgate_redis_oom_refused_total";
+/// 1 while a Redis primary runs an evicting `maxmemory-policy` (allowed by
+/// `redis.allow_evicting_policy`, or found after the start), else 0.
+pub const REDIS_EVICTING_POLICY: &str = "trackgate_redis_evicting_policy";
 pub const ACK_SECONDS: &str = "trackgate_ack_latency_seconds";
 pub const ACKS_SENT: &str = "trackgate_acks_sent_total";
 pub const RETENTION_TRIMMED: &str = "trackgate_retention_trimmed_total";

@@ -92,11 +92,22 @@ impl LazyCluster {
     }
 }
 
-/// Where one `SCAN` runs: the server, or one cluster primary.
+/// Where one `SCAN` (or another per-node command) runs: the server, or one cluster
+/// primary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanTarget {
     Server,
     Node { host: String, port: u16 },
+}
+
+impl fmt::Display for ScanTarget {
+    /// `server` or `host:port`: never the URL, which may carry a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScanTarget::Server => f.write_str("server"),
+            ScanTarget::Node { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
 }
 
 /// Connect as `config.redis.mode` says. Lazy in both modes: nothing is dialled here.
@@ -243,6 +254,13 @@ impl RedisConn {
             .arg(count)
             .arg("TYPE")
             .arg(kind);
+        let v = self.query_on(target, cmd).await?;
+        Ok(redis::from_redis_value(v)?)
+    }
+
+    /// Run `cmd` on `target` (one of [`RedisConn::scan_targets`]): for what each primary
+    /// must answer for itself, such as `SCAN` or `CONFIG GET`.
+    pub async fn query_on(&self, target: &ScanTarget, cmd: Cmd) -> RedisResult<Value> {
         match (self, target) {
             (RedisConn::Cluster(c), ScanTarget::Node { host, port }) => {
                 let mut conn = c.get().await?;
@@ -250,12 +268,11 @@ impl RedisConn {
                     host: host.clone(),
                     port: *port,
                 });
-                let v = conn.route_command(cmd, routing).await?;
-                Ok(redis::from_redis_value(v)?)
+                conn.route_command(cmd, routing).await
             }
             (RedisConn::Cluster(_), ScanTarget::Server) => Err(redis::RedisError::from((
                 redis::ErrorKind::Client,
-                "a cluster SCAN needs a node (see scan_targets)",
+                "a cluster needs a node here (see scan_targets)",
             ))),
             (RedisConn::Standalone(cm), _) => {
                 let mut cm = cm.clone();

@@ -41,6 +41,7 @@ use crate::config::RedisConfig;
 use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
 use crate::redis_conn::{RedisConn, SlotMap, key_slot};
+use crate::redis_memory::{self, OomTally, OomWatch};
 use crate::store::{FieldValue, StoredFix, fixes_key, late_key, meta_key, tomb_key};
 
 /// One decoded frame's worth of fixes for one device.
@@ -341,6 +342,7 @@ pub fn start(
     config: &RedisConfig,
     upkeep: Upkeep,
     abort: CancellationToken,
+    oom: Arc<OomWatch>,
 ) -> Writers {
     let script = Arc::new(append_script());
     let batch_seq = Arc::new(AtomicU64::new(0));
@@ -371,6 +373,7 @@ pub fn start(
             held_max_jobs: config.held_max_jobs,
             node_held_max_jobs: config.node_held_max_jobs,
             max_permanent_failures: config.max_permanent_failures,
+            oom: oom.clone(),
             gate,
             closed_nodes: Vec::new(),
             closed_held: 0,
@@ -432,6 +435,9 @@ struct Group {
     /// Failed attempts so far (the device waits on its node while this is not 0).
     failures: u32,
     permanent_failures: u32,
+    /// Redis refused it for want of memory at least once: it counts as waiting in the
+    /// out-of-memory episode until it is written.
+    oom_refused: bool,
 }
 
 /// A device's groups, oldest first. Only the head is sent, and only while nothing else of
@@ -478,6 +484,8 @@ struct Writer {
     held_max_jobs: usize,
     node_held_max_jobs: usize,
     max_permanent_failures: u32,
+    /// Out-of-memory episodes, shared with the other writers and `/readyz`.
+    oom: Arc<OomWatch>,
     /// This writer's slot gate (see [`SlotGate`]) and the nodes it has closed.
     gate: Arc<SlotGate>,
     closed_nodes: Vec<NodeAddr>,
@@ -549,7 +557,10 @@ impl Writer {
                     self.slots_fetched(fetched);
                     self.dispatch();
                 }
-                () = sleep_until_opt(wake), if wake.is_some() => self.dispatch(),
+                () = sleep_until_opt(wake), if wake.is_some() => {
+                    self.oom.poll(Instant::now());
+                    self.dispatch();
+                }
                 job = self.rx.recv(), if take => match job {
                     Some(job) => {
                         self.take(job);
@@ -595,7 +606,9 @@ impl Writer {
 
     fn next_wake(&self) -> Option<Instant> {
         let window = self.window_start.map(|t| t + self.batch_max_delay);
-        [window, self.next_retry, self.fetch_not_before]
+        // The end of an out-of-memory episode, if it is this writer's to see.
+        let oom_end = self.oom.active().then(|| self.oom.end_due()).flatten();
+        [window, self.next_retry, self.fetch_not_before, oom_end]
             .into_iter()
             .flatten()
             .min()
@@ -630,6 +643,7 @@ impl Writer {
                     waiting_route: false,
                     failures: 0,
                     permanent_failures: 0,
+                    oom_refused: false,
                 });
             }
         }
@@ -851,12 +865,17 @@ impl Writer {
     }
 
     /// Record the outcome of a node pipeline: confirm what was applied, set the rest back
-    /// for a retry after its own backoff.
+    /// for a retry after its own backoff. Refusals for want of memory are not logged here
+    /// but counted into the out-of-memory episode ([`OomWatch`]), which logs its start and
+    /// end once for all writers: a full Redis refuses every retry of every device.
     fn settle(&mut self, done: NodeDone) {
         self.busy.remove(&done.node);
         self.write_seconds.record(done.elapsed.as_secs_f64());
         let now = Instant::now();
         let mut failed: Option<(usize, String)> = None;
+        let mut any_failed = false;
+        let mut oom = OomTally::default();
+        let mut oom_error = None;
         let mut noscript = false;
         for (p, outcome) in done.devices.iter().zip(done.outcomes) {
             let Some(dq) = self.devices.get_mut(p) else {
@@ -867,6 +886,10 @@ impl Writer {
                 Outcome::Applied(n) => {
                     if let Some(g) = dq.groups.pop_front() {
                         self.held_jobs -= g.jobs.len();
+                        if g.oom_refused {
+                            oom.done_devices += 1;
+                            oom.done_jobs += g.jobs.len();
+                        }
                         for job in g.jobs {
                             if let Some(done) = job.done {
                                 let _ = done.send(()); // the connection may be gone; fine
@@ -880,6 +903,7 @@ impl Writer {
                     self.fixes_written.increment(n.max(0) as u64);
                 }
                 Outcome::Failed(e) => {
+                    any_failed = true;
                     noscript |= e.code() == Some("NOSCRIPT");
                     let routing = is_routing(&e) && self.conn.is_cluster();
                     if routing {
@@ -889,15 +913,27 @@ impl Writer {
                             head.waiting_route = true;
                         }
                     }
-                    if self.failed(p, &e, now) {
+                    if redis_memory::is_oom(&e) {
+                        oom.refused += 1;
+                        if let Some(head) = dq.groups.front_mut().filter(|h| !h.oom_refused) {
+                            head.oom_refused = true;
+                            oom.new_devices += 1;
+                            oom.new_jobs += head.jobs.len();
+                        }
+                        self.failed(p, &e, now);
+                        oom_error.get_or_insert(e);
+                    } else if self.failed(p, &e, now) {
                         let f = failed.get_or_insert_with(|| (0, e.to_string()));
                         f.0 += 1;
                     }
                 }
             }
         }
-        if let Some((devices, error)) = failed {
+        if any_failed {
             metrics::counter!(m::REDIS_WRITE_ERRORS).increment(1);
+        }
+        self.oom.record(oom, oom_error.as_ref(), now);
+        if let Some((devices, error)) = failed {
             tracing::warn!(
                 writer = self.id,
                 node = %format_args!("{}:{}", done.node.0, done.node.1),
@@ -926,7 +962,18 @@ impl Writer {
         if !is_transient(e) {
             head.permanent_failures += 1;
             if head.permanent_failures >= self.max_permanent_failures {
-                let jobs = dq.groups.pop_front().map_or(0, |g| g.jobs.len());
+                let (jobs, oom_refused) = dq
+                    .groups
+                    .pop_front()
+                    .map_or((0, false), |g| (g.jobs.len(), g.oom_refused));
+                if oom_refused {
+                    let gone = OomTally {
+                        done_devices: 1,
+                        done_jobs: jobs,
+                        ..OomTally::default()
+                    };
+                    self.oom.record(gone, None, now);
+                }
                 if dq.groups.is_empty() {
                     self.devices.remove(p);
                 }

@@ -148,7 +148,8 @@ async fn purge_and_export_across_instances(backend: Backend) {
     let mut cfg = backend.config().redis;
     cfg.writers = 1;
     let upkeep = sink::Upkeep::from(&backend.config().retention);
-    let in_flight = sink::start(conn.clone(), &cfg, upkeep, CancellationToken::new());
+    let oom = std::sync::Arc::new(trackgate::redis_memory::OomWatch::from(&cfg));
+    let in_flight = sink::start(conn.clone(), &cfg, upkeep, CancellationToken::new(), oom);
 
     let purge = serde_json::json!({ "imei": id });
     let (status, receipt) = http(

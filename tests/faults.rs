@@ -1,6 +1,7 @@
 //! Fault tests with real processes under steady load (issue 7): Redis killed (-9) and
 //! restarted with AOF `appendfsync always`, the gateway killed (-9) and restarted,
-//! Redis stalled (SIGSTOP) for 10 s, Redis unreachable at start-up.
+//! Redis stalled (SIGSTOP) for 10 s, Redis unreachable at start-up, Redis out of memory
+//! (`maxmemory` reached under `noeviction`) until it is raised.
 //!
 //! The gateway runs as a separate `trackgate serve` process; a simulated fleet
 //! (`common::fleet`) records exactly which fixes were confirmed, and every test ends by
@@ -289,4 +290,82 @@ async fn redis_unreachable_at_startup_gateway_not_ready_then_recovers() {
     let first = &logs[0];
     let p = pseudonym(&gw.keys, &first.imei);
     assert!(stream_len(&mut conn, &p).await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_holds_writes_back_logs_one_episode_and_loses_no_acked_fix() {
+    let redis = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    let gw = GatewayProcess::start(GatewayOptions::new(&redis.url())).await;
+    let cfg = FleetConfig {
+        interval: Duration::from_millis(100), // fills the room below in about a second
+        reply_timeout: Duration::from_secs(60), // patient devices: they wait it out
+        ..load(50_000)
+    };
+    let fleet = Fleet::start(gw.tracker, cfg.clone());
+    fleet.wait_acked_more(300, Duration::from_secs(30)).await;
+
+    // A small maxmemory, 256 KiB above what is used now.
+    let mut conn = redis.conn().await;
+    let used = info_u64(&mut conn, "memory", "used_memory").await;
+    config_set(&mut conn, "maxmemory", &(used + 256 * 1024).to_string()).await;
+    let t0 = Instant::now();
+    eventually(Duration::from_secs(20), "/readyz: redis_oom", || async {
+        gw.get("/readyz")
+            .await
+            .is_some_and(|(s, b)| s == 503 && b.contains("redis_oom"))
+    })
+    .await;
+    let full_after = t0.elapsed();
+    assert_eq!(gw.metric("trackgate_redis_oom").await, 1.0);
+    tokio::time::sleep(steady()).await; // every device retries, several times
+    let refused = gw.metric("trackgate_redis_oom_refused_total").await;
+    assert!(
+        refused >= f64::from(cfg.devices),
+        "the devices' writes were refused and retried: {refused}"
+    );
+    let acked_while_full = fleet.acked();
+
+    // Room again: the held writes go through, and the episode ends.
+    let t1 = Instant::now();
+    config_set(&mut conn, "maxmemory", "0").await;
+    fleet.wait_acked_more(300, Duration::from_secs(20)).await;
+    let recovered_after = t1.elapsed();
+    eventually(Duration::from_secs(10), "/readyz: ready again", || async {
+        gw.get("/readyz").await.map(|(s, _)| s) == Some(200)
+    })
+    .await;
+    assert_eq!(gw.metric("trackgate_redis_oom").await, 0.0);
+    tokio::time::sleep(steady()).await;
+    let (logs, ran) = fleet.stop().await;
+
+    let o = verify(&mut conn, &gw.keys, &logs).await;
+    let log = gw.log();
+    let lines =
+        |needle: &str| -> Vec<&str> { log.lines().filter(|l| l.contains(needle)).collect() };
+    let started = lines("out of memory");
+    let ended = lines("out-of-memory episode is over");
+    check_and_record(
+        "redis_oom",
+        "Redis out of memory (maxmemory reached, noeviction) until raised",
+        &cfg,
+        ran,
+        &o,
+        json!({
+            "full_after_ms": full_after.as_millis() as u64,
+            "oom_refused_attempts": refused,
+            "recovered_ms": recovered_after.as_millis() as u64,
+            "oom_log_lines": started.len() + ended.len(),
+        }),
+    );
+    assert!(o.acked as u64 > acked_while_full, "writing resumed");
+    // One line when the episode starts, one when it ends: not one per device or retry.
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert!(started[0].contains("WARN") && started[0].contains("devices_waiting"));
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert!(ended[0].contains("INFO") && ended[0].contains("lasted_ms"));
+    assert!(
+        lines("OOM").len() <= 1,
+        "the refusals themselves are not logged: {:?}",
+        lines("OOM")
+    );
 }

@@ -185,7 +185,7 @@ async fn chunk_column_bytes(
         }
         cursor = next;
     }
-    sums.sort_by(|a, b| b.1.cmp(&a.1));
+    sums.sort_by_key(|s| std::cmp::Reverse(s.1));
     Ok(sums)
 }
 

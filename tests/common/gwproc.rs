@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,6 +46,33 @@ impl GatewayOptions {
 impl GatewayProcess {
     /// Write a key file and a config, start `trackgate serve`, wait until `/healthz`.
     pub async fn start(opts: GatewayOptions) -> GatewayProcess {
+        let mut g = Self::prepare(opts);
+        g.spawn().await;
+        g
+    }
+
+    /// Start `trackgate serve` where it must refuse to start: its exit status and log.
+    /// Panics if it is still running after `wait`.
+    pub async fn start_refused(opts: GatewayOptions, wait: Duration) -> (ExitStatus, String) {
+        let mut g = Self::prepare(opts);
+        g.launch();
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(status) = g.child.as_mut().unwrap().try_wait().unwrap() {
+                g.child = None;
+                return (status, g.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway still running after {wait:?}; log: {}",
+                g.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Write a key file and a config; start nothing.
+    fn prepare(opts: GatewayOptions) -> GatewayProcess {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("keys.toml");
         let out = Command::new(env!("CARGO_BIN_EXE_trackgate"))
@@ -83,7 +110,7 @@ bind = "{http}"
         );
         let config_path = dir.path().join("trackgate.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut g = GatewayProcess {
+        GatewayProcess {
             child: None,
             dir,
             config_path,
@@ -91,16 +118,15 @@ bind = "{http}"
             http,
             keys,
             starts: 0,
-        };
-        g.spawn().await;
-        g
+        }
     }
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
-    async fn spawn(&mut self) {
+    /// Start the process (its log in `gateway-<n>.log`); do not wait for it.
+    fn launch(&mut self) {
         self.starts += 1;
         let log =
             std::fs::File::create(self.dir.path().join(format!("gateway-{}.log", self.starts)))
@@ -116,6 +142,11 @@ bind = "{http}"
             .spawn()
             .unwrap();
         self.child = Some(child);
+    }
+
+    /// [`Self::launch`], then wait until `/healthz` answers.
+    async fn spawn(&mut self) {
+        self.launch();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some((200, _)) = http_get(self.http, "/healthz").await {

@@ -388,6 +388,7 @@ pub fn start_writers(cfg: &trackgate::config::RedisConfig) -> trackgate::sink::W
         cfg,
         trackgate::sink::Upkeep::from(&trackgate::config::RetentionConfig::default()),
         tokio_util::sync::CancellationToken::new(),
+        Arc::new(trackgate::redis_memory::OomWatch::from(cfg)),
     )
 }
 
@@ -411,6 +412,38 @@ pub async fn stored_mileages<C: redis::aio::ConnectionLike + Send + Sync>(
             values.iter().find(|(i, _)| *i == mileage).map(|(_, v)| *v)
         })
         .collect()
+}
+
+/// `CONFIG SET name value` (e.g. `maxmemory`, `maxmemory-policy`) on a running server.
+pub async fn config_set<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    name: &str,
+    value: &str,
+) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// A numeric field of `INFO <section>` (e.g. `memory`, `used_memory`).
+pub async fn info_u64<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    section: &str,
+    field: &str,
+) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in INFO {section}"))
 }
 
 /// Wait until `f` holds (polling), or panic after `wait`.
