@@ -131,9 +131,11 @@ pub async fn seal_device<C: ConnectionLike + Send>(
         });
     }
     rows.sort_by_key(Row::order_key);
+    let seen_digests = rows.iter().filter_map(Row::resend_digest).collect();
     let groups = group_rows(conn, p, rows, s.chunk_max_fixes).await?;
     let mut swap = Swap {
         tail_ids: ids,
+        seen_digests,
         ..Swap::default()
     };
     let mut deduplicated = 0;
@@ -303,7 +305,9 @@ pub async fn run_compactor(
             match compact_once(&conn, s).await {
                 Ok(sealed) => {
                     metrics::counter!(m::COMPACTIONS).increment(1);
-                    tracing::debug!(sealed, "compaction pass done");
+                    if sealed > 0 {
+                        tracing::info!(sealed, "compaction sealed fixes into history");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "compaction pass failed; will retry next interval")

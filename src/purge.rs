@@ -37,7 +37,7 @@ use crate::config::PurgeConfig;
 use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
 use crate::store::hist;
-use crate::store::{fixes_key, hist_key, late_key, meta_key, tomb_key};
+use crate::store::{fixes_key, hist_key, late_key, meta_key, seen_key, tomb_key};
 
 /// Ids of purges not yet completed.
 pub const PENDING_KEY: &str = "tg:{purge}:pending";
@@ -110,7 +110,8 @@ fn idem_key(customer: &str, key: &str) -> String {
 /// Complete purge of one pseudonym: tail, history, metadata, late index; the cutoff only
 /// ever rises. Returns the fixes deleted (the history's from its chunks' row counts, the
 /// varint after a chunk's version and flags bytes; see `crate::store::chunk`).
-/// KEYS: fixes, meta, tomb, late index, history. ARGV: cutoff ms, tomb ttl ms.
+/// KEYS: fixes, meta, tomb, late index, history, resend digests. ARGV: cutoff ms, tomb
+/// ttl ms.
 const PURGE_ALL: &str = r#"
 local n = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then n = redis.call('XLEN', KEYS[1]) end
@@ -125,7 +126,7 @@ for _, c in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   end
   n = n + v
 end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6])
 local old = tonumber(redis.call('HGET', KEYS[3], 'all') or '-1')
 if tonumber(ARGV[1]) > old then redis.call('HSET', KEYS[3], 'all', ARGV[1]) end
 if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
@@ -444,6 +445,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                         .key(tomb_key(p))
                         .key(late_key(p))
                         .key(hist_key(p))
+                        .key(seen_key(p))
                         .arg(tomb_cutoff_ms)
                         .arg(tomb_ttl_ms)
                         .invoke_async::<u64>(&mut conn)

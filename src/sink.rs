@@ -42,7 +42,7 @@ use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
 use crate::redis_conn::{RedisConn, SlotMap, key_slot};
 use crate::redis_memory::{self, OomTally, OomWatch};
-use crate::store::{FieldValue, StoredFix, fixes_key, late_key, meta_key, tomb_key};
+use crate::store::{FieldValue, StoredFix, fixes_key, late_key, meta_key, seen_key, tomb_key};
 
 /// One decoded frame's worth of fixes for one device.
 #[derive(Debug)]
@@ -181,13 +181,17 @@ impl SlotGate {
 /// Retention (trim, expiry) and the idempotent, purge-aware append, in one atomic step
 /// per device and batch. A replay rewrites the batch id (a no-op write) so that it is
 /// replicated again: a `WAIT` after a retry on a new connection then also covers the
-/// first attempt's data. KEYS: fixes stream, meta hash, tombstone hash, late index.
-/// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, upkeep ms, late-after
-/// ms, then per job (frame): received ms, late flag (`1` if one of its fixes was taken
-/// more than late-after ms before it was received), count of the words that follow for
-/// it; per entry of the job: field count, field/value pairs (the fix time is field `t`,
-/// absent if unknown). Per job rather than per entry, the received time is one argument
-/// for a whole CCE batch.
+/// first attempt's data. KEYS: fixes stream, meta hash, tombstone hash, late index, resend
+/// digests. ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, upkeep ms,
+/// late-after ms, then per job (frame): received ms, late flag (`1` if one of its fixes
+/// was taken more than late-after ms before it was received), count of the words that
+/// follow for it; per entry of the job: field count, resend digest (empty without a fix
+/// time), field/value pairs (the fix time is field `t`, absent if unknown). Per job rather
+/// than per entry, the received time is one argument for a whole CCE batch.
+///
+/// Resends (`crate::store::seen_key`): an entry whose digest the tail already holds is the
+/// same fix sent again after its ACK was lost, and is not written a second time (sealing
+/// drops the resends of fixes already sealed).
 ///
 /// Late index (`crate::store::late_key`): the entry ids of fixes delivered late, by fix
 /// time, so that the sweeper deletes them by fix time (trimming goes by receive time).
@@ -235,10 +239,11 @@ while i <= #ARGV do
   i = i + 3
   while i <= last do
     local n = tonumber(ARGV[i])
+    local digest = ARGV[i + 1]
     local keep = true
     local fixt = -1
     if latejob or (checks and #ranges > 0) then
-      for j = i + 1, i + n - 1, 2 do
+      for j = i + 2, i + n, 2 do
         if ARGV[j] == 't' then fixt = tonumber(ARGV[j + 1]) break end
       end
     end
@@ -250,15 +255,18 @@ while i <= #ARGV do
         end
       end
     end
+    if keep and digest ~= '' then
+      keep = redis.call('HSETNX', KEYS[5], digest, 1) == 1
+    end
     if keep then
-      local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+      local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 2, i + 1 + n))
       written = written + 1
       if latejob and fixt >= 0 and fixt * 1000 < recv - late_after then
         redis.call('ZADD', KEYS[4], fixt, id)
         late = late + 1
       end
     end
-    i = i + 1 + n
+    i = i + 2 + n
   end
 end
 local now = tonumber(ARGV[4])
@@ -269,6 +277,7 @@ local due = meta[2] == false or meta[3] ~= ARGV[2] or tonumber(meta[2]) < now + 
 if due and written > 0 then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ttl + up)
+  redis.call('PEXPIRE', KEYS[5], ttl + up)
   redis.call('HSET', KEYS[2], 'lb', ARGV[1], 'ls', ARGV[4], 'kv', ARGV[5], 'tt', ARGV[2],
     'ue', string.format('%d', now + ttl + up))
 elseif due then
@@ -1187,8 +1196,8 @@ where
     for job in jobs.clone() {
         args += 3;
         for fix in &job.fixes {
-            args += 1 + fix.arg_count();
-            bytes += 40
+            args += 2 + fix.arg_count();
+            bytes += 56
                 + fix
                     .fields
                     .iter()
@@ -1200,11 +1209,12 @@ where
     let mut cmd = redis::Cmd::with_capacity(args, bytes);
     cmd.arg("EVALSHA")
         .arg(script.get_hash())
-        .arg(4)
+        .arg(5)
         .arg(fixes_key(device))
         .arg(meta_key(device))
         .arg(tomb_key(device))
         .arg(late_key(device))
+        .arg(seen_key(device))
         .arg(batch_id)
         .arg(ttl_ms)
         .arg(now_ms.saturating_sub(ttl_ms))
@@ -1213,7 +1223,7 @@ where
         .arg(millis(upkeep.interval))
         .arg(late_after_ms);
     for job in jobs {
-        let words: usize = job.fixes.iter().map(|f| 1 + f.arg_count()).sum();
+        let words: usize = job.fixes.iter().map(|f| 2 + f.arg_count()).sum();
         // The script's own test, per fix: fix time (ms) < received - late-after.
         let late_before_ms = job.received_ms.saturating_sub(late_after_ms);
         let late = job.fixes.iter().any(|f| {
@@ -1223,6 +1233,10 @@ where
         cmd.arg(job.received_ms).arg(u8::from(late)).arg(words);
         for fix in &job.fixes {
             cmd.arg(fix.arg_count());
+            match fix.resend_digest() {
+                Some(d) => cmd.arg(&d[..]),
+                None => cmd.arg(""),
+            };
             for (name, value) in &fix.fields {
                 cmd.arg(*name);
                 match value {

@@ -62,6 +62,7 @@ fn check_and_record(
     assert!(o.acked > 0, "the load got through at all");
     assert_eq!(o.lost, 0, "every ACKed fix is in Redis");
     assert_eq!(o.phantom, 0, "nothing stored that was never sent");
+    assert_eq!(o.duplicates, 0, "a resent fix is stored once");
     // Whatever is not stored is still held (unconfirmed) by its device.
     assert!(
         o.sent - o.stored <= o.unacked_at_end,
@@ -159,6 +160,81 @@ async fn gateway_kill9_and_restart_devices_resend_and_lose_nothing() {
         "devices had unconfirmed batches at the kill and resent them"
     );
     assert!(o.acked as u64 > before);
+}
+
+/// History chunks of every device.
+async fn history_chunks(redis: &RedisServer) -> u64 {
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(trackgate::store::HIST_PATTERN)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut n = 0;
+    for k in keys {
+        n += redis::cmd("ZCARD")
+            .arg(k)
+            .query_async::<u64>(&mut conn)
+            .await
+            .unwrap();
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_kill9_during_compaction_loses_and_duplicates_nothing() {
+    let redis = RedisServer::start();
+    // Seal after a second, one tail entry per script call: a pass never ends while the
+    // fleet sends, so every kill lands in the middle of one.
+    let mut opts = GatewayOptions::new(&redis.url());
+    opts.storage = "compact_after_s = 1\ncompact_interval_s = 1\nchunk_max_fixes = 16\n\
+                    compact_device_max_fixes = 1\n"
+        .into();
+    let mut gw = GatewayProcess::start(opts).await;
+    let cfg = load(25_000);
+    let fleet = Fleet::start(gw.tracker, cfg.clone());
+    fleet.wait_acked_more(300, Duration::from_secs(30)).await;
+    let mut kills = 0;
+    let mut chunks_at_kills = vec![0];
+    for pause_ms in [3_000u64, 2_300, 1_500] {
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        chunks_at_kills.push(history_chunks(&redis).await);
+        // Writes in flight at the kill: stored, never confirmed, resent after restart.
+        redis.freeze();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gw.kill9();
+        redis.thaw();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gw.restart().await;
+        fleet.wait_acked_more(100, Duration::from_secs(30)).await;
+    }
+    tokio::time::sleep(steady()).await;
+    let (logs, ran) = fleet.stop().await;
+    // What the last process left in the tail is sealed by one more, clean pass.
+    let store = trackgate::redis_conn::connect(&test_config(&redis).redis).unwrap();
+    trackgate::compact::seal_everything(&store, &trackgate::config::StorageConfig::default())
+        .await
+        .unwrap();
+
+    let mut conn = redis.conn().await;
+    let o = verify(&mut conn, &gw.keys, &logs).await;
+    assert!(
+        o.resent_batches > 0,
+        "devices resent what was stored unconfirmed"
+    );
+    check_and_record(
+        "gateway_kill9_compaction",
+        "gateway kill -9 during compaction, 3 times",
+        &cfg,
+        ran,
+        &o,
+        json!({ "kills": kills }),
+    );
+    assert!(
+        chunks_at_kills.windows(2).all(|w| w[0] < w[1]),
+        "compaction was sealing when each kill came: chunks {chunks_at_kills:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use common::*;
 use redis::AsyncCommands;
 use trackgate::pseudonym::Pseudonym;
 use trackgate::store::scripts::{Swap, swap};
-use trackgate::store::{fixes_key, hist_key, late_key};
+use trackgate::store::{fixes_key, hist_key, late_key, seen_key};
 
 fn device() -> Pseudonym {
     Pseudonym::parse("p1_abcdefghijklmnopqrstuvwxyz").unwrap()
@@ -39,8 +39,16 @@ async fn a_seal_moves_tail_entries_into_chunks_atomically() {
     let ids = tail_ids(&mut conn, &p, 3).await;
     let _: () = conn.pexpire(fixes_key(&p), 60_000).await.unwrap();
     let _: () = conn.zadd(late_key(&p), &ids[1], 5).await.unwrap();
+    let _: () = conn
+        .hset_multiple(
+            seen_key(&p),
+            &[(&b"digest-1"[..], 1), (&b"digest-2"[..], 1)],
+        )
+        .await
+        .unwrap();
     let s = Swap {
         tail_ids: ids[..2].to_vec(),
+        seen_digests: vec![*b"digest-1"],
         old_chunks: vec![],
         new_chunks: vec![(10, b"chunk-a".to_vec()), (20, b"chunk-b".to_vec())],
     };
@@ -54,6 +62,12 @@ async fn a_seal_moves_tail_entries_into_chunks_atomically() {
     );
     let late: u64 = conn.zcard(late_key(&p)).await.unwrap();
     assert_eq!(late, 0, "sealed entries leave the late index");
+    let seen: Vec<Vec<u8>> = conn.hkeys(seen_key(&p)).await.unwrap();
+    assert_eq!(
+        seen,
+        [b"digest-2".to_vec()],
+        "sealed entries' digests are forgotten"
+    );
     let pttl: i64 = conn.pttl(hist_key(&p)).await.unwrap();
     assert!(
         pttl > 50_000,
@@ -74,6 +88,7 @@ async fn a_seal_whose_inputs_changed_does_nothing() {
         tail_ids: ids.clone(),
         old_chunks: vec![b"old".to_vec()],
         new_chunks: vec![(1, b"new".to_vec())],
+        ..Swap::default()
     };
     assert!(!swap(&mut conn, &p, &s).await.unwrap());
     // Another gateway replaced the chunk meanwhile.
@@ -81,6 +96,7 @@ async fn a_seal_whose_inputs_changed_does_nothing() {
         tail_ids: ids[1..].to_vec(),
         old_chunks: vec![b"replaced".to_vec()],
         new_chunks: vec![(1, b"new".to_vec())],
+        ..Swap::default()
     };
     assert!(!swap(&mut conn, &p, &s).await.unwrap());
     let left: u64 = conn.xlen(fixes_key(&p)).await.unwrap();

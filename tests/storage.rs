@@ -15,7 +15,7 @@ use redis::AsyncCommands;
 use trackgate::compact::{Compaction, seal_device};
 use trackgate::export::{ExportQuery, Format};
 use trackgate::pseudonym::Pseudonym;
-use trackgate::store::{chunk, fixes_key, hist_key};
+use trackgate::store::{chunk, fixes_key, hist_key, seen_key};
 use trackgate_protocols::{ExtraKey, ExtraValue, Fix};
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -206,9 +206,16 @@ async fn a_batch_resent_after_a_lost_ack_is_stored_once() {
         .map(|i| varied_fix(Timestamp::from_second(base + i64::from(i) * 30).unwrap(), i))
         .collect();
     let frame = cce_frame(&id, &batch);
-    send_all(&gw, std::slice::from_ref(&frame), &mut conn, &p, 10).await;
-    // The device never saw the ACK: it sends the batch again, on a new connection.
-    send_all(&gw, &[frame], &mut conn, &p, 20).await;
+    for _ in 0..2 {
+        // The device never saw the first ACK: it sends the batch again, on a new
+        // connection, and this time gets its confirmation.
+        let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+        t.send(&frame).await;
+        let reply = t.reply(Duration::from_secs(10)).await.expect("confirmed");
+        assert!(reply.contains(",CCE,10*"), "{reply}");
+    }
+    let in_tail: u64 = conn.xlen(fixes_key(&p)).await.unwrap();
+    assert_eq!(in_tail, 10, "the tail holds each fix once");
     assert_eq!(
         export(&conn, &p).await.len(),
         10,
@@ -216,10 +223,20 @@ async fn a_batch_resent_after_a_lost_ack_is_stored_once() {
     );
 
     seal_all(&mut conn, &p).await;
+    // Sent again after sealing: the tail takes it, sealing drops it.
+    send_all(&gw, std::slice::from_ref(&frame), &mut conn, &p, 10).await;
+    assert_eq!(
+        export(&conn, &p).await.len(),
+        10,
+        "export shows each fix once"
+    );
+    seal_all(&mut conn, &p).await;
     let chunks: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
     let rows: usize = chunks.iter().map(|c| chunk::decode(c).unwrap().len()).sum();
     assert_eq!(rows, 10, "stored once after sealing");
     assert_eq!(export(&conn, &p).await.len(), 10);
+    let seen: bool = conn.exists(seen_key(&p)).await.unwrap();
+    assert!(!seen, "sealing forgot the sealed fixes' digests");
     gw.shutdown();
     gw.wait().await;
 }

@@ -176,6 +176,28 @@ pub fn unpack(d: &[u8]) -> Option<(&'static str, Vec<(usize, i64)>)> {
     (pos == d.len()).then_some((kind, values))
 }
 
+/// What recognises a fix sent again (a batch resent after its ACK was lost): the first 8
+/// bytes of SHA-256 over its fix time, packed values and extras, exactly the content
+/// [`crate::store::row::Row::is_resend_of`] compares. The append script keeps the digests
+/// of the tail's fixes (`tg:{P}:seen`) and stores a fix whose digest is there no second
+/// time; sealing removes them with the entries. A keyed-free hash is fine here: it
+/// identifies content within one device's tail, never a device or a person.
+pub fn resend_digest(fix_time_s: i64, packed: &[u8], extras: Option<&[u8]>) -> [u8; 8] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(fix_time_s.to_le_bytes());
+    h.update((packed.len() as u64).to_le_bytes());
+    h.update(packed);
+    if let Some(x) = extras {
+        h.update([1]);
+        h.update(x);
+    }
+    let d = h.finalize();
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d[..8]);
+    out
+}
+
 /// A fix as written to its stream: (field, value) pairs in a fixed order. Owned, so it
 /// can cross the write queue while the frame's buffer is reused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,6 +294,27 @@ impl StoredFix {
             };
         }
         self
+    }
+
+    /// The fix's resend digest ([`resend_digest`]) from its stored fields; `None` without
+    /// a fix time.
+    pub fn resend_digest(&self) -> Option<[u8; 8]> {
+        let t = self.fix_time_s?;
+        let field = |name: &str| {
+            self.fields
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| match v {
+                    FieldValue::Bytes(b) => b.as_slice(),
+                    FieldValue::Text(t) => t.as_bytes(),
+                    FieldValue::Int(_) => &[][..],
+                })
+        };
+        Some(resend_digest(
+            t,
+            field(F_PACKED).unwrap_or_default(),
+            field(F_EXTRAS),
+        ))
     }
 
     /// Number of Redis arguments this entry adds after `XADD key *`.

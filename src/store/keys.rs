@@ -21,6 +21,13 @@ pub fn hist_key(p: &Pseudonym) -> String {
     format!("tg:{{{p}}}:hist")
 }
 
+/// `tg:{P}:seen`, the resend digests of the fixes in the live tail (hash, digest → 1):
+/// the append script stores a fix whose digest is there no second time; sealing removes
+/// the digests of the entries it seals.
+pub fn seen_key(p: &Pseudonym) -> String {
+    format!("tg:{{{p}}}:seen")
+}
+
 /// Pattern matching every history set (for the sweeper's SCAN).
 pub const HIST_PATTERN: &str = "tg:{*}:hist";
 

@@ -174,6 +174,17 @@ impl Row {
         out
     }
 
+    /// The resend digest of this row (see [`super::fix::resend_digest`]); `None` without a
+    /// fix time.
+    pub fn resend_digest(&self) -> Option<[u8; 8]> {
+        let t = self.fix_time_s?;
+        Some(super::fix::resend_digest(
+            t,
+            &self.packed(),
+            self.extras.as_deref(),
+        ))
+    }
+
     /// Order of rows in history: time, then receive time, then sequence.
     pub fn order_key(&self) -> (i64, i64, u64) {
         (self.time, self.recv_ms, self.seq)

@@ -6,7 +6,7 @@ use std::sync::{Arc, LazyLock};
 
 use redis::aio::ConnectionLike;
 
-use super::keys::{fixes_key, hist_key, late_key};
+use super::keys::{fixes_key, hist_key, late_key, seen_key};
 use crate::pseudonym::Pseudonym;
 
 static SEAL: LazyLock<Arc<redis::Script>> =
@@ -17,6 +17,8 @@ static SEAL: LazyLock<Arc<redis::Script>> =
 pub struct Swap {
     /// Tail entries (ids) whose rows the new chunks hold.
     pub tail_ids: Vec<String>,
+    /// Their resend digests, which the tail no longer needs to recognise.
+    pub seen_digests: Vec<[u8; 8]>,
     /// History chunks the new chunks replace, as read.
     pub old_chunks: Vec<Vec<u8>>,
     /// New chunks: (score = first row's time, chunk).
@@ -31,8 +33,12 @@ pub async fn swap<C: ConnectionLike + Send>(
     swap: &Swap,
 ) -> redis::RedisResult<bool> {
     let mut call = SEAL.key(fixes_key(p));
-    call.key(hist_key(p)).key(late_key(p));
+    call.key(hist_key(p)).key(late_key(p)).key(seen_key(p));
     call.arg(swap.tail_ids.len()).arg(&swap.tail_ids);
+    call.arg(swap.seen_digests.len());
+    for d in &swap.seen_digests {
+        call.arg(&d[..]);
+    }
     call.arg(swap.old_chunks.len());
     for c in &swap.old_chunks {
         call.arg(c.as_slice());

@@ -31,6 +31,8 @@ pub struct GatewayOptions {
     pub limits: String,
     /// Extra lines for `[redis]`.
     pub redis: String,
+    /// The `[storage]` lines (default: none, the defaults).
+    pub storage: String,
 }
 
 impl GatewayOptions {
@@ -39,6 +41,7 @@ impl GatewayOptions {
             redis_url: redis_url.to_owned(),
             limits: "handshake_timeout_s = 10\nidle_timeout_s = 60\nshutdown_grace_s = 5\n".into(),
             redis: String::new(),
+            storage: String::new(),
         }
     }
 }
@@ -102,10 +105,14 @@ key_file = "{key_file}"
 
 [http]
 bind = "{http}"
+
+[storage]
+{storage}
 "#,
             limits = opts.limits,
             url = opts.redis_url,
             redis = opts.redis,
+            storage = opts.storage,
             key_file = key_file.display(),
         );
         let config_path = dir.path().join("trackgate.toml");

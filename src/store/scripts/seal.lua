@@ -3,15 +3,17 @@
 -- gateway that changed any of it in the meantime makes it a no-op (returns 0), and the
 -- caller reads again. Sealing (tail entries into chunks) and rewriting chunks (purge
 -- inside a chunk, retention across a chunk boundary) both go through here.
--- KEYS: tail stream, history set, late index.
--- ARGV: k, k tail entry ids to delete; m, m chunks to remove; then (score, chunk) pairs
--- to add. Returns 1 when applied, 0 on a conflict.
+-- KEYS: tail stream, history set, late index, resend digests.
+-- ARGV: k, k tail entry ids to delete; g, g resend digests of those entries to forget;
+-- m, m chunks to remove; then (score, chunk) pairs to add. Returns 1 when applied, 0 on
+-- a conflict.
 local k = tonumber(ARGV[1])
 for i = 2, k + 1 do
   if #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i], 'COUNT', 1) == 0 then return 0 end
 end
-local m = tonumber(ARGV[k + 2])
-local o = k + 3
+local g = tonumber(ARGV[k + 2])
+local m = tonumber(ARGV[k + g + 3])
+local o = k + g + 4
 for i = o, o + m - 1 do
   if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then return 0 end
 end
@@ -21,6 +23,7 @@ if k > 0 then
     redis.call('ZREM', KEYS[3], unpack(ARGV, 2, k + 1))
   end
 end
+if g > 0 then redis.call('HDEL', KEYS[4], unpack(ARGV, k + 3, k + g + 2)) end
 if m > 0 then redis.call('ZREM', KEYS[2], unpack(ARGV, o, o + m - 1)) end
 for i = o + m, #ARGV, 2 do
   redis.call('ZADD', KEYS[2], ARGV[i], ARGV[i + 1])
