@@ -623,8 +623,10 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
 
     /// Range purge of one device's history chunks: every row whose fix time is in
     /// `[from_s, to_s]` (survivors of a chunk rewritten). Chunks that changed meanwhile
-    /// (sealed, swept) are read again, a bounded number of times; a damaged chunk that
-    /// lies wholly inside the range goes whole, one that straddles it stays (counted).
+    /// (sealed, swept) are read again, a bounded number of times. A damaged chunk whose
+    /// header reaches into the range goes whole: none of it can be read anyway, and what
+    /// it holds of the range must go (counted and logged); one whose header cannot be read
+    /// stays (counted).
     async fn purge_history_range(
         &self,
         conn: &mut C,
@@ -651,7 +653,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                 chunks,
                 "purge",
                 |r| r.fix_time_s.is_some_and(|t| (from_s..=to_s).contains(&t)),
-                |h| !h.displaced() && h.first >= from_s && h.last <= to_s,
+                |h| h.first <= to_s && (h.last >= from_s || h.displaced()),
             )
             .await?;
             deleted += out.rows;

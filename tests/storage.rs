@@ -503,7 +503,8 @@ async fn a_damaged_chunk_is_counted_and_skipped_and_the_others_still_serve() {
     let lines = export(&conn, &p).await;
     assert_eq!(lines.len(), 32, "the two intact chunks export whole");
 
-    // A range purge over the intact chunks still completes; the damaged ones stay.
+    // A range purge through the first chunk and into the damaged one completes: the
+    // damaged chunk goes whole (nothing of it can be read), the others stay.
     let purger = trackgate::purge::Purger::new(conn.clone(), DAY);
     let customer = trackgate::registry::Customer::new("acme", "ACME", "Europe/Berlin");
     trackgate::registry::Registry::new(conn.clone(), 365 * 86_400)
@@ -517,7 +518,7 @@ async fn a_damaged_chunk_is_counted_and_skipped_and_the_others_still_serve() {
                 pseudonyms: vec![p.clone()],
                 range: Some((
                     Timestamp::from_second(start).unwrap(),
-                    Timestamp::from_second(start + 5 * 60).unwrap(),
+                    Timestamp::from_second(start + 20 * 60).unwrap(),
                 )),
                 idempotency_key: None,
             },
@@ -525,8 +526,11 @@ async fn a_damaged_chunk_is_counted_and_skipped_and_the_others_still_serve() {
         .await
         .unwrap();
     assert_eq!(receipt.state, "completed");
-    assert_eq!(receipt.deleted_fixes, 6);
-    assert_eq!(export(&conn, &p).await.len(), 26);
+    assert_eq!(
+        receipt.deleted_fixes, 32,
+        "16 readable, 16 in the damaged chunk"
+    );
+    assert_eq!(export(&conn, &p).await.len(), 16, "the last chunk");
     let (_, metrics) = common::gwproc::http_get(gw.http_addr.unwrap(), "/metrics")
         .await
         .unwrap();
