@@ -553,7 +553,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn row(i: i64) -> Row {
+    pub(super) fn row(i: i64) -> Row {
         let mut values = [None; VALUES];
         values[2] = Some(-27_257_698 + i * 800);
         values[3] = Some(153_030_471 - i * 650);
@@ -670,6 +670,27 @@ mod tests {
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&b);
             let _ = header(&b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod seeds {
+    /// `TRACKGATE_WRITE_CHUNK_SEEDS=<dir> cargo test --lib write_fuzz_seeds` writes a few
+    /// chunks for the fuzz target's corpus (fuzz/seeds/chunk_decode/).
+    #[test]
+    fn write_fuzz_seeds() {
+        let Ok(dir) = std::env::var("TRACKGATE_WRITE_CHUNK_SEEDS") else {
+            return;
+        };
+        let rows: Vec<_> = (0..40).map(super::tests::row).collect();
+        for (name, part) in [
+            ("steady-40", &rows[..]),
+            ("one", &rows[..1]),
+            ("five", &rows[..5]),
+        ] {
+            let path = std::path::Path::new(&dir).join(name);
+            std::fs::write(path, super::encode(part)).unwrap_or_default();
         }
     }
 }
