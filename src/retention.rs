@@ -6,8 +6,11 @@
 //! 2. **On write** the append script trims the stream by `MINID ~ now − TTL` (once per
 //!    device per batch; approximate, cheap) and moves the key's expiry to now + TTL, so a
 //!    silent device's stream disappears whole.
-//! 3. **The sweeper** trims every stream exactly (`MINID now − TTL`) every
-//!    `sweep_interval_s`: an entry is physically gone by TTL + sweep interval at the latest.
+//! 3. **The sweeper** trims every device exactly every `sweep_interval_s`, with the
+//!    device's retention as it is now (looked up, not taken from its last write, so a
+//!    lowered one reaches quiet devices too): the live tail by `MINID now − TTL`, its late
+//!    deliveries by fix time, the history chunks by row time. A fix is physically gone by
+//!    TTL + sweep interval at the latest.
 //!
 //! **Several gateways** share one Redis (or cluster): each sweep first takes a lease
 //! (`SET tg:{sweep}:lease <instance> NX PX <90 % of the interval>`), so of N gateways one
@@ -36,9 +39,6 @@ use crate::store::{FIXES_PATTERN, HIST_PATTERN, late_key, pseudonym_of_key};
 
 /// The sweeper's lease (one slot of its own in a cluster).
 pub const SWEEP_LEASE_KEY: &str = "tg:{sweep}:lease";
-
-/// Meta hash field holding the device's TTL in ms (written by the append script).
-pub const META_TTL_MS: &str = "tt";
 
 /// The retention policy: a default, and the period agreed with the device's owner.
 #[derive(Debug, Clone)]
