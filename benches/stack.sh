@@ -5,7 +5,9 @@
 #   start_redis rport               # a redis-server; its port in $rport
 #   start_gateway "$rport"          # sets $gport (trackgate port), $gpid
 #
-# Needs $bin (the trackgate binary) set before start_gateway.
+# Needs $bin (the trackgate binary) set before start_gateway. With STACK_COMPACT_AFTER_S
+# set, a build that compacts (storage v2) seals fixes that many seconds after receipt, every
+# second, so that its compaction cost falls inside a short run; older builds ignore it.
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -40,6 +42,9 @@ key_file = "$work/keys.json"
 [http]
 bind = "127.0.0.1:$hport"
 TOML
+  if [ -n "${STACK_COMPACT_AFTER_S:-}" ] && "$bin" config example 2>/dev/null | grep -q compact_after_s; then
+    printf '[storage]\ncompact_after_s = %s\ncompact_interval_s = 1\n' "$STACK_COMPACT_AFTER_S" >> "$work/gw.toml"
+  fi
   sleep 0.5
   RUST_LOG=warn "$bin" serve --config "$work/gw.toml" 2>"$work/gw.log" &
   gpid=$!
