@@ -288,6 +288,37 @@ async fn late_fixes_are_sealed_into_the_chunk_their_time_falls_in() {
     gw.wait().await;
 }
 
+/// A purge of `p` (fix times `range`, or everything) by a customer of its own.
+async fn purge(
+    conn: &trackgate::redis_conn::RedisConn,
+    p: &Pseudonym,
+    range: Option<(i64, i64)>,
+) -> trackgate::purge::Receipt {
+    let customer = trackgate::registry::Customer::new("acme", "ACME", "Europe/Berlin");
+    let added = trackgate::registry::Registry::new(conn.clone(), 365 * 86_400)
+        .add_customer(&customer)
+        .await;
+    assert!(
+        matches!(
+            added,
+            Ok(()) | Err(trackgate::registry::RegistryError::Exists(_))
+        ),
+        "{added:?}"
+    );
+    let at = |s: i64| Timestamp::from_second(s).unwrap();
+    trackgate::purge::Purger::new(conn.clone(), DAY)
+        .request(
+            &customer,
+            &trackgate::purge::PurgeRequest {
+                pseudonyms: vec![p.clone()],
+                range: range.map(|(from, to)| (at(from), at(to))),
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap()
+}
+
 /// Send `n` on-time AAA fixes one minute apart ending `ago_s` ago, and seal them.
 async fn sealed_device(
     gw: &trackgate::gateway::Gateway,
@@ -330,26 +361,7 @@ async fn a_range_purge_deletes_exactly_the_fixes_in_range_inside_chunks() {
     sealed_device(&gw, &mut conn, &p, &id, start, 60).await;
     // A range that cuts through chunks of 16 on both ends.
     let (from, to) = (start + 10 * 60, start + 40 * 60);
-    let purger = trackgate::purge::Purger::new(conn.clone(), DAY);
-    let customer = trackgate::registry::Customer::new("acme", "ACME", "Europe/Berlin");
-    trackgate::registry::Registry::new(conn.clone(), 365 * 86_400)
-        .add_customer(&customer)
-        .await
-        .unwrap();
-    let receipt = purger
-        .request(
-            &customer,
-            &trackgate::purge::PurgeRequest {
-                pseudonyms: vec![p.clone()],
-                range: Some((
-                    Timestamp::from_second(from).unwrap(),
-                    Timestamp::from_second(to).unwrap(),
-                )),
-                idempotency_key: None,
-            },
-        )
-        .await
-        .unwrap();
+    let receipt = purge(&conn, &p, Some((from, to))).await;
     assert_eq!(receipt.state, "completed");
     assert_eq!(receipt.deleted_fixes, 31, "minutes 10 to 40 inclusive");
     let expected: Vec<i64> = (0..60)
@@ -364,17 +376,7 @@ async fn a_range_purge_deletes_exactly_the_fixes_in_range_inside_chunks() {
     assert_eq!(export(&conn, &p).await.len(), 29);
 
     // A complete purge takes the history with it.
-    let receipt = purger
-        .request(
-            &customer,
-            &trackgate::purge::PurgeRequest {
-                pseudonyms: vec![p.clone()],
-                range: None,
-                idempotency_key: None,
-            },
-        )
-        .await
-        .unwrap();
+    let receipt = purge(&conn, &p, None).await;
     assert_eq!(receipt.deleted_fixes, 29);
     assert!(!conn.exists::<_, bool>(hist_key(&p)).await.unwrap());
     assert!(export(&conn, &p).await.is_empty());
@@ -505,26 +507,7 @@ async fn a_damaged_chunk_is_counted_and_skipped_and_the_others_still_serve() {
 
     // A range purge through the first chunk and into the damaged one completes: the
     // damaged chunk goes whole (nothing of it can be read), the others stay.
-    let purger = trackgate::purge::Purger::new(conn.clone(), DAY);
-    let customer = trackgate::registry::Customer::new("acme", "ACME", "Europe/Berlin");
-    trackgate::registry::Registry::new(conn.clone(), 365 * 86_400)
-        .add_customer(&customer)
-        .await
-        .unwrap();
-    let receipt = purger
-        .request(
-            &customer,
-            &trackgate::purge::PurgeRequest {
-                pseudonyms: vec![p.clone()],
-                range: Some((
-                    Timestamp::from_second(start).unwrap(),
-                    Timestamp::from_second(start + 20 * 60).unwrap(),
-                )),
-                idempotency_key: None,
-            },
-        )
-        .await
-        .unwrap();
+    let receipt = purge(&conn, &p, Some((start, start + 20 * 60))).await;
     assert_eq!(receipt.state, "completed");
     assert_eq!(
         receipt.deleted_fixes, 32,

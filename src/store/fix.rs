@@ -98,7 +98,7 @@ pub const PACKED_FIELDS: [(&str, f64); 30] = [
 ];
 
 /// Message kinds as stored (index = kind byte).
-const KINDS: [&str; 4] = ["AAA", "AFF", "CCE", "CCC"];
+pub(crate) const KINDS: [&str; 4] = ["AAA", "AFF", "CCE", "CCC"];
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -142,6 +142,11 @@ fn pack_all(kind: MessageKind, all: &[Option<i64>; PACKED_FIELDS.len()]) -> Vec<
         MessageKind::Ccc => 3,
         _ => 255,
     };
+    pack_values(kind_byte, all)
+}
+
+/// The packed layout of a message-kind byte and every value in [`PACKED_FIELDS`] order.
+pub(crate) fn pack_values(kind_byte: u8, all: &[Option<i64>; PACKED_FIELDS.len()]) -> Vec<u8> {
     let mut out = Vec::with_capacity(48);
     out.push(PACKED_VERSION);
     out.push(kind_byte);
@@ -156,24 +161,39 @@ fn pack_all(kind: MessageKind, all: &[Option<i64>; PACKED_FIELDS.len()]) -> Vec<
     out
 }
 
-/// Unpack `d`: the message type and the present values as (index, value). `None` for a
-/// layout this version does not know or a damaged value.
-pub fn unpack(d: &[u8]) -> Option<(&'static str, Vec<(usize, i64)>)> {
+/// Unpack `d` into its message-kind byte and every value in [`PACKED_FIELDS`] order.
+/// `None` for a layout this version does not know or a damaged value.
+pub(crate) fn unpack_values(d: &[u8]) -> Option<(u8, [Option<i64>; PACKED_FIELDS.len()])> {
     if d.first() != Some(&PACKED_VERSION) {
         return None;
     }
-    let kind = KINDS
-        .get(usize::from(*d.get(1)?))
-        .copied()
-        .unwrap_or("OTHER");
+    let kind = *d.get(1)?;
     let mut pos = 2;
     let bitmap = get_varint(d, &mut pos)?;
-    let mut values = Vec::with_capacity(bitmap.count_ones() as usize);
-    for i in (0..PACKED_FIELDS.len()).filter(|i| bitmap & (1 << i) != 0) {
-        let z = get_varint(d, &mut pos)?;
-        values.push((i, ((z >> 1) as i64) ^ -((z & 1) as i64)));
+    if bitmap >> PACKED_FIELDS.len() != 0 {
+        return None;
+    }
+    let mut values = [None; PACKED_FIELDS.len()];
+    for (i, slot) in values.iter_mut().enumerate() {
+        if bitmap & (1 << i) != 0 {
+            let z = get_varint(d, &mut pos)?;
+            *slot = Some(((z >> 1) as i64) ^ -((z & 1) as i64));
+        }
     }
     (pos == d.len()).then_some((kind, values))
+}
+
+/// Unpack `d`: the message type and the present values as (index, value). `None` for a
+/// layout this version does not know or a damaged value.
+pub fn unpack(d: &[u8]) -> Option<(&'static str, Vec<(usize, i64)>)> {
+    let (kind, values) = unpack_values(d)?;
+    let kind = KINDS.get(usize::from(kind)).copied().unwrap_or("OTHER");
+    let present = values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| v.map(|v| (i, v)))
+        .collect();
+    Some((kind, present))
 }
 
 /// What recognises a fix sent again (a batch resent after its ACK was lost): the first 8

@@ -45,17 +45,7 @@ pub async fn chunks_by_score<C: ConnectionLike + Send>(
     offset: usize,
     count: usize,
 ) -> redis::RedisResult<Vec<StoredChunk>> {
-    let members: Vec<Vec<u8>> = redis::cmd("ZRANGE")
-        .arg(hist_key(p))
-        .arg(min)
-        .arg(max)
-        .arg("BYSCORE")
-        .arg("LIMIT")
-        .arg(offset)
-        .arg(i64::try_from(count).unwrap_or(-1))
-        .query_async(conn)
-        .await?;
-    Ok(members.into_iter().map(StoredChunk::new).collect())
+    chunks_in(conn, p, (min, max), false, offset, count).await
 }
 
 /// The last chunk starting at or before `max` (score), if any, and those before it,
@@ -67,12 +57,24 @@ pub async fn chunks_before<C: ConnectionLike + Send>(
     offset: usize,
     count: usize,
 ) -> redis::RedisResult<Vec<StoredChunk>> {
-    let members: Vec<Vec<u8>> = redis::cmd("ZRANGE")
-        .arg(hist_key(p))
-        .arg(max)
-        .arg("-inf")
-        .arg("BYSCORE")
-        .arg("REV")
+    chunks_in(conn, p, (&max.to_string(), "-inf"), true, offset, count).await
+}
+
+/// `ZRANGE hist <bounds> BYSCORE [REV] LIMIT offset count`.
+async fn chunks_in<C: ConnectionLike + Send>(
+    conn: &mut C,
+    p: &Pseudonym,
+    (from, to): (&str, &str),
+    rev: bool,
+    offset: usize,
+    count: usize,
+) -> redis::RedisResult<Vec<StoredChunk>> {
+    let mut cmd = redis::cmd("ZRANGE");
+    cmd.arg(hist_key(p)).arg(from).arg(to).arg("BYSCORE");
+    if rev {
+        cmd.arg("REV");
+    }
+    let members: Vec<Vec<u8>> = cmd
         .arg("LIMIT")
         .arg(offset)
         .arg(i64::try_from(count).unwrap_or(-1))

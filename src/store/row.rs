@@ -12,13 +12,10 @@
 
 use serde_json::{Map, Value, json};
 
-use super::fix::{F_EXTRAS, F_PACKED, F_TIME, PACKED_FIELDS, PACKED_VERSION};
+use super::fix::{F_EXTRAS, F_PACKED, F_TIME, KINDS, PACKED_FIELDS, pack_values, unpack_values};
 
 /// Number of packed values per row (see [`PACKED_FIELDS`]).
 pub const VALUES: usize = PACKED_FIELDS.len();
-
-/// Message kinds as stored (index = kind byte).
-const KINDS: [&str; 4] = ["AAA", "AFF", "CCE", "CCC"];
 
 /// One stored fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,48 +75,6 @@ pub fn parse_id(id: &str) -> Option<(i64, u64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
-fn get_varint(b: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*pos)?;
-        *pos += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// The packed layout `d` of a tail entry: (kind byte, values).
-fn unpack_values(d: &[u8]) -> Option<(u8, [Option<i64>; VALUES])> {
-    if d.first() != Some(&PACKED_VERSION) {
-        return None;
-    }
-    let kind = *d.get(1)?;
-    let mut pos = 2;
-    let bitmap = get_varint(d, &mut pos)?;
-    if bitmap >> VALUES != 0 {
-        return None;
-    }
-    let mut values = [None; VALUES];
-    for (i, slot) in values.iter_mut().enumerate() {
-        if bitmap & (1 << i) != 0 {
-            let z = get_varint(d, &mut pos)?;
-            *slot = Some(((z >> 1) as i64) ^ -((z & 1) as i64));
-        }
-    }
-    (pos == d.len()).then_some((kind, values))
-}
-
 impl Row {
     /// Read a tail entry (`id`, fields as stored).
     pub fn from_entry(
@@ -159,19 +114,7 @@ impl Row {
 
     /// The packed layout `d` again, byte for byte as the tail held it.
     pub fn packed(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(48);
-        out.push(PACKED_VERSION);
-        out.push(self.kind);
-        let bitmap = self
-            .values
-            .iter()
-            .enumerate()
-            .fold(0u64, |m, (i, v)| if v.is_some() { m | 1 << i } else { m });
-        put_varint(&mut out, bitmap);
-        for v in self.values.iter().flatten() {
-            put_varint(&mut out, ((v << 1) ^ (v >> 63)) as u64);
-        }
-        out
+        pack_values(self.kind, &self.values)
     }
 
     /// The resend digest of this row (see [`super::fix::resend_digest`]); `None` without a
@@ -242,7 +185,7 @@ impl Row {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::fix::{FieldValue, StoredFix};
+    use crate::store::fix::{FieldValue, PACKED_VERSION, StoredFix};
     use trackgate_protocols::{ExtraKey, ExtraValue, Fix, MessageKind};
 
     fn as_fields(s: &StoredFix) -> Vec<(String, Vec<u8>)> {
