@@ -66,7 +66,10 @@ pub struct StorageConfig {
     pub compact_pass_max_fixes: u64,
     /// A fix time more than this after its receive time is not trusted for ordering and
     /// retention (a device clock far ahead would keep it past its TTL): such a fix is
-    /// kept by its receive time. Its reported time is still exported unchanged.
+    /// kept by its receive time. Its reported time is still exported unchanged. The
+    /// retention sweep reads the history chunks that start up to this long after its cut
+    /// (a row up to this far ahead of its receipt may expire by receive time), so a
+    /// short tolerance keeps sweeps cheap.
     pub future_fix_tolerance_s: u64,
 }
 
@@ -78,7 +81,7 @@ impl Default for StorageConfig {
             chunk_max_fixes: 256,
             compact_device_max_fixes: 4096,
             compact_pass_max_fixes: 1_000_000,
-            future_fix_tolerance_s: 86_400,
+            future_fix_tolerance_s: 300,
         }
     }
 }
