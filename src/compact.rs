@@ -34,6 +34,10 @@ use crate::store::{COMPACT_LEASE_KEY, FIXES_PATTERN, pseudonym_of_key, tail};
 #[derive(Debug, Clone)]
 pub struct Compaction {
     pub after: Duration,
+    /// A device whose due entries do not fill a chunk is sealed anyway once its oldest
+    /// entry is this old (each chunk is then written about once, not rewritten for every
+    /// few fixes).
+    pub seal_max_wait: Duration,
     pub interval: Duration,
     pub chunk_max_fixes: usize,
     pub device_max_fixes: usize,
@@ -47,6 +51,7 @@ impl From<&StorageConfig> for Compaction {
     fn from(s: &StorageConfig) -> Self {
         Compaction {
             after: Duration::from_secs(s.compact_after_s),
+            seal_max_wait: Duration::from_secs(s.seal_max_wait_s),
             interval: Duration::from_secs(s.compact_interval_s),
             chunk_max_fixes: s.chunk_max_fixes,
             device_max_fixes: s.compact_device_max_fixes,
@@ -99,7 +104,56 @@ async fn neighbours<C: ConnectionLike + Send>(
     Ok((before, next_first))
 }
 
-/// Seal `p`'s tail entries received before `now_ms − after` (at most `budget`).
+/// Whether the oldest of `entries` was received more than `seal_max_wait` ago.
+fn overdue(entries: &[tail::Entry], s: &Compaction, now_ms: i64) -> bool {
+    let wait_ms = i64::try_from(s.seal_max_wait.as_millis()).unwrap_or(i64::MAX);
+    entries
+        .first()
+        .and_then(|e| crate::store::row::parse_id(&e.0))
+        .is_some_and(|(ms, _)| ms <= now_ms.saturating_sub(wait_ms))
+}
+
+/// How many of `p`'s tail entries to read for sealing, or `None` when none is due yet: a
+/// device is sealed once its due entries fill a chunk, or its oldest entry has waited
+/// `seal_max_wait` (two cheap commands decide, most passes, that a device waits).
+async fn due_entries<C: ConnectionLike + Send>(
+    conn: &mut C,
+    p: &Pseudonym,
+    s: &Compaction,
+    now_ms: i64,
+    end_ms: i64,
+    budget: usize,
+) -> redis::RedisResult<Option<usize>> {
+    let key = crate::store::fixes_key(p);
+    let (len, oldest): (u64, redis::streams::StreamRangeReply) = redis::pipe()
+        .cmd("XLEN")
+        .arg(&key)
+        .cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    let Some((oldest_ms, _)) = oldest
+        .ids
+        .first()
+        .and_then(|e| crate::store::row::parse_id(&e.id))
+    else {
+        return Ok(None);
+    };
+    let wait_ms = i64::try_from(s.seal_max_wait.as_millis()).unwrap_or(i64::MAX);
+    let overdue = oldest_ms <= now_ms.saturating_sub(wait_ms);
+    let fills_a_chunk = len >= s.chunk_max_fixes as u64;
+    if oldest_ms > end_ms || !(overdue || fills_a_chunk) {
+        return Ok(None);
+    }
+    Ok(Some(budget.min(s.device_max_fixes).max(1)))
+}
+
+/// Seal `p`'s tail entries received before `now_ms − after` (at most `budget`), once
+/// they fill a chunk or the oldest has waited `seal_max_wait`.
 pub async fn seal_device<C: ConnectionLike + Send>(
     conn: &mut C,
     p: &Pseudonym,
@@ -111,9 +165,17 @@ pub async fn seal_device<C: ConnectionLike + Send>(
     if end_ms < 0 {
         return Ok(Sealed::default());
     }
-    let take = budget.min(s.device_max_fixes).max(1);
-    let entries = tail::range(conn, p, "-", &end_ms.to_string(), take).await?;
+    let Some(take) = due_entries(conn, p, s, now_ms, end_ms, budget).await? else {
+        return Ok(Sealed::default());
+    };
+    let mut entries = tail::range(conn, p, "-", &end_ms.to_string(), take).await?;
     let more = entries.len() == take;
+    if !more && entries.len() > s.chunk_max_fixes && !overdue(&entries, s, now_ms) {
+        // Whole chunks now; the rest waits for the next one to fill.
+        entries.truncate(entries.len() / s.chunk_max_fixes * s.chunk_max_fixes);
+    } else if entries.len() < s.chunk_max_fixes && !overdue(&entries, s, now_ms) {
+        return Ok(Sealed::default());
+    }
     let mut ids = Vec::with_capacity(entries.len());
     let mut rows = Vec::with_capacity(entries.len());
     for e in &entries {
@@ -264,6 +326,7 @@ pub async fn compact_once(conn: &RedisConn, s: &Compaction) -> redis::RedisResul
 pub async fn seal_everything(conn: &RedisConn, storage: &StorageConfig) -> redis::RedisResult<u64> {
     let s = Compaction {
         after: Duration::ZERO,
+        seal_max_wait: Duration::ZERO,
         ..Compaction::from(storage)
     };
     let mut total = 0;

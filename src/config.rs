@@ -57,6 +57,11 @@ pub struct StorageConfig {
     pub compact_after_s: u64,
     /// How often a compaction pass runs (one gateway per pass, lease `tg:{compact}:lease`).
     pub compact_interval_s: u64,
+    /// A device's due fixes are sealed once they fill a chunk (`chunk_max_fixes`), or once
+    /// the oldest was received this long ago: a chunk is then written about once instead
+    /// of rewritten for every few fixes a pass brings. The live tail holds up to this
+    /// long of a slow device's fixes.
+    pub seal_max_wait_s: u64,
     /// Rows per history chunk at most: larger chunks cost fewer bytes per fix, smaller
     /// ones less work when a purge or the TTL rewrites a chunk.
     pub chunk_max_fixes: usize,
@@ -78,6 +83,7 @@ impl Default for StorageConfig {
         StorageConfig {
             compact_after_s: 900,
             compact_interval_s: 60,
+            seal_max_wait_s: 6 * 3600,
             chunk_max_fixes: 256,
             compact_device_max_fixes: 4096,
             compact_pass_max_fixes: 1_000_000,
@@ -101,6 +107,7 @@ impl StorageConfig {
         for (field, v) in [
             ("storage.compact_after_s", self.compact_after_s),
             ("storage.compact_interval_s", self.compact_interval_s),
+            ("storage.seal_max_wait_s", self.seal_max_wait_s),
             (
                 "storage.future_fix_tolerance_s",
                 self.future_fix_tolerance_s,

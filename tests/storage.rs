@@ -24,6 +24,7 @@ const DAY: Duration = Duration::from_secs(86_400);
 fn seal_now() -> Compaction {
     Compaction {
         after: Duration::ZERO,
+        seal_max_wait: Duration::ZERO,
         interval: Duration::from_secs(1),
         chunk_max_fixes: 16,
         device_max_fixes: 10_000,
@@ -455,6 +456,7 @@ async fn a_store_written_by_the_previous_version_is_sealed_by_a_new_gateway() {
     let mut cfg = redis.config();
     cfg.storage.compact_after_s = 1;
     cfg.storage.compact_interval_s = 1;
+    cfg.storage.seal_max_wait_s = 1;
     let gw = trackgate::gateway::Gateway::start(cfg, std::sync::Arc::new(keys))
         .await
         .unwrap();

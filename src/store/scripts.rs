@@ -15,7 +15,7 @@ static SEAL: LazyLock<Arc<redis::Script>> =
 /// One atomic change of a device's stored rows (see `scripts/seal.lua`).
 #[derive(Debug, Default)]
 pub struct Swap {
-    /// Tail entries (ids) whose rows the new chunks hold.
+    /// Tail entries (ids, ascending) whose rows the new chunks hold.
     pub tail_ids: Vec<String>,
     /// Their resend digests, which the tail no longer needs to recognise.
     pub seen_digests: Vec<[u8; 8]>,

@@ -4,12 +4,19 @@
 -- caller reads again. Sealing (tail entries into chunks) and rewriting chunks (purge
 -- inside a chunk, retention across a chunk boundary) both go through here.
 -- KEYS: tail stream, history set, late index, resend digests.
--- ARGV: k, k tail entry ids to delete; g, g resend digests of those entries to forget;
+-- ARGV: k, k tail entry ids to delete (ascending); g, g resend digests of those entries to forget;
 -- m, m chunks to remove; then (score, chunk) pairs to add. Returns 1 when applied, 0 on
 -- a conflict.
 local k = tonumber(ARGV[1])
-for i = 2, k + 1 do
-  if #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i], 'COUNT', 1) == 0 then return 0 end
+if k > 0 then
+  -- One range read over the entries (ids ascending) instead of a lookup per id.
+  local present = {}
+  for _, e in ipairs(redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[k + 1])) do
+    present[e[1]] = true
+  end
+  for i = 2, k + 1 do
+    if not present[ARGV[i]] then return 0 end
+  end
 end
 local g = tonumber(ARGV[k + 2])
 local m = tonumber(ARGV[k + g + 3])
