@@ -115,7 +115,9 @@ fn overdue(entries: &[tail::Entry], s: &Compaction, now_ms: i64) -> bool {
 
 /// How many of `p`'s tail entries to read for sealing, or `None` when none is due yet: a
 /// device is sealed once its due entries fill a chunk, or its oldest entry has waited
-/// `seal_max_wait` (two cheap commands decide, most passes, that a device waits).
+/// `seal_max_wait`. Three cheap commands decide, on most passes, that a device waits: the
+/// tail's length and its first and last ids give the share of it that is due (reading
+/// the entries to count them cost more than sealing them).
 async fn due_entries<C: ConnectionLike + Send>(
     conn: &mut C,
     p: &Pseudonym,
@@ -125,7 +127,11 @@ async fn due_entries<C: ConnectionLike + Send>(
     budget: usize,
 ) -> redis::RedisResult<Option<usize>> {
     let key = crate::store::fixes_key(p);
-    let (len, oldest): (u64, redis::streams::StreamRangeReply) = redis::pipe()
+    let (len, first, last): (
+        u64,
+        redis::streams::StreamRangeReply,
+        redis::streams::StreamRangeReply,
+    ) = redis::pipe()
         .cmd("XLEN")
         .arg(&key)
         .cmd("XRANGE")
@@ -134,19 +140,35 @@ async fn due_entries<C: ConnectionLike + Send>(
         .arg("+")
         .arg("COUNT")
         .arg(1)
+        .cmd("XREVRANGE")
+        .arg(&key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
         .query_async(conn)
         .await?;
-    let Some((oldest_ms, _)) = oldest
-        .ids
-        .first()
-        .and_then(|e| crate::store::row::parse_id(&e.id))
-    else {
+    let ms = |r: &redis::streams::StreamRangeReply| {
+        r.ids
+            .first()
+            .and_then(|e| crate::store::row::parse_id(&e.id))
+            .map(|(ms, _)| ms)
+    };
+    let (Some(first_ms), Some(last_ms)) = (ms(&first), ms(&last)) else {
         return Ok(None);
     };
+    if first_ms > end_ms {
+        return Ok(None);
+    }
     let wait_ms = i64::try_from(s.seal_max_wait.as_millis()).unwrap_or(i64::MAX);
-    let overdue = oldest_ms <= now_ms.saturating_sub(wait_ms);
-    let fills_a_chunk = len >= s.chunk_max_fixes as u64;
-    if oldest_ms > end_ms || !(overdue || fills_a_chunk) {
+    let overdue = first_ms <= now_ms.saturating_sub(wait_ms);
+    let due = if last_ms <= end_ms {
+        len
+    } else {
+        let share = (end_ms - first_ms) as f64 / (last_ms - first_ms).max(1) as f64;
+        (len as f64 * share) as u64
+    };
+    if !overdue && due < s.chunk_max_fixes as u64 {
         return Ok(None);
     }
     Ok(Some(budget.min(s.device_max_fixes).max(1)))

@@ -256,7 +256,7 @@ while i <= #ARGV do
       end
     end
     if keep and digest ~= '' then
-      keep = redis.call('HSETNX', KEYS[5], digest, 1) == 1
+      keep = redis.call('SADD', KEYS[5], digest) == 1
     end
     if keep then
       local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 2, i + 1 + n))
@@ -1234,7 +1234,7 @@ where
         for fix in &job.fixes {
             cmd.arg(fix.arg_count());
             match fix.resend_digest() {
-                Some(d) => cmd.arg(&d[..]),
+                Some(d) => cmd.arg(d),
                 None => cmd.arg(""),
             };
             for (name, value) in &fix.fields {

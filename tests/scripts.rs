@@ -39,16 +39,10 @@ async fn a_seal_moves_tail_entries_into_chunks_atomically() {
     let ids = tail_ids(&mut conn, &p, 3).await;
     let _: () = conn.pexpire(fixes_key(&p), 60_000).await.unwrap();
     let _: () = conn.zadd(late_key(&p), &ids[1], 5).await.unwrap();
-    let _: () = conn
-        .hset_multiple(
-            seen_key(&p),
-            &[(&b"digest-1"[..], 1), (&b"digest-2"[..], 1)],
-        )
-        .await
-        .unwrap();
+    let _: () = conn.sadd(seen_key(&p), &[-17i64, 42]).await.unwrap();
     let s = Swap {
         tail_ids: ids[..2].to_vec(),
-        seen_digests: vec![*b"digest-1"],
+        seen_digests: vec![-17],
         old_chunks: vec![],
         new_chunks: vec![(10, b"chunk-a".to_vec()), (20, b"chunk-b".to_vec())],
     };
@@ -62,12 +56,8 @@ async fn a_seal_moves_tail_entries_into_chunks_atomically() {
     );
     let late: u64 = conn.zcard(late_key(&p)).await.unwrap();
     assert_eq!(late, 0, "sealed entries leave the late index");
-    let seen: Vec<Vec<u8>> = conn.hkeys(seen_key(&p)).await.unwrap();
-    assert_eq!(
-        seen,
-        [b"digest-2".to_vec()],
-        "sealed entries' digests are forgotten"
-    );
+    let seen: Vec<i64> = conn.smembers(seen_key(&p)).await.unwrap();
+    assert_eq!(seen, [42], "sealed entries' digests are forgotten");
     let pttl: i64 = conn.pttl(hist_key(&p)).await.unwrap();
     assert!(
         pttl > 50_000,

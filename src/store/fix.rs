@@ -197,12 +197,13 @@ pub fn unpack(d: &[u8]) -> Option<(&'static str, Vec<(usize, i64)>)> {
 }
 
 /// What recognises a fix sent again (a batch resent after its ACK was lost): the first 8
-/// bytes of SHA-256 over its fix time, packed values and extras, exactly the content
-/// [`crate::store::row::Row::is_resend_of`] compares. The append script keeps the digests
-/// of the tail's fixes (`tg:{P}:seen`) and stores a fix whose digest is there no second
-/// time; sealing removes them with the entries. A keyed-free hash is fine here: it
+/// bytes of SHA-256 over its fix time, packed values and extras (exactly the content
+/// [`crate::store::row::Row::is_resend_of`] compares), as a signed little-endian integer.
+/// The append script keeps the digests of the tail's fixes in a set (`tg:{P}:seen`: an
+/// integer set, about 9 B and 0.2 µs a fix) and stores a fix whose digest is there no
+/// second time; sealing removes them with the entries. An unkeyed hash is fine here: it
 /// identifies content within one device's tail, never a device or a person.
-pub fn resend_digest(fix_time_s: i64, packed: &[u8], extras: Option<&[u8]>) -> [u8; 8] {
+pub fn resend_digest(fix_time_s: i64, packed: &[u8], extras: Option<&[u8]>) -> i64 {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(fix_time_s.to_le_bytes());
@@ -215,7 +216,7 @@ pub fn resend_digest(fix_time_s: i64, packed: &[u8], extras: Option<&[u8]>) -> [
     let d = h.finalize();
     let mut out = [0u8; 8];
     out.copy_from_slice(&d[..8]);
-    out
+    i64::from_le_bytes(out)
 }
 
 /// A fix as written to its stream: (field, value) pairs in a fixed order. Owned, so it
@@ -318,7 +319,7 @@ impl StoredFix {
 
     /// The fix's resend digest ([`resend_digest`]) from its stored fields; `None` without
     /// a fix time.
-    pub fn resend_digest(&self) -> Option<[u8; 8]> {
+    pub fn resend_digest(&self) -> Option<i64> {
         let t = self.fix_time_s?;
         let field = |name: &str| {
             self.fields

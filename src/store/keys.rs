@@ -21,7 +21,7 @@ pub fn hist_key(p: &Pseudonym) -> String {
     format!("tg:{{{p}}}:hist")
 }
 
-/// `tg:{P}:seen`, the resend digests of the fixes in the live tail (hash, digest → 1):
+/// `tg:{P}:seen`, the resend digests of the fixes in the live tail (a set of integers):
 /// the append script stores a fix whose digest is there no second time; sealing removes
 /// the digests of the entries it seals.
 pub fn seen_key(p: &Pseudonym) -> String {

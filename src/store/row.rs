@@ -119,7 +119,7 @@ impl Row {
 
     /// The resend digest of this row (see [`super::fix::resend_digest`]); `None` without a
     /// fix time.
-    pub fn resend_digest(&self) -> Option<[u8; 8]> {
+    pub fn resend_digest(&self) -> Option<i64> {
         let t = self.fix_time_s?;
         Some(super::fix::resend_digest(
             t,

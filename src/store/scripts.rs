@@ -18,7 +18,7 @@ pub struct Swap {
     /// Tail entries (ids, ascending) whose rows the new chunks hold.
     pub tail_ids: Vec<String>,
     /// Their resend digests, which the tail no longer needs to recognise.
-    pub seen_digests: Vec<[u8; 8]>,
+    pub seen_digests: Vec<i64>,
     /// History chunks the new chunks replace, as read.
     pub old_chunks: Vec<Vec<u8>>,
     /// New chunks: (score = first row's time, chunk).
@@ -36,9 +36,7 @@ pub async fn swap<C: ConnectionLike + Send>(
     call.key(hist_key(p)).key(late_key(p)).key(seen_key(p));
     call.arg(swap.tail_ids.len()).arg(&swap.tail_ids);
     call.arg(swap.seen_digests.len());
-    for d in &swap.seen_digests {
-        call.arg(&d[..]);
-    }
+    call.arg(&swap.seen_digests);
     call.arg(swap.old_chunks.len());
     for c in &swap.old_chunks {
         call.arg(c.as_slice());

@@ -30,7 +30,7 @@ if k > 0 then
     redis.call('ZREM', KEYS[3], unpack(ARGV, 2, k + 1))
   end
 end
-if g > 0 then redis.call('HDEL', KEYS[4], unpack(ARGV, k + 3, k + g + 2)) end
+if g > 0 then redis.call('SREM', KEYS[4], unpack(ARGV, k + 3, k + g + 2)) end
 if m > 0 then redis.call('ZREM', KEYS[2], unpack(ARGV, o, o + m - 1)) end
 for i = o + m, #ARGV, 2 do
   redis.call('ZADD', KEYS[2], ARGV[i], ARGV[i + 1])
