@@ -87,7 +87,7 @@ const PRESENT_NONE: u8 = 0;
 const PRESENT_ALL: u8 = 1;
 const PRESENT_SOME: u8 = 2;
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Transform {
     Raw = 0,
     Delta = 1,
@@ -270,29 +270,70 @@ fn get_packed(r: &mut Reader<'_>, m: usize, what: &'static str) -> Result<Vec<i6
     Ok(values)
 }
 
-/// One integer column, with the smallest transform and packing.
+fn varint_len(v: u128) -> usize {
+    ((128 - v.leading_zeros()).max(1) as usize).div_ceil(7)
+}
+
+/// Bytes [`put_tokens`] would write.
+fn tokens_len(values: &[i64]) -> usize {
+    let (mut len, mut zeros) = (0, 0u128);
+    for &v in values {
+        if v == 0 {
+            zeros += 1;
+            continue;
+        }
+        if zeros > 0 {
+            len += varint_len((zeros - 1) << 1);
+            zeros = 0;
+        }
+        len += varint_len((u128::from(zigzag(v)) - 1) << 1 | 1);
+    }
+    if zeros > 0 {
+        len += varint_len((zeros - 1) << 1);
+    }
+    len
+}
+
+/// Bytes [`put_packed`] would write.
+fn packed_len(values: &[i64]) -> usize {
+    let min = values.iter().copied().min().unwrap_or(0);
+    let span = values
+        .iter()
+        .map(|v| v.wrapping_sub(min) as u64)
+        .max()
+        .unwrap_or(0);
+    let width = (64 - span.leading_zeros()) as usize;
+    varint_len(u128::from(zigzag(min))) + 1 + (values.len() * width).div_ceil(8)
+}
+
+/// One integer column, with the smallest transform and packing (sized first, written
+/// once: sealing encodes every column of every chunk).
 fn put_int_column(out: &mut Vec<u8>, column: &[Option<i64>]) {
     let present: Vec<bool> = column.iter().map(Option::is_some).collect();
     let values: Vec<i64> = column.iter().flatten().copied().collect();
-    let mut best: Option<(u8, Vec<u8>)> = None;
+    let mut d = Vec::with_capacity(values.len());
+    let mut best = (Transform::Raw, 0u8, usize::MAX);
     for t in TRANSFORMS {
-        let d: Vec<i64> = transformed(&values, t).collect();
-        let mut tokens = Vec::new();
-        put_tokens(&mut tokens, d.iter().copied());
-        let mut packed = Vec::new();
-        put_packed(&mut packed, &d);
-        for (head, bytes) in [((t as u8) << 2, tokens), ((t as u8) << 2 | PACKED, packed)] {
-            if best.as_ref().is_none_or(|(_, b)| bytes.len() < b.len()) {
-                best = Some((head, bytes));
+        d.clear();
+        d.extend(transformed(&values, t));
+        for (packing, len) in [(0, tokens_len(&d)), (PACKED, packed_len(&d))] {
+            if len < best.2 {
+                best = (t, packing, len);
             }
         }
     }
-    let (head, bytes) = best.unwrap_or((0, Vec::new()));
-    put_presence(out, &present, head);
+    let (t, packing, _) = best;
+    put_presence(out, &present, (t as u8) << 2 | packing);
     if values.is_empty() {
         return;
     }
-    out.extend_from_slice(&bytes);
+    d.clear();
+    d.extend(transformed(&values, t));
+    if packing == PACKED {
+        put_packed(out, &d);
+    } else {
+        put_tokens(out, d.iter().copied());
+    }
 }
 
 /// Read a presence byte: (transform bits, which rows are present).
@@ -664,6 +705,16 @@ mod tests {
             }
             let b = encode(&rows);
             prop_assert_eq!(decode(&b), Ok(rows));
+        }
+
+        #[test]
+        fn sizes_match_what_is_written(values in proptest::collection::vec(any::<i64>(), 0..80)) {
+            let mut tokens = Vec::new();
+            put_tokens(&mut tokens, values.iter().copied());
+            prop_assert_eq!(tokens_len(&values), tokens.len());
+            let mut packed = Vec::new();
+            put_packed(&mut packed, &values);
+            prop_assert_eq!(packed_len(&values), packed.len());
         }
 
         #[test]

@@ -18,7 +18,9 @@ pub async fn range<C: ConnectionLike + Send>(
     end: &str,
     count: usize,
 ) -> redis::RedisResult<Vec<Entry>> {
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+    // Read as plain arrays: the streams reply type builds a map per entry, which cost
+    // more than the rest of sealing.
+    let reply: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
         .arg(fixes_key(p))
         .arg(start)
         .arg(end)
@@ -27,15 +29,14 @@ pub async fn range<C: ConnectionLike + Send>(
         .query_async(conn)
         .await?;
     Ok(reply
-        .ids
         .into_iter()
-        .map(|e| {
-            let fields = e
-                .map
-                .into_iter()
-                .filter_map(|(k, v)| redis::from_redis_value::<Vec<u8>>(v).ok().map(|v| (k, v)))
-                .collect();
-            (e.id, fields)
+        .map(|(id, flat)| {
+            let mut fields = Vec::with_capacity(flat.len() / 2);
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                fields.push((String::from_utf8_lossy(&k).into_owned(), v));
+            }
+            (id, fields)
         })
         .collect())
 }
