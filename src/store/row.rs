@@ -137,8 +137,11 @@ impl Row {
     /// same reported fix time and the same content. Fixes without a fix time are never
     /// taken for duplicates (two identical heartbeats are two heartbeats).
     pub fn is_resend_of(&self, other: &Row) -> bool {
+        // Position first: fixes of one second differ there, and that ends the comparison
+        // before the 30 values are compared.
         self.fix_time_s.is_some()
             && self.fix_time_s == other.fix_time_s
+            && self.values[2..4] == other.values[2..4]
             && self.kind == other.kind
             && self.values == other.values
             && self.extras == other.extras
