@@ -575,3 +575,56 @@ async fn a_tail_consumer_sees_a_fix_within_a_second_of_its_ack() {
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trackgate_tail_prints_a_devices_new_fixes_as_json_lines() {
+    use std::io::{BufRead, Write};
+    if !standalone_only("trackgate_tail_prints_a_devices_new_fixes_as_json_lines") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let gw =
+        common::gwproc::GatewayProcess::start(common::gwproc::GatewayOptions::new(&redis.url()))
+            .await;
+    let id = imei(508);
+    let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_trackgate"))
+        .args(["tail", "--count", "2", "--block-ms", "200", "--config"])
+        .arg(gw.dir().join("trackgate.toml"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The IMEI goes in on standard input, never on the command line.
+    writeln!(tail.stdin.take().unwrap(), "{id}").unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut t = Tracker::connect(gw.tracker).await;
+    let base = now_s().as_second();
+    t.send(&cce_frame(
+        &id,
+        &[
+            varied_fix(Timestamp::from_second(base - 30).unwrap(), 1),
+            varied_fix(Timestamp::from_second(base).unwrap(), 2),
+        ],
+    ))
+    .await;
+    t.reply(Duration::from_secs(5)).await.expect("confirmed");
+    let out = tokio::task::spawn_blocking(move || {
+        let lines: Vec<String> = std::io::BufReader::new(tail.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .collect();
+        (tail.wait().unwrap(), lines)
+    });
+    let (status, lines) = tokio::time::timeout(Duration::from_secs(10), out)
+        .await
+        .expect("tail stops after two fixes")
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["fix_id"].as_str().is_some_and(|i| i.contains('-')), "{l}");
+        assert_eq!(v["type"], "CCE");
+        assert!(!l.contains(&id), "no IMEI in the output");
+    }
+}

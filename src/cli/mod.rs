@@ -13,6 +13,7 @@ mod demo;
 mod keys;
 mod loadgen;
 mod serve;
+mod tail;
 
 pub use admin::{CustomerCommand, DeviceCommand, TokenCommand};
 pub use bench::BenchArgs;
@@ -23,6 +24,7 @@ pub use demo::DemoArgs;
 pub use keys::KeysCommand;
 pub use loadgen::LoadgenArgs;
 pub use serve::ServeArgs;
+pub use tail::TailArgs;
 
 /// trackgate: privacy-first ingest gateway for Meitrack GPS trackers.
 #[derive(Debug, Parser)]
@@ -64,6 +66,9 @@ pub enum Command {
     Purge(PurgeArgs),
     /// Download a device's history from the API.
     Export(ExportArgs),
+    /// Follow a device's new fixes in its live tail (Redis), as JSON lines: the reference
+    /// consumer of docs/storage-format.md. The IMEI is read from standard input.
+    Tail(TailArgs),
 }
 
 /// Run a parsed command line; the exit code is the process's.
@@ -81,6 +86,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Device(cmd) => admin::device(&cmd),
         Command::Purge(args) => client::purge(&args),
         Command::Export(args) => client::export(&args),
+        Command::Tail(args) => tail::run(&args),
     }
 }
 
