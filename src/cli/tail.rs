@@ -15,6 +15,9 @@ use crate::config::Config;
 use crate::pseudonym::{Imei, KeyRing, Pseudonym};
 use crate::store::{fixes_key, row::Row};
 
+/// A stream entry as Redis sends it: id, then field and value alternating.
+type RawEntry = (String, Vec<Vec<u8>>);
+
 /// `trackgate tail`
 #[derive(Debug, Args)]
 pub struct TailArgs {
@@ -77,7 +80,7 @@ async fn follow(args: &TailArgs) -> Result<(), String> {
     // what arrives while another key is being read).
     let mut last = Vec::with_capacity(devices.len());
     for p in &devices {
-        let newest: Vec<(String, Vec<Vec<u8>>)> = if args.from_start {
+        let newest: Vec<RawEntry> = if args.from_start {
             Vec::new()
         } else {
             redis::cmd("XREVRANGE")
@@ -104,7 +107,7 @@ async fn follow(args: &TailArgs) -> Result<(), String> {
         for (p, after) in devices.iter().zip(last.iter_mut()) {
             // One key per read: a device's key versions may sit on different cluster
             // slots.
-            let reply: Option<Vec<(String, Vec<(String, Vec<Vec<u8>>)>)>> = redis::cmd("XREAD")
+            let reply: Option<Vec<(String, Vec<RawEntry>)>> = redis::cmd("XREAD")
                 .arg("BLOCK")
                 .arg(block.max(1))
                 .arg("STREAMS")
