@@ -29,7 +29,6 @@ use jiff::Timestamp;
 use redis::AsyncCommands;
 use redis::aio::ConnectionLike;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditEvent};
@@ -37,19 +36,14 @@ use crate::config::PurgeConfig;
 use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
 use crate::store::hist;
+use crate::store::keys::{purge_idem_key as idem_key, purge_key};
 use crate::store::{fixes_key, hist_key, late_key, meta_key, tomb_key};
 
-/// Ids of purges not yet completed.
-pub const PENDING_KEY: &str = "tg:{purge}:pending";
-/// Stream of purge events (requested, completed).
-pub const JOURNAL_KEY: &str = "tg:{purge}:journal";
-/// Ids of completed purges whose `purge.completed` audit line may not be written yet
-/// (`tg:audit` is another slot, so it cannot share the completing `MULTI`): the worker
-/// writes what a crash left out.
-pub const UNAUDITED_KEY: &str = "tg:{purge}:unaudited";
-/// The same for `purge.requested` (journaled with the request). A set of its own: a
-/// gateway of the previous version reads [`UNAUDITED_KEY`] as completed purges only.
-pub const UNAUDITED_REQUESTS_KEY: &str = "tg:{purge}:unaudited_requests";
+pub use crate::store::keys::{
+    LEGACY_PURGE_PREFIX as LEGACY_PREFIX, PURGE_JOURNAL_KEY as JOURNAL_KEY,
+    PURGE_PENDING_KEY as PENDING_KEY, PURGE_UNAUDITED_KEY as UNAUDITED_KEY,
+    PURGE_UNAUDITED_REQUESTS_KEY as UNAUDITED_REQUESTS_KEY, purge_record_key as record_key,
+};
 
 /// The two audit lines of a purge that are owed until written.
 #[derive(Debug, Clone, Copy)]
@@ -93,18 +87,6 @@ fn same_request(record: &HashMap<String, String>, req: &PurgeRequest) -> bool {
         (Some(f.as_second()), Some(t.as_second()))
     });
     stored == asked && range == asked_range
-}
-
-/// `tg:{purge}:<id>`, one purge's record.
-pub fn record_key(id: &str) -> String {
-    format!("tg:{{purge}}:{id}")
-}
-
-fn idem_key(customer: &str, key: &str) -> String {
-    format!(
-        "tg:{{purge}}:idem:{customer}:{}",
-        hex::encode(Sha256::digest(key.as_bytes()))
-    )
 }
 
 /// Complete purge of one pseudonym: tail, history, metadata, late index; the cutoff only
@@ -739,11 +721,6 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
     }
 }
 
-/// Prefix of the purge bookkeeping before it moved under the `{purge}` hash tag (for
-/// Redis Cluster): `tg:purge:pending`, `tg:purge:journal`, `tg:purge:<id>`,
-/// `tg:purge:idem:…`.
-pub const LEGACY_PREFIX: &str = "tg:purge:";
-
 /// Move purge bookkeeping written by a gateway of the old key layout to the current keys,
 /// so that a purge still pending under the old keys is finished (by the deadline) and its
 /// receipt and idempotency key still answer. Records and idempotency keys are renamed
@@ -783,7 +760,7 @@ pub async fn migrate_legacy_keys<C: ConnectionLike + Send + Sync>(
         if *key == old_pending || *key == old_journal {
             continue;
         }
-        let target = format!("tg:{{purge}}:{rest}");
+        let target = purge_key(rest);
         let renamed: bool = redis::cmd("RENAMENX")
             .arg(key)
             .arg(&target)

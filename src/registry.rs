@@ -17,7 +17,13 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::calendar::{BusinessCalendar, CalendarError};
-use crate::pseudonym::{Imei, KeyRing, Pseudonym};
+use crate::pseudonym::{Imei, KeyRing};
+use crate::store::keys::{
+    CUSTOMER_HOLIDAYS, CUSTOMER_NAME, CUSTOMER_RETENTION_S, CUSTOMER_TZ, CUSTOMER_WEEKEND,
+    customer_key, tokens_key,
+};
+
+pub use crate::store::keys::{owner_key, owner_since_key};
 
 /// Registry problems.
 #[derive(Debug, thiserror::Error)]
@@ -76,27 +82,6 @@ fn valid_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
-fn customer_key(id: &str) -> String {
-    format!("tg:customer:{id}")
-}
-
-fn tokens_key(id: &str) -> String {
-    format!("tg:customer:{id}:tokens")
-}
-
-/// `tg:{P}:owner`.
-pub fn owner_key(p: &Pseudonym) -> String {
-    format!("tg:{{{p}}}:owner")
-}
-
-/// `tg:{P}:owner_since`: when the device last changed hands (Unix ms). Its owner sees
-/// nothing received or taken before: that is a previous owner's history. Absent for a
-/// device that never had another owner (its first owner sees the whole retention). It
-/// expires after the longest retention, when everything older is gone anyway.
-pub fn owner_since_key(p: &Pseudonym) -> String {
-    format!("tg:{{{p}}}:owner_since")
 }
 
 /// Set the owner. When it changes from another owner (or after an unassignment) the
@@ -186,19 +171,19 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         }
         let mut conn = self.conn.clone();
         let key = customer_key(&c.id);
-        let created: bool = conn.hset_nx(&key, "name", &c.name).await?;
+        let created: bool = conn.hset_nx(&key, CUSTOMER_NAME, &c.name).await?;
         if !created {
             return Err(RegistryError::Exists(c.id.clone()));
         }
         let weekend: Vec<&str> = c.weekend.iter().map(|d| weekday_name(*d)).collect();
         let holidays: Vec<String> = c.holidays.iter().map(|d| d.to_string()).collect();
         let mut fields = vec![
-            ("tz", c.tz.clone()),
-            ("weekend", weekend.join(",")),
-            ("holidays", holidays.join(",")),
+            (CUSTOMER_TZ, c.tz.clone()),
+            (CUSTOMER_WEEKEND, weekend.join(",")),
+            (CUSTOMER_HOLIDAYS, holidays.join(",")),
         ];
         if let Some(r) = c.retention_s {
-            fields.push(("retention_s", r.to_string()));
+            fields.push((CUSTOMER_RETENTION_S, r.to_string()));
         }
         let _: () = conn.hset_multiple(&key, &fields).await?;
         Ok(())
@@ -210,7 +195,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         }
         let mut conn = self.conn.clone();
         let h: HashMap<String, String> = conn.hgetall(customer_key(id)).await?;
-        let Some(name) = h.get("name") else {
+        let Some(name) = h.get(CUSTOMER_NAME) else {
             return Ok(None);
         };
         let list = |k: &str| -> Vec<String> {
@@ -226,16 +211,16 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         Ok(Some(Customer {
             id: id.into(),
             name: name.clone(),
-            tz: h.get("tz").cloned().unwrap_or_else(|| "UTC".into()),
-            weekend: list("weekend")
+            tz: h.get(CUSTOMER_TZ).cloned().unwrap_or_else(|| "UTC".into()),
+            weekend: list(CUSTOMER_WEEKEND)
                 .iter()
                 .filter_map(|d| parse_weekday(d))
                 .collect(),
-            holidays: list("holidays")
+            holidays: list(CUSTOMER_HOLIDAYS)
                 .iter()
                 .filter_map(|d| d.parse().ok())
                 .collect(),
-            retention_s: h.get("retention_s").and_then(|v| v.parse().ok()),
+            retention_s: h.get(CUSTOMER_RETENTION_S).and_then(|v| v.parse().ok()),
         }))
     }
 
@@ -245,7 +230,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         let list: Vec<String> = holidays.iter().map(|d| d.to_string()).collect();
         let mut conn = self.conn.clone();
         let _: () = conn
-            .hset(customer_key(id), "holidays", list.join(","))
+            .hset(customer_key(id), CUSTOMER_HOLIDAYS, list.join(","))
             .await?;
         Ok(())
     }

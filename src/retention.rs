@@ -32,13 +32,10 @@ use crate::pseudonym::Pseudonym;
 use crate::redis_conn::RedisConn;
 use crate::registry::owner_key;
 use crate::store::hist;
+use crate::store::keys::{CUSTOMER_RETENTION_S, customer_key};
 use crate::store::{FIXES_PATTERN, HIST_PATTERN, late_key, pseudonym_of_key};
 
-/// The sweeper's lease (one slot of its own in a cluster).
-pub const SWEEP_LEASE_KEY: &str = "tg:{sweep}:lease";
-
-/// Meta hash field holding the device's TTL in ms (written by the append script).
-pub const META_TTL_MS: &str = "tt";
+pub use crate::store::keys::{META_TTL_MS, SWEEP_LEASE_KEY};
 
 /// The retention policy: a default, and the period agreed with the device's owner.
 #[derive(Debug, Clone)]
@@ -99,7 +96,7 @@ impl Retention {
         customer: &str,
     ) -> redis::RedisResult<Duration> {
         let agreed: Option<u64> = conn
-            .hget(format!("tg:customer:{customer}"), "retention_s")
+            .hget(customer_key(customer), CUSTOMER_RETENTION_S)
             .await?;
         Ok(match agreed {
             Some(s) if s > 0 => Duration::from_secs(s).min(self.max_customer_ttl),
