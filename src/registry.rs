@@ -22,6 +22,7 @@ use crate::store::keys::{
     CUSTOMER_HOLIDAYS, CUSTOMER_NAME, CUSTOMER_RETENTION_S, CUSTOMER_TZ, CUSTOMER_WEEKEND,
     customer_key, tokens_key,
 };
+use crate::store::scripts::{self, OwnerChange};
 
 pub use crate::store::keys::{owner_key, owner_since_key};
 
@@ -83,29 +84,6 @@ fn valid_id(id: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
-
-/// Set the owner. When it changes from another owner (or after an unassignment) the
-/// device's history stays behind: `owner_since` moves to now. Assigning the same owner
-/// again changes nothing. KEYS: owner, owner_since. ARGV: customer, now ms, expiry ms.
-const ASSIGN_SCRIPT: &str = r"
-local prev = redis.call('GET', KEYS[1])
-if prev ~= ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1])
-  if prev or redis.call('EXISTS', KEYS[2]) == 1 then
-    redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-  end
-end
-return 1
-";
-
-/// Remove the owner; what was received so far stays theirs (`owner_since` moves to now
-/// for whoever comes next). KEYS: owner, owner_since. ARGV: now ms, expiry ms.
-const UNASSIGN_SCRIPT: &str = r"
-if redis.call('DEL', KEYS[1]) == 1 then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-end
-return 1
-";
 
 fn weekday_name(d: Weekday) -> &'static str {
     match d {
@@ -292,40 +270,29 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         // cluster they live in different slots and one pipeline could not hold them.
         // Setting them is idempotent; a failure half-way is reported and simply redone.
         let mut conn = self.conn.clone();
-        let script = redis::Script::new(ASSIGN_SCRIPT);
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let change = self.owner_change();
         for p in keys.all_pseudonyms(imei) {
-            let _: i64 = script
-                .key(owner_key(&p))
-                .key(owner_since_key(&p))
-                .arg(customer)
-                .arg(now_ms)
-                .arg(self.since_expiry_ms())
-                .invoke_async(&mut conn)
-                .await?;
+            scripts::assign_owner(&mut conn, &p, customer, change).await?;
         }
         Ok(())
     }
 
     pub async fn unassign(&self, imei: &Imei, keys: &KeyRing) -> Result<(), RegistryError> {
         let mut conn = self.conn.clone();
-        let script = redis::Script::new(UNASSIGN_SCRIPT);
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let change = self.owner_change();
         for p in keys.all_pseudonyms(imei) {
-            let _: i64 = script
-                .key(owner_key(&p))
-                .key(owner_since_key(&p))
-                .arg(now_ms)
-                .arg(self.since_expiry_ms())
-                .invoke_async(&mut conn)
-                .await?;
+            scripts::unassign_owner(&mut conn, &p, change).await?;
         }
         Ok(())
     }
 
-    /// How long an `owner_since` mark matters: data before it lives at most this long.
-    fn since_expiry_ms(&self) -> u64 {
-        self.max_retention_s.saturating_mul(1000).max(1)
+    /// An ownership change now: how long an `owner_since` mark matters is the longest
+    /// retention (data before it lives at most this long).
+    fn owner_change(&self) -> OwnerChange {
+        OwnerChange {
+            now_ms: jiff::Timestamp::now().as_millisecond(),
+            since_ttl_ms: self.max_retention_s.saturating_mul(1000).max(1),
+        }
     }
 
     /// The owner recorded under any of the device's pseudonyms.

@@ -33,7 +33,8 @@ use crate::redis_conn::RedisConn;
 use crate::registry::owner_key;
 use crate::store::hist;
 use crate::store::keys::{CUSTOMER_RETENTION_S, customer_key};
-use crate::store::{FIXES_PATTERN, HIST_PATTERN, late_key, pseudonym_of_key};
+use crate::store::scripts::{self, SweepStep};
+use crate::store::{FIXES_PATTERN, HIST_PATTERN, pseudonym_of_key};
 
 pub use crate::store::keys::{META_TTL_MS, SWEEP_LEASE_KEY};
 
@@ -189,28 +190,12 @@ pub async fn try_lease<C: ConnectionLike + Send + Sync>(
     Ok(set.is_some())
 }
 
-/// One stream's sweep step: trim by receive time (entry ids), then delete up to a chunk
-/// of the late-delivered entries (`crate::store::late_key`) whose fix time is past the
-/// TTL. KEYS: fixes, late index. ARGV: min id ms, fix-time cutoff s (exclusive), chunk.
-/// Returns {entries removed, late index members taken}.
-const SWEEP_STREAM: &str = r#"
-local n = redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
-if redis.call('EXISTS', KEYS[2]) == 0 then return {n, 0} end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[3])
-if #ids > 0 then
-  n = n + redis.call('XDEL', KEYS[1], unpack(ids))
-  redis.call('ZREM', KEYS[2], unpack(ids))
-end
-return {n, #ids}
-"#;
-
 /// Trim every device's tail and history (on every primary, in cluster mode) to its
 /// retention exactly: the tail by receive time and, for fixes delivered late, by fix time;
 /// the history by row time. The retention is looked up now for each device (its owner's
 /// agreement, else the default), not taken from its last write, so a lowered one reaches
 /// quiet devices too. Returns the fixes removed.
 pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::RedisResult<u64> {
-    let sweep = redis::Script::new(SWEEP_STREAM);
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut trimmed = 0u64;
     let mut keyed = conn.clone();
@@ -230,9 +215,7 @@ pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::Redis
                         .await?;
                     let cutoff_ms = now_ms - i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
                     trimmed += match kind {
-                        "stream" => {
-                            sweep_tail(&mut keyed, &sweep, &key, &p, cutoff_ms, retention).await?
-                        }
+                        "stream" => sweep_tail(&mut keyed, &key, &p, cutoff_ms, retention).await?,
                         _ => sweep_history(&mut keyed, &p, cutoff_ms, retention).await?,
                     };
                 }
@@ -251,7 +234,6 @@ pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::Redis
 /// same cutoff as at ingest: fix time (s) < (now − ttl) (s).
 async fn sweep_tail(
     conn: &mut RedisConn,
-    sweep: &redis::Script,
     key: &str,
     p: &Pseudonym,
     cutoff_ms: i64,
@@ -259,14 +241,16 @@ async fn sweep_tail(
 ) -> redis::RedisResult<u64> {
     let mut trimmed = 0;
     loop {
-        let (n, late): (u64, u64) = sweep
-            .key(key)
-            .key(late_key(p))
-            .arg(cutoff_ms)
-            .arg(cutoff_ms.div_euclid(1000))
-            .arg(retention.sweep_late_chunk)
-            .invoke_async(conn)
-            .await?;
+        let step = SweepStep {
+            tail: key,
+            min_id_ms: cutoff_ms,
+            fix_cutoff_s: cutoff_ms.div_euclid(1000),
+            late_chunk: retention.sweep_late_chunk,
+        };
+        let scripts::Swept {
+            removed: n,
+            late_taken: late,
+        } = scripts::sweep_stream(conn, p, &step).await?;
         trimmed += n;
         if late < retention.sweep_late_chunk {
             return Ok(trimmed);

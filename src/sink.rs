@@ -42,7 +42,8 @@ use crate::metrics as m;
 use crate::pseudonym::Pseudonym;
 use crate::redis_conn::{RedisConn, SlotMap, key_slot};
 use crate::redis_memory::{self, OomTally, OomWatch};
-use crate::store::{FieldValue, StoredFix, fixes_key, late_key, meta_key, tomb_key};
+use crate::store::scripts::{self, AppendBatch, AppendFrame, Appended};
+use crate::store::{StoredFix, fixes_key};
 
 /// One decoded frame's worth of fixes for one device.
 #[derive(Debug)]
@@ -55,6 +56,17 @@ pub struct WriteJob {
     pub ttl: Duration,
     /// Fired once every fix of the job is in Redis.
     pub done: Option<oneshot::Sender<()>>,
+}
+
+impl WriteJob {
+    /// The job as the append script takes it.
+    fn frame(&self) -> AppendFrame<'_> {
+        AppendFrame {
+            received_ms: self.received_ms,
+            ttl: self.ttl,
+            fixes: &self.fixes,
+        }
+    }
 }
 
 /// The queue is gone: the gateway is shutting down.
@@ -178,113 +190,6 @@ impl SlotGate {
     }
 }
 
-/// Retention (trim, expiry) and the idempotent, purge-aware append, in one atomic step
-/// per device and batch. A replay rewrites the batch id (a no-op write) so that it is
-/// replicated again: a `WAIT` after a retry on a new connection then also covers the
-/// first attempt's data. KEYS: fixes stream, meta hash, tombstone hash, late index.
-/// ARGV: batch id, ttl ms, trim cutoff ms, now ms, key version, upkeep ms, late-after
-/// ms, then per job (frame): received ms, late flag (`1` if one of its fixes was taken
-/// more than late-after ms before it was received), count of the words that follow for
-/// it; per entry of the job: field count, field/value pairs (the fix time is field `t`,
-/// absent if unknown). Per job rather than per entry, the received time is one argument
-/// for a whole CCE batch.
-///
-/// Late index (`crate::store::late_key`): the entry ids of fixes delivered late, by fix
-/// time, so that the sweeper deletes them by fix time (trimming goes by receive time).
-/// Only jobs flagged late are parsed for it.
-///
-/// Tombstone (written by purges, `crate::purge`): field `all` = cutoff ms of a complete
-/// purge; fields `r:<from_s>:<to_s>` = cutoff ms of a range purge over fix times. An entry
-/// received at or before a cutoff that covers it is not written: a purge is final even
-/// for data that was already in flight when it ran. Without a tombstone the entries are
-/// not parsed at all (most writes).
-///
-/// Upkeep (trim to the TTL, expiry of stream and meta) runs when the last one is more
-/// than `upkeep` ms old, or the TTL changed: meta field `ue` holds the expiry it set,
-/// now + ttl + upkeep, so no key expires before its newest fix's TTL, and the sweeper
-/// trims exactly. `ue` is only advanced when the stream itself was upkept (0 otherwise).
-const APPEND_SCRIPT: &str = r#"
-local meta = redis.call('HMGET', KEYS[2], 'lb', 'ue', 'tt')
-if meta[1] == ARGV[1] then
-  redis.call('HSET', KEYS[2], 'lb', ARGV[1])
-  return -1
-end
-local tomb = redis.call('HGETALL', KEYS[3])
-local all = -1
-local ranges = {}
-for t = 1, #tomb, 2 do
-  local f, v = tomb[t], tonumber(tomb[t + 1])
-  if v == nil then return redis.error_reply('ERR bad tombstone value') end
-  if f == 'all' then
-    all = v
-  else
-    local a, b = string.match(f, '^r:(-?%d+):(-?%d+)$')
-    if a == nil then return redis.error_reply('ERR bad tombstone field') end
-    ranges[#ranges + 1] = {tonumber(a), tonumber(b), v}
-  end
-end
-local checks = #tomb > 0
-local late_after = tonumber(ARGV[7])
-local i = 8
-local written = 0
-local late = 0
-while i <= #ARGV do
-  local recv = tonumber(ARGV[i])
-  local latejob = ARGV[i + 1] == '1'
-  local last = i + 2 + tonumber(ARGV[i + 2])
-  i = i + 3
-  while i <= last do
-    local n = tonumber(ARGV[i])
-    local keep = true
-    local fixt = -1
-    if latejob or (checks and #ranges > 0) then
-      for j = i + 1, i + n - 1, 2 do
-        if ARGV[j] == 't' then fixt = tonumber(ARGV[j + 1]) break end
-      end
-    end
-    if checks then
-      keep = recv > all
-      if keep then
-        for _, r in ipairs(ranges) do
-          if recv <= r[3] and fixt >= r[1] and fixt <= r[2] then keep = false break end
-        end
-      end
-    end
-    if keep then
-      local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
-      written = written + 1
-      if latejob and fixt >= 0 and fixt * 1000 < recv - late_after then
-        redis.call('ZADD', KEYS[4], fixt, id)
-        late = late + 1
-      end
-    end
-    i = i + 1 + n
-  end
-end
-local now = tonumber(ARGV[4])
-local ttl = tonumber(ARGV[2])
-local up = tonumber(ARGV[6])
-if late > 0 then redis.call('PEXPIRE', KEYS[4], ttl + up) end
-local due = meta[2] == false or meta[3] ~= ARGV[2] or tonumber(meta[2]) < now + ttl
-if due and written > 0 then
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ttl + up)
-  redis.call('HSET', KEYS[2], 'lb', ARGV[1], 'ls', ARGV[4], 'kv', ARGV[5], 'tt', ARGV[2],
-    'ue', string.format('%d', now + ttl + up))
-elseif due then
-  redis.call('HSET', KEYS[2], 'lb', ARGV[1], 'ls', ARGV[4], 'kv', ARGV[5], 'tt', ARGV[2], 'ue', 0)
-else
-  redis.call('HSET', KEYS[2], 'lb', ARGV[1], 'ls', ARGV[4], 'kv', ARGV[5])
-end
-if due then redis.call('PEXPIRE', KEYS[2], ttl + up) end
-return written
-"#;
-
-/// The append script (`APPEND_SCRIPT` in this module).
-pub fn append_script() -> redis::Script {
-    redis::Script::new(APPEND_SCRIPT)
-}
-
 /// Writer tasks and their queues.
 #[derive(Debug)]
 pub struct Writers {
@@ -333,8 +238,16 @@ impl From<&crate::config::RetentionConfig> for Upkeep {
     }
 }
 
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+impl Upkeep {
+    /// What an append call carries besides its frames, for batch `batch_id` at `now_ms`.
+    fn batch(self, batch_id: &str, now_ms: i64) -> AppendBatch<'_> {
+        AppendBatch {
+            batch_id,
+            now_ms,
+            upkeep: self.interval,
+            late_after: self.late_after,
+        }
+    }
 }
 
 pub fn start(
@@ -344,7 +257,6 @@ pub fn start(
     abort: CancellationToken,
     oom: Arc<OomWatch>,
 ) -> Writers {
-    let script = Arc::new(append_script());
     let batch_seq = Arc::new(AtomicU64::new(0));
     let instance: u32 = rand::random();
     let sender = NodeSender {
@@ -365,7 +277,6 @@ pub fn start(
             conn: conn.clone(),
             sender: sender.clone(),
             rx,
-            script: script.clone(),
             batch_max_fixes: config.batch_max_fixes,
             batch_max_delay: Duration::from_millis(config.batch_max_delay_ms),
             backoff_initial: Duration::from_millis(config.retry_backoff_initial_ms),
@@ -453,8 +364,8 @@ struct DeviceQueue {
 
 /// What became of one device's script call.
 enum Outcome {
-    /// Applied (count of fixes written; -1 for a replay), and replicated as configured.
-    Applied(i64),
+    /// Applied, and replicated as configured.
+    Applied(Appended),
     /// Not confirmed: the call or its node failed, or `WAIT` came up short.
     Failed(redis::RedisError),
 }
@@ -476,7 +387,6 @@ struct Writer {
     conn: RedisConn,
     sender: NodeSender,
     rx: mpsc::Receiver<WriteJob>,
-    script: Arc<redis::Script>,
     batch_max_fixes: usize,
     batch_max_delay: Duration,
     backoff_initial: Duration,
@@ -592,10 +502,9 @@ impl Writer {
 
     fn load_script(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut conn = self.conn.clone();
-        let script = self.script.clone();
         async move {
-            let load = script.prepare_invoke();
-            let _ = tokio::time::timeout(Duration::from_secs(1), load.load_async(&mut conn)).await;
+            let load = scripts::load_append(&mut conn);
+            let _ = tokio::time::timeout(Duration::from_secs(1), load).await;
         }
     }
 
@@ -757,7 +666,7 @@ impl Writer {
             let seq = self.batch_seq.fetch_add(1, Ordering::Relaxed);
             let fresh_id: Arc<str> = format!("{:08x}-{seq:x}", self.instance).into();
             let mut devices = Vec::with_capacity(candidates.len());
-            let mut cmds = Vec::with_capacity(candidates.len());
+            let mut pipe = redis::Pipeline::with_capacity(candidates.len());
             for p in candidates {
                 let Some(dq) = self.devices.get_mut(&p) else {
                     continue;
@@ -767,21 +676,15 @@ impl Writer {
                 };
                 dq.in_flight = true;
                 let id = head.batch_id.get_or_insert_with(|| fresh_id.clone());
-                cmds.push(append_call(
-                    &self.script,
-                    &p,
-                    &head.jobs,
-                    id,
-                    now_ms,
-                    self.upkeep,
-                ));
+                let batch = self.upkeep.batch(id, now_ms);
+                scripts::append(&mut pipe, &p, &batch, head.jobs.iter().map(WriteJob::frame));
                 devices.push(p);
             }
             self.busy.insert(node.clone());
             let sender = self.sender.clone();
             self.in_flight.push(Box::pin(async move {
                 let started = Instant::now();
-                let outcomes = sender.send(&node, cmds).await;
+                let outcomes = sender.send(&node, pipe).await;
                 NodeDone {
                     node,
                     devices,
@@ -899,8 +802,7 @@ impl Writer {
                     if dq.groups.is_empty() {
                         self.devices.remove(p);
                     }
-                    // -1: a replay of a call already applied.
-                    self.fixes_written.increment(n.max(0) as u64);
+                    self.fixes_written.increment(n.written());
                 }
                 Outcome::Failed(e) => {
                     any_failed = true;
@@ -1031,12 +933,8 @@ struct NodeSender {
 impl NodeSender {
     /// One pipeline to one node (`node` is ignored on a single server): the calls, then
     /// `WAIT` if configured. Per call: applied, or why not.
-    async fn send(&self, node: &NodeAddr, cmds: Vec<redis::Cmd>) -> Vec<Outcome> {
-        let n = cmds.len();
-        let mut pipe = redis::pipe();
-        for cmd in cmds {
-            pipe.add_command(cmd);
-        }
+    async fn send(&self, node: &NodeAddr, mut pipe: redis::Pipeline) -> Vec<Outcome> {
+        let n = pipe.len();
         let wait = self.wait_replicas > 0;
         if wait {
             pipe.cmd("WAIT")
@@ -1056,7 +954,7 @@ impl NodeSender {
             Err(e) => return (0..n).map(|_| Outcome::Failed(e.clone())).collect(),
         };
         let mut replies = replies.into_iter();
-        let results: Vec<redis::RedisResult<i64>> = replies
+        let results: Vec<redis::RedisResult<Appended>> = replies
             .by_ref()
             .take(n)
             .map(|v| {
@@ -1130,12 +1028,7 @@ fn is_transient(e: &redis::RedisError) -> bool {
 
 /// The Redis pipeline for one batch: one EVALSHA per device, in first-seen order.
 /// Public for the write-path benchmark.
-pub fn build_pipeline(
-    script: &redis::Script,
-    batch: &[WriteJob],
-    batch_id: &str,
-    upkeep: Upkeep,
-) -> redis::Pipeline {
+pub fn build_pipeline(batch: &[WriteJob], batch_id: &str, upkeep: Upkeep) -> redis::Pipeline {
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut order: Vec<&Pseudonym> = Vec::new();
     let mut by_device: HashMap<&Pseudonym, Vec<&WriteJob>> = HashMap::new();
@@ -1149,89 +1042,10 @@ pub fn build_pipeline(
             .push(job);
     }
     let mut pipe = redis::Pipeline::with_capacity(order.len());
+    let call = upkeep.batch(batch_id, now_ms);
     for device in order {
         let jobs = by_device.get(device).map(Vec::as_slice).unwrap_or_default();
-        pipe.add_command(append_call(
-            script,
-            device,
-            jobs.iter().copied(),
-            batch_id,
-            now_ms,
-            upkeep,
-        ));
+        scripts::append(&mut pipe, device, &call, jobs.iter().map(|j| j.frame()));
     }
     pipe
-}
-
-/// One device's script call over `jobs` (all of that device, in order).
-fn append_call<'a, J>(
-    script: &redis::Script,
-    device: &Pseudonym,
-    jobs: J,
-    batch_id: &str,
-    now_ms: i64,
-    upkeep: Upkeep,
-) -> redis::Cmd
-where
-    J: IntoIterator<Item = &'a WriteJob> + Clone,
-{
-    let ttl_ms = jobs
-        .clone()
-        .into_iter()
-        .map(|j| i64::try_from(j.ttl.as_millis()).unwrap_or(i64::MAX))
-        .max()
-        .unwrap_or(0);
-    // Sized up front: the command is built arg by arg, and growing its buffers as it goes
-    // was a visible share of the gateway's profile (realloc + memmove).
-    let (mut args, mut bytes) = (14, 200 + batch_id.len());
-    for job in jobs.clone() {
-        args += 3;
-        for fix in &job.fixes {
-            args += 1 + fix.arg_count();
-            bytes += 40
-                + fix
-                    .fields
-                    .iter()
-                    .map(|(_, v)| 24 + v.len_hint())
-                    .sum::<usize>();
-        }
-    }
-    let late_after_ms = millis(upkeep.late_after);
-    let mut cmd = redis::Cmd::with_capacity(args, bytes);
-    cmd.arg("EVALSHA")
-        .arg(script.get_hash())
-        .arg(4)
-        .arg(fixes_key(device))
-        .arg(meta_key(device))
-        .arg(tomb_key(device))
-        .arg(late_key(device))
-        .arg(batch_id)
-        .arg(ttl_ms)
-        .arg(now_ms.saturating_sub(ttl_ms))
-        .arg(now_ms)
-        .arg(device.key_version())
-        .arg(millis(upkeep.interval))
-        .arg(late_after_ms);
-    for job in jobs {
-        let words: usize = job.fixes.iter().map(|f| 1 + f.arg_count()).sum();
-        // The script's own test, per fix: fix time (ms) < received - late-after.
-        let late_before_ms = job.received_ms.saturating_sub(late_after_ms);
-        let late = job.fixes.iter().any(|f| {
-            f.fix_time_s
-                .is_some_and(|t| t.saturating_mul(1000) < late_before_ms)
-        });
-        cmd.arg(job.received_ms).arg(u8::from(late)).arg(words);
-        for fix in &job.fixes {
-            cmd.arg(fix.arg_count());
-            for (name, value) in &fix.fields {
-                cmd.arg(*name);
-                match value {
-                    FieldValue::Int(i) => cmd.arg(*i),
-                    FieldValue::Text(t) => cmd.arg(t.as_str()),
-                    FieldValue::Bytes(b) => cmd.arg(b.as_slice()),
-                };
-            }
-        }
-    }
-    cmd
 }
