@@ -13,7 +13,7 @@ use redis::Pipeline;
 use sha2::Digest;
 use trackgate::loadgen::fleet::sample_fixes;
 use trackgate::pseudonym::{Imei, KeyRing};
-use trackgate::sink::{Upkeep, WriteJob, append_script, build_pipeline};
+use trackgate::sink::{Upkeep, WriteJob, build_pipeline};
 
 /// The default `retention.ingest_upkeep_interval_s`.
 const UPKEEP: Upkeep = Upkeep {
@@ -38,7 +38,6 @@ fn pseudonymize(c: &mut Criterion) {
 
 fn write_batch(c: &mut Criterion) {
     let ring = KeyRing::ephemeral();
-    let script = append_script();
     let route = sample_fixes(1, 512);
     // 64 devices × 8 fixes: a typical batch under load.
     let jobs: Vec<WriteJob> = (0..64)
@@ -55,7 +54,7 @@ fn write_batch(c: &mut Criterion) {
             }
         })
         .collect();
-    let encoded = build_pipeline(&script, &jobs, "bench-1", UPKEEP).get_packed_pipeline();
+    let encoded = build_pipeline(&jobs, "bench-1", UPKEEP).get_packed_pipeline();
     let mut g = c.benchmark_group("write_batch");
     g.throughput(Throughput::Elements(64 * 8));
     g.bench_function("memcpy_baseline", |b| {
@@ -74,7 +73,7 @@ fn write_batch(c: &mut Criterion) {
     });
     g.bench_function("pipeline_encode_512_fixes", |b| {
         b.iter(|| {
-            let p: Pipeline = build_pipeline(&script, black_box(&jobs), "bench-1", UPKEEP);
+            let p: Pipeline = build_pipeline(black_box(&jobs), "bench-1", UPKEEP);
             p.get_packed_pipeline().len()
         })
     });

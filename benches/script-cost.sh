@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Redis-side cost of the append script (src/sink.rs, APPEND_SCRIPT) per call, against a
+# Redis-side cost of the append script (src/store/scripts/append.lua) per call, against a
 # floor script that only XADDs the same entries, in the same run (this box is noisy).
 #
 #   bash benches/script-cost.sh [ROUNDS] [FIXES_PER_CALL]
@@ -19,13 +19,7 @@ redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$d
 trap 'redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
 for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
-# The script text between `const APPEND_SCRIPT: &str = r#"` and `"#;`.
-python3 - "$dir/append.lua" <<'EOF'
-import sys
-s = open("src/sink.rs").read()
-start = s.index('const APPEND_SCRIPT: &str = r#"') + len('const APPEND_SCRIPT: &str = r#"')
-open(sys.argv[1], "w").write(s[start:s.index('"#;', start)])
-EOF
+cp src/store/scripts/append.lua "$dir/append.lua"
 cat >"$dir/floor.lua" <<'EOF'
 local i = 11
 while i <= #ARGV do
@@ -42,7 +36,7 @@ now_ms=$(($(date +%s) * 1000))
 now_s=$((now_ms / 1000))
 ttl_ms=7776000000
 # One job (frame): received ms, late flag (0: on time), words that follow; per entry: 4
-# field/value words, then t and a 30-byte packed d (the layout of APPEND_SCRIPT's ARGV).
+# field/value words, then t and a 30-byte packed d (the layout of append.lua's ARGV).
 entries=("$now_ms" 0 $((FIXES * 5)))
 for _ in $(seq "$FIXES"); do
   entries+=(4 t "$now_s" d abcdefghijklmnopqrstuvwxyz0123)

@@ -4,8 +4,7 @@
 
 use redis::aio::ConnectionLike;
 
-/// The audit stream key.
-pub const AUDIT_KEY: &str = "tg:audit";
+pub use crate::store::keys::AUDIT_KEY;
 
 /// One audit line.
 #[derive(Debug, Clone)]

@@ -29,27 +29,22 @@ use jiff::Timestamp;
 use redis::AsyncCommands;
 use redis::aio::ConnectionLike;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditEvent};
 use crate::config::PurgeConfig;
 use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
+use crate::store::fixes_key;
 use crate::store::hist;
-use crate::store::{fixes_key, hist_key, late_key, meta_key, seen_key, tomb_key};
+use crate::store::keys::{purge_idem_key as idem_key, purge_key};
+use crate::store::scripts::{self, RangeStep, RangeStepDone};
 
-/// Ids of purges not yet completed.
-pub const PENDING_KEY: &str = "tg:{purge}:pending";
-/// Stream of purge events (requested, completed).
-pub const JOURNAL_KEY: &str = "tg:{purge}:journal";
-/// Ids of completed purges whose `purge.completed` audit line may not be written yet
-/// (`tg:audit` is another slot, so it cannot share the completing `MULTI`): the worker
-/// writes what a crash left out.
-pub const UNAUDITED_KEY: &str = "tg:{purge}:unaudited";
-/// The same for `purge.requested` (journaled with the request). A set of its own: a
-/// gateway of the previous version reads [`UNAUDITED_KEY`] as completed purges only.
-pub const UNAUDITED_REQUESTS_KEY: &str = "tg:{purge}:unaudited_requests";
+pub use crate::store::keys::{
+    LEGACY_PURGE_PREFIX as LEGACY_PREFIX, PURGE_JOURNAL_KEY as JOURNAL_KEY,
+    PURGE_PENDING_KEY as PENDING_KEY, PURGE_UNAUDITED_KEY as UNAUDITED_KEY,
+    PURGE_UNAUDITED_REQUESTS_KEY as UNAUDITED_REQUESTS_KEY, purge_record_key as record_key,
+};
 
 /// The two audit lines of a purge that are owed until written.
 #[derive(Debug, Clone, Copy)]
@@ -94,77 +89,6 @@ fn same_request(record: &HashMap<String, String>, req: &PurgeRequest) -> bool {
     });
     stored == asked && range == asked_range
 }
-
-/// `tg:{purge}:<id>`, one purge's record.
-pub fn record_key(id: &str) -> String {
-    format!("tg:{{purge}}:{id}")
-}
-
-fn idem_key(customer: &str, key: &str) -> String {
-    format!(
-        "tg:{{purge}}:idem:{customer}:{}",
-        hex::encode(Sha256::digest(key.as_bytes()))
-    )
-}
-
-/// Complete purge of one pseudonym: tail, history, metadata, late index; the cutoff only
-/// ever rises. Returns the fixes deleted (the history's from its chunks' row counts, the
-/// varint after a chunk's version and flags bytes; see `crate::store::chunk`).
-/// KEYS: fixes, meta, tomb, late index, history, resend digests. ARGV: cutoff ms, tomb
-/// ttl ms.
-const PURGE_ALL: &str = r#"
-local n = 0
-if redis.call('EXISTS', KEYS[1]) == 1 then n = redis.call('XLEN', KEYS[1]) end
-for _, c in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
-  local v, scale, pos = 0, 1, 3
-  while true do
-    local b = string.byte(c, pos)
-    if b == nil then break end
-    v = v + (b % 128) * scale
-    if b < 128 then break end
-    pos, scale = pos + 1, scale * 128
-  end
-  n = n + v
-end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6])
-local old = tonumber(redis.call('HGET', KEYS[3], 'all') or '-1')
-if tonumber(ARGV[1]) > old then redis.call('HSET', KEYS[3], 'all', ARGV[1]) end
-if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
-return n
-"#;
-
-/// Record a range cutoff; it only ever rises (a retried older request of the same range
-/// must not reopen it for fixes that a newer, completed purge already shut out).
-/// KEYS: tomb. ARGV: field, cutoff ms, tomb ttl ms.
-const PURGE_RANGE_MARK: &str = r#"
-local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
-if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-return 1
-"#;
-
-/// Delete entries with fix time in [from, to] among up to `count` entries from `start`
-/// (an XRANGE bound: `<id>` inclusive or `(<id>` exclusive) to `end`.
-/// KEYS: fixes. ARGV: start, count, from s, to s, end. Returns {last id seen or '', deleted}.
-const PURGE_RANGE_CHUNK: &str = r#"
-local entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[5], 'COUNT', ARGV[2])
-local from, to = tonumber(ARGV[3]), tonumber(ARGV[4])
-local doomed = {}
-for _, e in ipairs(entries) do
-  local f = e[2]
-  for j = 1, #f, 2 do
-    if f[j] == 't' then
-      local t = tonumber(f[j + 1])
-      if t and t >= from and t <= to then doomed[#doomed + 1] = e[1] end
-      break
-    end
-  end
-end
-if #doomed > 0 then redis.call('XDEL', KEYS[1], unpack(doomed)) end
-local last = ''
-if #entries > 0 then last = entries[#entries][1] end
-return {last, #doomed}
-"#;
 
 /// Purge problems.
 #[derive(Debug, thiserror::Error)]
@@ -231,9 +155,6 @@ pub struct Purger<C> {
     /// How long tombstones live: the longest retention, so no in-flight or retried write
     /// from before a purge can outlive it.
     tomb_ttl: Duration,
-    all: std::sync::Arc<redis::Script>,
-    mark: std::sync::Arc<redis::Script>,
-    chunk: std::sync::Arc<redis::Script>,
     /// Move bookkeeping from the old key layout before the first pass (single server).
     migrate_legacy: bool,
     /// Limits and margins (`[purge]` in the configuration).
@@ -249,9 +170,6 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         Purger {
             conn,
             tomb_ttl,
-            all: std::sync::Arc::new(redis::Script::new(PURGE_ALL)),
-            mark: std::sync::Arc::new(redis::Script::new(PURGE_RANGE_MARK)),
-            chunk: std::sync::Arc::new(redis::Script::new(PURGE_RANGE_CHUNK)),
             migrate_legacy: false,
             config: PurgeConfig::default(),
         }
@@ -429,7 +347,6 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             }
             _ => None,
         };
-        let tomb_ttl_ms = self.tomb_ttl.as_millis() as u64;
         let mut deleted: u64 = h.get("deleted").and_then(|v| v.parse().ok()).unwrap_or(0);
         let mut partial = false;
         let devices: Vec<Pseudonym> = h
@@ -438,19 +355,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .unwrap_or_default();
         for p in &devices {
             deleted += match range {
-                None => {
-                    self.all
-                        .key(fixes_key(p))
-                        .key(meta_key(p))
-                        .key(tomb_key(p))
-                        .key(late_key(p))
-                        .key(hist_key(p))
-                        .key(seen_key(p))
-                        .arg(tomb_cutoff_ms)
-                        .arg(tomb_ttl_ms)
-                        .invoke_async::<u64>(&mut conn)
-                        .await?
-                }
+                None => scripts::purge_all(&mut conn, p, tomb_cutoff_ms, self.tomb_ttl).await?,
                 Some((from, to)) => {
                     let (n, whole) = self
                         .purge_range(&mut conn, p, tomb_cutoff_ms, from, to, fast)
@@ -577,14 +482,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         fast: bool,
     ) -> Result<(u64, bool), PurgeError> {
         // First the mark: from now on no in-flight fix in the range can be written.
-        let _: i64 = self
-            .mark
-            .key(tomb_key(p))
-            .arg(format!("r:{from_s}:{to_s}"))
-            .arg(cutoff_ms)
-            .arg(self.tomb_ttl.as_millis() as u64)
-            .invoke_async(conn)
-            .await?;
+        scripts::purge_range_mark(conn, p, (from_s, to_s), cutoff_ms, self.tomb_ttl).await?;
         // Fix time is not ordered by entry id (devices deliver cached fixes late), so an
         // exact purge examines the whole stream. A long stream's fast path only examines
         // the ids around the range.
@@ -601,20 +499,19 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
         };
         let mut deleted = 0u64;
         loop {
-            let (last, n): (String, u64) = self
-                .chunk
-                .key(fixes_key(p))
-                .arg(&start)
-                .arg(self.config.range_chunk_entries)
-                .arg(from_s)
-                .arg(to_s)
-                .arg(&end)
-                .invoke_async(conn)
-                .await?;
+            let step = RangeStep {
+                start: &start,
+                end: &end,
+                count: self.config.range_chunk_entries,
+                from_s,
+                to_s,
+            };
+            let RangeStepDone { last, deleted: n } =
+                scripts::purge_range_step(conn, p, &step).await?;
             deleted += n;
-            if last.is_empty() {
+            let Some(last) = last else {
                 break;
-            }
+            };
             start = format!("({last}");
         }
         deleted += self.purge_history_range(conn, p, from_s, to_s).await?;
@@ -743,11 +640,6 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
     }
 }
 
-/// Prefix of the purge bookkeeping before it moved under the `{purge}` hash tag (for
-/// Redis Cluster): `tg:purge:pending`, `tg:purge:journal`, `tg:purge:<id>`,
-/// `tg:purge:idem:…`.
-pub const LEGACY_PREFIX: &str = "tg:purge:";
-
 /// Move purge bookkeeping written by a gateway of the old key layout to the current keys,
 /// so that a purge still pending under the old keys is finished (by the deadline) and its
 /// receipt and idempotency key still answer. Records and idempotency keys are renamed
@@ -787,7 +679,7 @@ pub async fn migrate_legacy_keys<C: ConnectionLike + Send + Sync>(
         if *key == old_pending || *key == old_journal {
             continue;
         }
-        let target = format!("tg:{{purge}}:{rest}");
+        let target = purge_key(rest);
         let renamed: bool = redis::cmd("RENAMENX")
             .arg(key)
             .arg(&target)
@@ -814,12 +706,7 @@ pub async fn migrate_legacy_keys<C: ConnectionLike + Send + Sync>(
             let _: u64 = conn.xdel(&old_journal, &[e.id.as_str()]).await?;
         }
         // Gone once empty (atomically: an entry appended meanwhile keeps it).
-        let _: i64 = redis::Script::new(
-            "if redis.call('XLEN', KEYS[1]) == 0 then return redis.call('DEL', KEYS[1]) end return 0",
-        )
-        .key(&old_journal)
-        .invoke_async(conn)
-        .await?;
+        scripts::drop_empty_stream(conn, &old_journal).await?;
         moved += 1;
     }
     if keys.contains(&old_pending) {
@@ -846,35 +733,4 @@ pub async fn migrate_legacy_keys<C: ConnectionLike + Send + Sync>(
         moved += 1;
     }
     Ok(moved)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
-
-    use super::PURGE_RANGE_MARK;
-    use redis::AsyncCommands;
-
-    /// A retried older purge of a range (the worker finishing a request whose fast path
-    /// failed) must not lower the cutoff a newer, completed purge of it set.
-    #[tokio::test]
-    async fn a_range_cutoff_only_rises() -> Result<(), Box<dyn std::error::Error>> {
-        let redis = crate::redis_child::RedisChild::start().await?;
-        let client = redis::Client::open(redis.url())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        let mark = redis::Script::new(PURGE_RANGE_MARK);
-        for cutoff in [200, 100, 300, 250] {
-            let _: i64 = mark
-                .key("tg:{p1_x}:tomb")
-                .arg("r:10:20")
-                .arg(cutoff)
-                .arg(60_000)
-                .invoke_async(&mut conn)
-                .await?;
-        }
-        let cutoff: i64 = conn.hget("tg:{p1_x}:tomb", "r:10:20").await?;
-        assert_eq!(cutoff, 300);
-        redis.stop().await;
-        Ok(())
-    }
 }

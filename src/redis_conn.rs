@@ -484,6 +484,9 @@ mod tests {
             key_slot(b"bar"),
             "empty tag: whole key"
         );
-        assert_eq!(key_slot(b"tg:{p1_x}:fixes"), key_slot(b"tg:{p1_x}:tomb"));
+        let p = crate::pseudonym::Pseudonym::parse("p1_abcdefghijklmnopqrstuvwxyz");
+        let p = p.expect("a valid pseudonym");
+        let (fixes, tomb) = (crate::store::fixes_key(&p), crate::store::tomb_key(&p));
+        assert_eq!(key_slot(fixes.as_bytes()), key_slot(tomb.as_bytes()));
     }
 }

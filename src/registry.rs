@@ -17,7 +17,14 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::calendar::{BusinessCalendar, CalendarError};
-use crate::pseudonym::{Imei, KeyRing, Pseudonym};
+use crate::pseudonym::{Imei, KeyRing};
+use crate::store::keys::{
+    CUSTOMER_HOLIDAYS, CUSTOMER_NAME, CUSTOMER_RETENTION_S, CUSTOMER_TZ, CUSTOMER_WEEKEND,
+    customer_key, tokens_key,
+};
+use crate::store::scripts::{self, OwnerChange};
+
+pub use crate::store::keys::{owner_key, owner_since_key};
 
 /// Registry problems.
 #[derive(Debug, thiserror::Error)]
@@ -77,50 +84,6 @@ fn valid_id(id: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
-
-fn customer_key(id: &str) -> String {
-    format!("tg:customer:{id}")
-}
-
-fn tokens_key(id: &str) -> String {
-    format!("tg:customer:{id}:tokens")
-}
-
-/// `tg:{P}:owner`.
-pub fn owner_key(p: &Pseudonym) -> String {
-    format!("tg:{{{p}}}:owner")
-}
-
-/// `tg:{P}:owner_since`: when the device last changed hands (Unix ms). Its owner sees
-/// nothing received or taken before: that is a previous owner's history. Absent for a
-/// device that never had another owner (its first owner sees the whole retention). It
-/// expires after the longest retention, when everything older is gone anyway.
-pub fn owner_since_key(p: &Pseudonym) -> String {
-    format!("tg:{{{p}}}:owner_since")
-}
-
-/// Set the owner. When it changes from another owner (or after an unassignment) the
-/// device's history stays behind: `owner_since` moves to now. Assigning the same owner
-/// again changes nothing. KEYS: owner, owner_since. ARGV: customer, now ms, expiry ms.
-const ASSIGN_SCRIPT: &str = r"
-local prev = redis.call('GET', KEYS[1])
-if prev ~= ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1])
-  if prev or redis.call('EXISTS', KEYS[2]) == 1 then
-    redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-  end
-end
-return 1
-";
-
-/// Remove the owner; what was received so far stays theirs (`owner_since` moves to now
-/// for whoever comes next). KEYS: owner, owner_since. ARGV: now ms, expiry ms.
-const UNASSIGN_SCRIPT: &str = r"
-if redis.call('DEL', KEYS[1]) == 1 then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-end
-return 1
-";
 
 fn weekday_name(d: Weekday) -> &'static str {
     match d {
@@ -186,19 +149,19 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         }
         let mut conn = self.conn.clone();
         let key = customer_key(&c.id);
-        let created: bool = conn.hset_nx(&key, "name", &c.name).await?;
+        let created: bool = conn.hset_nx(&key, CUSTOMER_NAME, &c.name).await?;
         if !created {
             return Err(RegistryError::Exists(c.id.clone()));
         }
         let weekend: Vec<&str> = c.weekend.iter().map(|d| weekday_name(*d)).collect();
         let holidays: Vec<String> = c.holidays.iter().map(|d| d.to_string()).collect();
         let mut fields = vec![
-            ("tz", c.tz.clone()),
-            ("weekend", weekend.join(",")),
-            ("holidays", holidays.join(",")),
+            (CUSTOMER_TZ, c.tz.clone()),
+            (CUSTOMER_WEEKEND, weekend.join(",")),
+            (CUSTOMER_HOLIDAYS, holidays.join(",")),
         ];
         if let Some(r) = c.retention_s {
-            fields.push(("retention_s", r.to_string()));
+            fields.push((CUSTOMER_RETENTION_S, r.to_string()));
         }
         let _: () = conn.hset_multiple(&key, &fields).await?;
         Ok(())
@@ -210,7 +173,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         }
         let mut conn = self.conn.clone();
         let h: HashMap<String, String> = conn.hgetall(customer_key(id)).await?;
-        let Some(name) = h.get("name") else {
+        let Some(name) = h.get(CUSTOMER_NAME) else {
             return Ok(None);
         };
         let list = |k: &str| -> Vec<String> {
@@ -226,16 +189,16 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         Ok(Some(Customer {
             id: id.into(),
             name: name.clone(),
-            tz: h.get("tz").cloned().unwrap_or_else(|| "UTC".into()),
-            weekend: list("weekend")
+            tz: h.get(CUSTOMER_TZ).cloned().unwrap_or_else(|| "UTC".into()),
+            weekend: list(CUSTOMER_WEEKEND)
                 .iter()
                 .filter_map(|d| parse_weekday(d))
                 .collect(),
-            holidays: list("holidays")
+            holidays: list(CUSTOMER_HOLIDAYS)
                 .iter()
                 .filter_map(|d| d.parse().ok())
                 .collect(),
-            retention_s: h.get("retention_s").and_then(|v| v.parse().ok()),
+            retention_s: h.get(CUSTOMER_RETENTION_S).and_then(|v| v.parse().ok()),
         }))
     }
 
@@ -245,7 +208,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         let list: Vec<String> = holidays.iter().map(|d| d.to_string()).collect();
         let mut conn = self.conn.clone();
         let _: () = conn
-            .hset(customer_key(id), "holidays", list.join(","))
+            .hset(customer_key(id), CUSTOMER_HOLIDAYS, list.join(","))
             .await?;
         Ok(())
     }
@@ -307,40 +270,29 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         // cluster they live in different slots and one pipeline could not hold them.
         // Setting them is idempotent; a failure half-way is reported and simply redone.
         let mut conn = self.conn.clone();
-        let script = redis::Script::new(ASSIGN_SCRIPT);
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let change = self.owner_change();
         for p in keys.all_pseudonyms(imei) {
-            let _: i64 = script
-                .key(owner_key(&p))
-                .key(owner_since_key(&p))
-                .arg(customer)
-                .arg(now_ms)
-                .arg(self.since_expiry_ms())
-                .invoke_async(&mut conn)
-                .await?;
+            scripts::assign_owner(&mut conn, &p, customer, change).await?;
         }
         Ok(())
     }
 
     pub async fn unassign(&self, imei: &Imei, keys: &KeyRing) -> Result<(), RegistryError> {
         let mut conn = self.conn.clone();
-        let script = redis::Script::new(UNASSIGN_SCRIPT);
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let change = self.owner_change();
         for p in keys.all_pseudonyms(imei) {
-            let _: i64 = script
-                .key(owner_key(&p))
-                .key(owner_since_key(&p))
-                .arg(now_ms)
-                .arg(self.since_expiry_ms())
-                .invoke_async(&mut conn)
-                .await?;
+            scripts::unassign_owner(&mut conn, &p, change).await?;
         }
         Ok(())
     }
 
-    /// How long an `owner_since` mark matters: data before it lives at most this long.
-    fn since_expiry_ms(&self) -> u64 {
-        self.max_retention_s.saturating_mul(1000).max(1)
+    /// An ownership change now: how long an `owner_since` mark matters is the longest
+    /// retention (data before it lives at most this long).
+    fn owner_change(&self) -> OwnerChange {
+        OwnerChange {
+            now_ms: jiff::Timestamp::now().as_millisecond(),
+            since_ttl_ms: self.max_retention_s.saturating_mul(1000).max(1),
+        }
     }
 
     /// The owner recorded under any of the device's pseudonyms.

@@ -35,10 +35,11 @@ use crate::pseudonym::Pseudonym;
 use crate::redis_conn::RedisConn;
 use crate::registry::owner_key;
 use crate::store::hist;
-use crate::store::{FIXES_PATTERN, HIST_PATTERN, late_key, pseudonym_of_key};
+use crate::store::keys::{CUSTOMER_RETENTION_S, customer_key};
+use crate::store::scripts::{self, SweepStep};
+use crate::store::{FIXES_PATTERN, HIST_PATTERN, pseudonym_of_key};
 
-/// The sweeper's lease (one slot of its own in a cluster).
-pub const SWEEP_LEASE_KEY: &str = "tg:{sweep}:lease";
+pub use crate::store::keys::SWEEP_LEASE_KEY;
 
 /// The retention policy: a default, and the period agreed with the device's owner.
 #[derive(Debug, Clone)]
@@ -99,7 +100,7 @@ impl Retention {
         customer: &str,
     ) -> redis::RedisResult<Duration> {
         let agreed: Option<u64> = conn
-            .hget(format!("tg:customer:{customer}"), "retention_s")
+            .hget(customer_key(customer), CUSTOMER_RETENTION_S)
             .await?;
         Ok(match agreed {
             Some(s) if s > 0 => Duration::from_secs(s).min(self.max_customer_ttl),
@@ -192,28 +193,12 @@ pub async fn try_lease<C: ConnectionLike + Send + Sync>(
     Ok(set.is_some())
 }
 
-/// One stream's sweep step: trim by receive time (entry ids), then delete up to a chunk
-/// of the late-delivered entries (`crate::store::late_key`) whose fix time is past the
-/// TTL. KEYS: fixes, late index. ARGV: min id ms, fix-time cutoff s (exclusive), chunk.
-/// Returns {entries removed, late index members taken}.
-const SWEEP_STREAM: &str = r#"
-local n = redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
-if redis.call('EXISTS', KEYS[2]) == 0 then return {n, 0} end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[3])
-if #ids > 0 then
-  n = n + redis.call('XDEL', KEYS[1], unpack(ids))
-  redis.call('ZREM', KEYS[2], unpack(ids))
-end
-return {n, #ids}
-"#;
-
 /// Trim every device's tail and history (on every primary, in cluster mode) to its
 /// retention exactly: the tail by receive time and, for fixes delivered late, by fix time;
 /// the history by row time. The retention is looked up now for each device (its owner's
 /// agreement, else the default), not taken from its last write, so a lowered one reaches
 /// quiet devices too. Returns the fixes removed.
 pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::RedisResult<u64> {
-    let sweep = redis::Script::new(SWEEP_STREAM);
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut trimmed = 0u64;
     let mut keyed = conn.clone();
@@ -233,9 +218,7 @@ pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::Redis
                         .await?;
                     let cutoff_ms = now_ms - i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
                     trimmed += match kind {
-                        "stream" => {
-                            sweep_tail(&mut keyed, &sweep, &key, &p, cutoff_ms, retention).await?
-                        }
+                        "stream" => sweep_tail(&mut keyed, &key, &p, cutoff_ms, retention).await?,
                         _ => sweep_history(&mut keyed, &p, cutoff_ms, retention).await?,
                     };
                 }
@@ -254,7 +237,6 @@ pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::Redis
 /// same cutoff as at ingest: fix time (s) < (now − ttl) (s).
 async fn sweep_tail(
     conn: &mut RedisConn,
-    sweep: &redis::Script,
     key: &str,
     p: &Pseudonym,
     cutoff_ms: i64,
@@ -262,14 +244,16 @@ async fn sweep_tail(
 ) -> redis::RedisResult<u64> {
     let mut trimmed = 0;
     loop {
-        let (n, late): (u64, u64) = sweep
-            .key(key)
-            .key(late_key(p))
-            .arg(cutoff_ms)
-            .arg(cutoff_ms.div_euclid(1000))
-            .arg(retention.sweep_late_chunk)
-            .invoke_async(conn)
-            .await?;
+        let step = SweepStep {
+            tail: key,
+            min_id_ms: cutoff_ms,
+            fix_cutoff_s: cutoff_ms.div_euclid(1000),
+            late_chunk: retention.sweep_late_chunk,
+        };
+        let scripts::Swept {
+            removed: n,
+            late_taken: late,
+        } = scripts::sweep_stream(conn, p, &step).await?;
         trimmed += n;
         if late < retention.sweep_late_chunk {
             return Ok(trimmed);

@@ -5,11 +5,23 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
+use jiff::Timestamp;
 use redis::AsyncCommands;
 use trackgate::pseudonym::Pseudonym;
-use trackgate::store::scripts::{Swap, swap};
-use trackgate::store::{fixes_key, hist_key, late_key, seen_key};
+use trackgate::store::chunk;
+use trackgate::store::row::{Row, VALUES};
+use trackgate::store::scripts::{
+    self, AppendBatch, AppendFrame, Appended, OwnerChange, RangeStep, RangeStepDone, Swap,
+    SweepStep, Swept, swap,
+};
+use trackgate::store::{
+    StoredFix, fixes_key, hist_key, late_key, meta_key, owner_key, owner_since_key, seen_key,
+    tomb_key,
+};
+use trackgate_protocols::MessageKind;
 
 fn device() -> Pseudonym {
     Pseudonym::parse("p1_abcdefghijklmnopqrstuvwxyz").unwrap()
@@ -105,4 +117,422 @@ async fn a_seal_whose_inputs_changed_does_nothing() {
     assert!(swap(&mut conn, &p, &s).await.unwrap());
     let chunks: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
     assert_eq!(chunks, [b"survivors".to_vec()]);
+}
+
+/// A fix taken at `fix_s`, laid out for storage.
+fn stored(fix_s: i64) -> StoredFix {
+    StoredFix::from_fix(
+        MessageKind::Aaa,
+        &fix_at(Timestamp::from_second(fix_s).unwrap(), 0),
+    )
+}
+
+const TTL: Duration = Duration::from_secs(3600);
+
+fn batch(id: &str, now_ms: i64) -> AppendBatch<'_> {
+    AppendBatch {
+        batch_id: id,
+        now_ms,
+        upkeep: Duration::from_secs(60),
+        late_after: Duration::from_secs(600),
+    }
+}
+
+/// Run one append call of `frames` (received ms, fixes) for `p`.
+async fn append(
+    conn: &mut redis::aio::MultiplexedConnection,
+    p: &Pseudonym,
+    batch: &AppendBatch<'_>,
+    frames: &[(i64, Vec<StoredFix>)],
+) -> redis::RedisResult<Appended> {
+    let mut pipe = redis::pipe();
+    let frames = frames.iter().map(|(received_ms, fixes)| AppendFrame {
+        received_ms: *received_ms,
+        ttl: TTL,
+        fixes,
+    });
+    scripts::append(&mut pipe, p, batch, frames);
+    let mut replies: Vec<Appended> = pipe.query_async(conn).await?;
+    Ok(replies.remove(0))
+}
+
+fn now_ms() -> i64 {
+    Timestamp::now().as_millisecond()
+}
+
+#[tokio::test]
+async fn an_append_is_an_evalsha_that_needs_the_script_loaded() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let p = device();
+    let now = now_ms();
+    let frames = [(now, vec![stored(now / 1000)])];
+    let e = append(&mut conn, &p, &batch("b1", now), &frames)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("NOSCRIPT"), "{e}");
+    scripts::load_append(&mut conn).await.unwrap();
+    let n = append(&mut conn, &p, &batch("b1", now), &frames).await;
+    assert_eq!(n.unwrap(), Appended::Written(1));
+}
+
+#[tokio::test]
+async fn a_replayed_batch_id_writes_nothing() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    scripts::load_append(&mut conn).await.unwrap();
+    let p = device();
+    let now = now_ms();
+    let frames = [
+        (
+            now - 5,
+            vec![stored(now / 1000 - 2), stored(now / 1000 - 1)],
+        ),
+        (now, vec![stored(now / 1000)]),
+    ];
+    let first = append(&mut conn, &p, &batch("b1", now), &frames).await;
+    assert_eq!(first.unwrap(), Appended::Written(3));
+    let replay = append(&mut conn, &p, &batch("b1", now + 10), &frames).await;
+    assert_eq!(replay.unwrap(), Appended::Replay);
+    let len: u64 = conn.xlen(fixes_key(&p)).await.unwrap();
+    assert_eq!(len, 3, "the replay added nothing");
+    let resent = append(&mut conn, &p, &batch("b2", now + 20), &frames[1..]).await;
+    assert_eq!(
+        resent.unwrap(),
+        Appended::Written(0),
+        "the same fix under a new batch id (a device's resend) is not written again"
+    );
+    let new_fix = [(now + 30, vec![stored(now / 1000 + 1)])];
+    let next = append(&mut conn, &p, &batch("b3", now + 30), &new_fix).await;
+    assert_eq!(
+        next.unwrap(),
+        Appended::Written(1),
+        "a new batch id is written"
+    );
+    let (lb, kv): (String, u32) = redis::cmd("HMGET")
+        .arg(meta_key(&p))
+        .arg("lb")
+        .arg("kv")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((lb.as_str(), kv), ("b3", p.key_version()));
+}
+
+#[tokio::test]
+async fn a_tombstone_refuses_an_entry_received_before_its_cutoff() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    scripts::load_append(&mut conn).await.unwrap();
+    let p = device();
+    let now = now_ms();
+    let t = now / 1000;
+    // A complete purge at now - 100 ms, a range purge of [t - 50, t - 40] at now.
+    let _: () = conn
+        .hset_multiple(
+            tomb_key(&p),
+            &[
+                ("all".to_string(), now - 100),
+                (format!("r:{}:{}", t - 50, t - 40), now),
+            ],
+        )
+        .await
+        .unwrap();
+    let frames = [
+        (now - 100, vec![stored(t - 200)]), // at the cutoff: refused
+        (now - 99, vec![stored(t - 45), stored(t - 30)]), // in the range: one refused
+        (now + 1, vec![stored(t - 45)]),    // after both cutoffs: kept
+    ];
+    let n = append(&mut conn, &p, &batch("b1", now), &frames).await;
+    assert_eq!(n.unwrap(), Appended::Written(2));
+    let entries: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(&p)).await.unwrap();
+    let times: Vec<i64> = entries
+        .ids
+        .iter()
+        .map(|e| e.get::<i64>("t").unwrap())
+        .collect();
+    assert_eq!(times, [t - 30, t - 45]);
+}
+
+#[tokio::test]
+async fn a_late_fix_is_indexed_by_fix_time_and_the_tail_expires_after_its_ttl() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    scripts::load_append(&mut conn).await.unwrap();
+    let p = device();
+    let now = now_ms();
+    let t = now / 1000;
+    // late_after is 600 s: a fix taken an hour before it was received is late.
+    let frames = [(now, vec![stored(t), stored(t - 3600)])];
+    let n = append(&mut conn, &p, &batch("b1", now), &frames).await;
+    assert_eq!(n.unwrap(), Appended::Written(2));
+    let late: Vec<(String, i64)> = conn.zrange_withscores(late_key(&p), 0, -1).await.unwrap();
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0].1, t - 3600, "scored by fix time");
+    let pttl: i64 = conn.pttl(fixes_key(&p)).await.unwrap();
+    assert!(pttl > 3_600_000, "tail expires after ttl + upkeep: {pttl}");
+}
+
+/// A history chunk of `n` rows at `t0`, `t0 + 1`, …
+fn chunk_of(n: i64, t0: i64) -> Vec<u8> {
+    let rows: Vec<Row> = (0..n)
+        .map(|i| Row {
+            recv_ms: (t0 + i) * 1000,
+            seq: 0,
+            time: t0 + i,
+            fix_time_s: Some(t0 + i),
+            kind: 0,
+            values: [None; VALUES],
+            extras: None,
+        })
+        .collect();
+    chunk::encode(&rows)
+}
+
+#[tokio::test]
+async fn purge_all_counts_and_removes_everything_and_raises_the_cutoff_only() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let p = device();
+    tail_ids(&mut conn, &p, 3).await;
+    let _: () = conn
+        .zadd(hist_key(&p), chunk_of(200, 1000), 1000)
+        .await
+        .unwrap();
+    let _: () = conn
+        .zadd(hist_key(&p), chunk_of(5, 2000), 2000)
+        .await
+        .unwrap();
+    let _: () = conn.hset(meta_key(&p), "lb", "b1").await.unwrap();
+    let _: () = conn.zadd(late_key(&p), "1-0", 1).await.unwrap();
+    let ttl = Duration::from_secs(60);
+    let n = scripts::purge_all(&mut conn, &p, 500, ttl).await.unwrap();
+    assert_eq!(n, 3 + 200 + 5, "tail entries and chunk rows");
+    for key in [fixes_key(&p), hist_key(&p), meta_key(&p), late_key(&p)] {
+        let exists: bool = conn.exists(&key).await.unwrap();
+        assert!(!exists, "{key} is gone");
+    }
+    let n = scripts::purge_all(&mut conn, &p, 400, ttl).await.unwrap();
+    assert_eq!(n, 0, "nothing left");
+    let cutoff: i64 = conn.hget(tomb_key(&p), "all").await.unwrap();
+    assert_eq!(cutoff, 500, "an older purge does not lower the cutoff");
+    scripts::purge_all(&mut conn, &p, 600, ttl).await.unwrap();
+    let cutoff: i64 = conn.hget(tomb_key(&p), "all").await.unwrap();
+    assert_eq!(cutoff, 600);
+    let pttl: i64 = conn.pttl(tomb_key(&p)).await.unwrap();
+    assert!(pttl > 50_000 && pttl <= 60_000, "tombstone ttl: {pttl}");
+}
+
+/// A retried older purge of a range (the worker finishing a request whose fast path
+/// failed) must not lower the cutoff a newer, completed purge of it set.
+#[tokio::test]
+async fn a_range_cutoff_only_rises() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let p = device();
+    let ttl = Duration::from_secs(60);
+    for cutoff in [200, 100, 300, 250] {
+        scripts::purge_range_mark(&mut conn, &p, (10, 20), cutoff, ttl)
+            .await
+            .unwrap();
+    }
+    let cutoff: i64 = conn.hget(tomb_key(&p), "r:10:20").await.unwrap();
+    assert_eq!(cutoff, 300);
+    let pttl: i64 = conn.pttl(tomb_key(&p)).await.unwrap();
+    assert!(
+        pttl > 50_000,
+        "the tombstone lives at least the ttl: {pttl}"
+    );
+}
+
+#[tokio::test]
+async fn a_range_step_deletes_exactly_the_fixes_in_range() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let p = device();
+    // Fix times 5, 10, …, 30 and one entry without a fix time.
+    for t in [5, 10, 15, 20, 25, 30] {
+        let _: String = conn
+            .xadd(fixes_key(&p), "*", &[("t", t.to_string())])
+            .await
+            .unwrap();
+    }
+    let no_time: String = conn.xadd(fixes_key(&p), "*", &[("d", "x")]).await.unwrap();
+    // Two entries per step, from the start to the end.
+    let (mut start, mut deleted, mut steps) = ("-".to_string(), 0, 0);
+    loop {
+        let step = RangeStep {
+            start: &start,
+            end: "+",
+            count: 2,
+            from_s: 10,
+            to_s: 20,
+        };
+        let RangeStepDone { last, deleted: n } = scripts::purge_range_step(&mut conn, &p, &step)
+            .await
+            .unwrap();
+        deleted += n;
+        steps += 1;
+        match last {
+            Some(last) => start = format!("({last}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        (deleted, steps),
+        (3, 5),
+        "four steps, the last one finding nothing"
+    );
+    let entries: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(&p)).await.unwrap();
+    let left: Vec<Option<i64>> = entries.ids.iter().map(|e| e.get("t")).collect();
+    assert_eq!(left, [Some(5), Some(25), Some(30), None]);
+    assert_eq!(entries.ids[3].id, no_time);
+}
+
+#[tokio::test]
+async fn a_sweep_trims_by_minid_and_the_late_index_by_fix_time() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let p = device();
+    // Received at 1 s … 5 s; the last three were taken long before (fix times 1, 2, 3).
+    let entries = [
+        ("1000-0", 1),
+        ("2000-0", 2),
+        ("3000-0", 1),
+        ("4000-0", 2),
+        ("5000-0", 3),
+    ];
+    for (id, t) in entries {
+        let _: String = conn
+            .xadd(fixes_key(&p), id, &[("t", t.to_string())])
+            .await
+            .unwrap();
+    }
+    for (id, t) in &entries[2..] {
+        let _: () = conn.zadd(late_key(&p), *id, *t).await.unwrap();
+    }
+    let tail = fixes_key(&p);
+    let step = |min_id_ms, late_chunk| SweepStep {
+        tail: &tail,
+        min_id_ms,
+        fix_cutoff_s: 3,
+        late_chunk,
+    };
+    let swept = |removed, late_taken| Swept {
+        removed,
+        late_taken,
+    };
+    let s = scripts::sweep_stream(&mut conn, &p, &step(2500, 1)).await;
+    assert_eq!(
+        s.unwrap(),
+        swept(3, 1),
+        "two by receive time, a chunk of one late"
+    );
+    let s = scripts::sweep_stream(&mut conn, &p, &step(2500, 1)).await;
+    assert_eq!(s.unwrap(), swept(1, 1));
+    let s = scripts::sweep_stream(&mut conn, &p, &step(2500, 1)).await;
+    assert_eq!(s.unwrap(), swept(0, 0), "a fix taken at the cutoff stays");
+    let len: u64 = conn.xlen(fixes_key(&p)).await.unwrap();
+    let late: u64 = conn.zcard(late_key(&p)).await.unwrap();
+    assert_eq!((len, late), (1, 1));
+    // Without a late index only the trim runs.
+    let _: () = conn.del(late_key(&p)).await.unwrap();
+    let s = scripts::sweep_stream(&mut conn, &p, &step(5001, 10)).await;
+    assert_eq!(s.unwrap(), swept(1, 0));
+}
+
+async fn owned_since(conn: &mut redis::aio::MultiplexedConnection, p: &Pseudonym) -> Option<i64> {
+    conn.get(owner_since_key(p)).await.unwrap()
+}
+
+#[tokio::test]
+async fn assigning_another_owner_leaves_the_history_behind() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let p = device();
+    let change = |now_ms| OwnerChange {
+        now_ms,
+        since_ttl_ms: 60_000,
+    };
+    scripts::assign_owner(&mut conn, &p, "acme", change(100))
+        .await
+        .unwrap();
+    let owner: Option<String> = conn.get(owner_key(&p)).await.unwrap();
+    assert_eq!(owner.as_deref(), Some("acme"));
+    assert_eq!(
+        owned_since(&mut conn, &p).await,
+        None,
+        "a first owner sees everything"
+    );
+    scripts::assign_owner(&mut conn, &p, "acme", change(200))
+        .await
+        .unwrap();
+    assert_eq!(
+        owned_since(&mut conn, &p).await,
+        None,
+        "the same owner again changes nothing"
+    );
+    scripts::assign_owner(&mut conn, &p, "globex", change(300))
+        .await
+        .unwrap();
+    let owner: Option<String> = conn.get(owner_key(&p)).await.unwrap();
+    assert_eq!(owner.as_deref(), Some("globex"));
+    assert_eq!(owned_since(&mut conn, &p).await, Some(300));
+    let pttl: i64 = conn.pttl(owner_since_key(&p)).await.unwrap();
+    assert!(
+        pttl > 50_000 && pttl <= 60_000,
+        "owner_since expires: {pttl}"
+    );
+    let owner_ttl: i64 = conn.pttl(owner_key(&p)).await.unwrap();
+    assert_eq!(owner_ttl, -1, "ownership has no expiry");
+}
+
+#[tokio::test]
+async fn unassigning_moves_owner_since_only_if_there_was_an_owner() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let p = device();
+    let change = |now_ms| OwnerChange {
+        now_ms,
+        since_ttl_ms: 60_000,
+    };
+    scripts::unassign_owner(&mut conn, &p, change(100))
+        .await
+        .unwrap();
+    let since: Option<i64> = conn.get(owner_since_key(&p)).await.unwrap();
+    assert_eq!(since, None, "nobody owned it: nothing to leave behind");
+    scripts::assign_owner(&mut conn, &p, "acme", change(200))
+        .await
+        .unwrap();
+    scripts::unassign_owner(&mut conn, &p, change(300))
+        .await
+        .unwrap();
+    let owner: Option<String> = conn.get(owner_key(&p)).await.unwrap();
+    let since: Option<i64> = conn.get(owner_since_key(&p)).await.unwrap();
+    assert_eq!((owner, since), (None, Some(300)));
+    // The next owner after an unassignment starts after it too.
+    scripts::assign_owner(&mut conn, &p, "acme", change(400))
+        .await
+        .unwrap();
+    let since: Option<i64> = conn.get(owner_since_key(&p)).await.unwrap();
+    assert_eq!(since, Some(400));
+}
+
+#[tokio::test]
+async fn an_empty_stream_is_dropped_and_one_with_entries_kept() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let key = "legacy:journal";
+    let id: String = conn.xadd(key, "*", &[("id", "x")]).await.unwrap();
+    assert!(!scripts::drop_empty_stream(&mut conn, key).await.unwrap());
+    let len: u64 = conn.xlen(key).await.unwrap();
+    assert_eq!(len, 1);
+    let _: u64 = conn.xdel(key, &[&id]).await.unwrap();
+    assert!(scripts::drop_empty_stream(&mut conn, key).await.unwrap());
+    let exists: bool = conn.exists(key).await.unwrap();
+    assert!(!exists);
+    assert!(
+        !scripts::drop_empty_stream(&mut conn, key).await.unwrap(),
+        "gone: nothing to do"
+    );
 }

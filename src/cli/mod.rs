@@ -206,12 +206,14 @@ mod tests {
         let redis = crate::redis_child::RedisChild::start().await.unwrap();
         let client = redis::Client::open(redis.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let p = crate::pseudonym::Pseudonym::parse("p1_abcdefghijklmnopqrstuvwxyz").unwrap();
+        let tail = crate::store::fixes_key(&p);
         let mut pipe = redis::pipe();
         for i in 0..2000 {
             pipe.cmd("SET").arg(format!("other:{i}")).arg(1).ignore();
         }
         pipe.cmd("XADD")
-            .arg("tg:{p1_x}:fixes")
+            .arg(&tail)
             .arg("*")
             .arg("d")
             .arg("x")
@@ -219,7 +221,7 @@ mod tests {
         let _: () = pipe.query_async(&mut conn).await.unwrap();
         assert_eq!(super::count_stored_fixes(&mut conn).await.unwrap(), 1);
         let _: () = redis::cmd("DEL")
-            .arg("tg:{p1_x}:fixes")
+            .arg(&tail)
             .query_async(&mut conn)
             .await
             .unwrap();

@@ -1,6 +1,8 @@
 //! The Redis data model (DESIGN §5), in one place: key names ([`keys`]), the layout of a
-//! live-tail entry ([`fix`]), the compressed history chunk codec ([`chunk`]) and the rows
-//! both decode to ([`row`]). Nothing outside this module writes a `tg:` key literal.
+//! live-tail entry ([`fix`]), the compressed history chunk codec ([`chunk`]), the rows
+//! both decode to ([`row`]) and the Lua scripts that change them atomically
+//! ([`scripts`], one typed call each). Nothing outside this module writes a `tg:` key
+//! literal or a line of Lua.
 
 pub mod chunk;
 pub mod fix;

@@ -47,7 +47,7 @@ pub(crate) fn args(
     a.extend(
         [
             "XADD",
-            "tg:{bench:__rand_int__}:fixes",
+            crate::store::keys::BENCH_FIXES_KEY,
             "*",
             "t",
             "1760000000",
