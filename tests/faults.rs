@@ -188,7 +188,7 @@ async fn gateway_kill9_during_compaction_loses_and_duplicates_nothing() {
     // fleet sends, so every kill lands in the middle of one.
     let mut opts = GatewayOptions::new(&redis.url());
     opts.storage = "compact_after_s = 1\ncompact_interval_s = 1\nchunk_max_fixes = 16\n\
-                    compact_device_max_fixes = 1\n"
+                    compact_device_max_fixes = 1\nseal_max_wait_s = 1\n"
         .into();
     let mut gw = GatewayProcess::start(opts).await;
     let cfg = load(25_000);
