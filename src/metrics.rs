@@ -49,6 +49,11 @@ pub const RETENTION_LOOKUP_FAILURES: &str = "trackgate_retention_lookup_failures
 pub const PURGES_COMPLETED: &str = "trackgate_purges_completed_total";
 pub const PURGES_OVERDUE: &str = "trackgate_purges_overdue";
 pub const AUTH_RATE_LIMITED: &str = "trackgate_auth_rate_limited_total";
+/// Fixes confirmed to their device but not stored, by `reason`: `purged` (a purge's
+/// tombstone refused them: in flight at the purge, or taken before a complete purge's
+/// cutoff and sent again from the device's cache), `resent` (already stored: a batch
+/// resent after its ACK was lost).
+pub const FIXES_NOT_STORED: &str = "trackgate_fixes_not_stored_total";
 /// Tail entries sealed into history chunks by compaction.
 pub const FIXES_SEALED: &str = "trackgate_fixes_sealed_total";
 /// Fixes stored twice (a batch resent after its ACK was lost) dropped at sealing.

@@ -355,7 +355,10 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .unwrap_or_default();
         for p in &devices {
             deleted += match range {
-                None => scripts::purge_all(&mut conn, p, tomb_cutoff_ms, self.tomb_ttl).await?,
+                None => {
+                    scripts::purge_all(&mut conn, p, tomb_cutoff_ms, cutoff_ms, self.tomb_ttl)
+                        .await?
+                }
                 Some((from, to)) => {
                     let (n, whole) = self
                         .purge_range(&mut conn, p, tomb_cutoff_ms, from, to, fast)

@@ -147,9 +147,12 @@ async fn in_flight_fixes_received_before_the_cutoff_are_refused() {
     let receipt = purger.request(&c, &whole_device(&p)).await.unwrap();
     let cutoff = receipt.cutoff.as_millisecond();
     // A write job read before the purge but reaching Redis after it (queued or retried).
+    // Its fix is taken after the purge's second (what was taken before it is refused
+    // whenever it arrives): here only the receive time decides.
+    let taken = Timestamp::from_second(receipt.cutoff.as_second() + 2).unwrap();
     let job = |received_ms: i64, i: i32| {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let fix = StoredFix::from_fix(MessageKind::Aaa, &fix_at(now_s(), i));
+        let fix = StoredFix::from_fix(MessageKind::Aaa, &fix_at(taken, i));
         (
             WriteJob {
                 device: p.clone(),
@@ -873,4 +876,60 @@ async fn an_unwritable_audit_stream_does_not_stop_pending_purges() {
     );
     let receipt = purger.receipt(&id).await.unwrap().expect("receipt");
     assert_eq!(receipt.state, "completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_purge_also_refuses_the_devices_cache_sent_after_it() {
+    let redis = Backend::from_env();
+    let (gw, keys) = start_gateway(redis.config()).await;
+    let c = customer(redis.conn()).await;
+    let id = imei(79);
+    let p = pseudonym(&keys, &id);
+    let mut conn = redis.conn();
+    let before = now_s();
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    t.send(&aaa_frame(&id, &fix_at(before, 0))).await;
+    let key = fixes_key(&p);
+    eventually(LONG, "the fix stored", || {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move { conn.xlen::<_, u64>(&key).await.unwrap() == 1 }
+    })
+    .await;
+    let purger = Purger::new(conn.clone(), TOMB_TTL);
+    let receipt = purger.request(&c, &whole_device(&p)).await.unwrap();
+    assert_eq!(receipt.state, "completed");
+    past_skew_margin(&receipt).await;
+    // The device's cache, taken before the purge, arrives after it (a reconnect after a
+    // coverage gap), with one fix taken after it.
+    let after = Timestamp::from_second(now_s().as_second() + 1).unwrap();
+    let cache = [
+        fix_at(Timestamp::from_second(before.as_second() - 60).unwrap(), 1),
+        fix_at(before, 2),
+        fix_at(after, 3),
+    ];
+    t.send(&cce_frame(&id, &cache)).await;
+    let reply = t.reply(LONG).await.expect("confirmed");
+    assert!(
+        reply.contains(",CCE,3*"),
+        "the device may drop all three: {reply}"
+    );
+    let times = fix_times(&mut conn, &key).await;
+    assert_eq!(
+        times,
+        [after.as_second()],
+        "only the fix taken after the purge"
+    );
+    let (_, metrics) = common::gwproc::http_get(gw.http_addr.unwrap(), "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("trackgate_fixes_not_stored_total")
+                && l.contains("reason=\"purged\"")),
+        "counted"
+    );
+    gw.shutdown();
+    gw.wait().await;
 }

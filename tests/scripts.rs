@@ -173,7 +173,7 @@ async fn an_append_is_an_evalsha_that_needs_the_script_loaded() {
     assert_eq!(e.code(), Some("NOSCRIPT"), "{e}");
     scripts::load_append(&mut conn).await.unwrap();
     let n = append(&mut conn, &p, &batch("b1", now), &frames).await;
-    assert_eq!(n.unwrap(), Appended::Written(1));
+    assert_eq!(n.unwrap().written(), 1);
 }
 
 #[tokio::test]
@@ -191,7 +191,7 @@ async fn a_replayed_batch_id_writes_nothing() {
         (now, vec![stored(now / 1000)]),
     ];
     let first = append(&mut conn, &p, &batch("b1", now), &frames).await;
-    assert_eq!(first.unwrap(), Appended::Written(3));
+    assert_eq!(first.unwrap().written(), 3);
     let replay = append(&mut conn, &p, &batch("b1", now + 10), &frames).await;
     assert_eq!(replay.unwrap(), Appended::Replay);
     let len: u64 = conn.xlen(fixes_key(&p)).await.unwrap();
@@ -199,16 +199,16 @@ async fn a_replayed_batch_id_writes_nothing() {
     let resent = append(&mut conn, &p, &batch("b2", now + 20), &frames[1..]).await;
     assert_eq!(
         resent.unwrap(),
-        Appended::Written(0),
+        Appended::Written {
+            written: 0,
+            purged: 0,
+            resent: 1
+        },
         "the same fix under a new batch id (a device's resend) is not written again"
     );
     let new_fix = [(now + 30, vec![stored(now / 1000 + 1)])];
     let next = append(&mut conn, &p, &batch("b3", now + 30), &new_fix).await;
-    assert_eq!(
-        next.unwrap(),
-        Appended::Written(1),
-        "a new batch id is written"
-    );
+    assert_eq!(next.unwrap().written(), 1, "a new batch id is written");
     let (lb, kv): (String, u32) = redis::cmd("HMGET")
         .arg(meta_key(&p))
         .arg("lb")
@@ -227,31 +227,67 @@ async fn a_tombstone_refuses_an_entry_received_before_its_cutoff() {
     let p = device();
     let now = now_ms();
     let t = now / 1000;
-    // A complete purge at now - 100 ms, a range purge of [t - 50, t - 40] at now.
+    // A range purge of [t - 50, t - 40] at now.
     let _: () = conn
-        .hset_multiple(
-            tomb_key(&p),
-            &[
-                ("all".to_string(), now - 100),
-                (format!("r:{}:{}", t - 50, t - 40), now),
-            ],
-        )
+        .hset(tomb_key(&p), format!("r:{}:{}", t - 50, t - 40), now)
         .await
         .unwrap();
     let frames = [
-        (now - 100, vec![stored(t - 200)]), // at the cutoff: refused
         (now - 99, vec![stored(t - 45), stored(t - 30)]), // in the range: one refused
-        (now + 1, vec![stored(t - 45)]),    // after both cutoffs: kept
+        (now + 1, vec![stored(t - 46)]),                  // after the cutoff: kept
     ];
     let n = append(&mut conn, &p, &batch("b1", now), &frames).await;
-    assert_eq!(n.unwrap(), Appended::Written(2));
+    assert_eq!(
+        n.unwrap(),
+        Appended::Written {
+            written: 2,
+            purged: 1,
+            resent: 0
+        }
+    );
     let entries: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(&p)).await.unwrap();
     let times: Vec<i64> = entries
         .ids
         .iter()
         .map(|e| e.get::<i64>("t").unwrap())
         .collect();
-    assert_eq!(times, [t - 30, t - 45]);
+    assert_eq!(times, [t - 30, t - 46]);
+}
+
+#[tokio::test]
+async fn a_complete_purge_refuses_what_was_taken_before_it_whenever_it_arrives() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    scripts::load_append(&mut conn).await.unwrap();
+    let p = device();
+    let now = now_ms();
+    let t = now / 1000;
+    let cutoff = t * 1000 - 10_000; // a complete purge ten seconds ago
+    scripts::purge_all(&mut conn, &p, cutoff, cutoff, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let frames = [
+        (cutoff, vec![stored(t + 1)]), // received at the cutoff: refused
+        // Received after it: the device's cache, taken before (refused), and a fix taken
+        // after it (kept).
+        (now, vec![stored(t - 3_600), stored(t - 11), stored(t)]),
+    ];
+    let n = append(&mut conn, &p, &batch("b1", now), &frames).await;
+    assert_eq!(
+        n.unwrap(),
+        Appended::Written {
+            written: 1,
+            purged: 3,
+            resent: 0
+        }
+    );
+    let entries: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(&p)).await.unwrap();
+    let times: Vec<i64> = entries
+        .ids
+        .iter()
+        .map(|e| e.get::<i64>("t").unwrap())
+        .collect();
+    assert_eq!(times, [t], "only the fix taken after the purge");
 }
 
 #[tokio::test]
@@ -265,7 +301,7 @@ async fn a_late_fix_is_indexed_by_fix_time_and_the_tail_expires_after_its_ttl() 
     // late_after is 600 s: a fix taken an hour before it was received is late.
     let frames = [(now, vec![stored(t), stored(t - 3600)])];
     let n = append(&mut conn, &p, &batch("b1", now), &frames).await;
-    assert_eq!(n.unwrap(), Appended::Written(2));
+    assert_eq!(n.unwrap().written(), 2);
     let late: Vec<(String, i64)> = conn.zrange_withscores(late_key(&p), 0, -1).await.unwrap();
     assert_eq!(late.len(), 1);
     assert_eq!(late[0].1, t - 3600, "scored by fix time");
@@ -306,19 +342,28 @@ async fn purge_all_counts_and_removes_everything_and_raises_the_cutoff_only() {
     let _: () = conn.hset(meta_key(&p), "lb", "b1").await.unwrap();
     let _: () = conn.zadd(late_key(&p), "1-0", 1).await.unwrap();
     let ttl = Duration::from_secs(60);
-    let n = scripts::purge_all(&mut conn, &p, 500, ttl).await.unwrap();
+    let n = scripts::purge_all(&mut conn, &p, 500, 300_000, ttl)
+        .await
+        .unwrap();
     assert_eq!(n, 3 + 200 + 5, "tail entries and chunk rows");
     for key in [fixes_key(&p), hist_key(&p), meta_key(&p), late_key(&p)] {
         let exists: bool = conn.exists(&key).await.unwrap();
         assert!(!exists, "{key} is gone");
     }
-    let n = scripts::purge_all(&mut conn, &p, 400, ttl).await.unwrap();
+    let n = scripts::purge_all(&mut conn, &p, 400, 200_000, ttl)
+        .await
+        .unwrap();
     assert_eq!(n, 0, "nothing left");
     let cutoff: i64 = conn.hget(tomb_key(&p), "all").await.unwrap();
     assert_eq!(cutoff, 500, "an older purge does not lower the cutoff");
-    scripts::purge_all(&mut conn, &p, 600, ttl).await.unwrap();
+    scripts::purge_all(&mut conn, &p, 600, 400_000, ttl)
+        .await
+        .unwrap();
     let cutoff: i64 = conn.hget(tomb_key(&p), "all").await.unwrap();
     assert_eq!(cutoff, 600);
+    let fields: Vec<String> = conn.hkeys(tomb_key(&p)).await.unwrap();
+    let taken: Vec<&String> = fields.iter().filter(|f| f.starts_with("r:0:")).collect();
+    assert_eq!(taken, ["r:0:400"], "one fix-time range, the widest");
     let pttl: i64 = conn.pttl(tomb_key(&p)).await.unwrap();
     assert!(pttl > 50_000 && pttl <= 60_000, "tombstone ttl: {pttl}");
 }

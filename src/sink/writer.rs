@@ -321,6 +321,9 @@ struct WriterMetrics {
     queue: metrics::Gauge,
     held: metrics::Gauge,
     fixes_written: metrics::Counter,
+    /// Fixes confirmed but not written: refused by a purge, or a resend already stored.
+    fixes_purged: metrics::Counter,
+    fixes_resent: metrics::Counter,
     write_seconds: metrics::Histogram,
 }
 
@@ -330,6 +333,8 @@ impl WriterMetrics {
             queue: metrics::gauge!(m::QUEUE_DEPTH, "writer" => writer.to_string()),
             held: metrics::gauge!(m::WRITER_HELD_JOBS, "writer" => writer.to_string()),
             fixes_written: metrics::counter!(m::FIXES_WRITTEN),
+            fixes_purged: metrics::counter!(m::FIXES_NOT_STORED, "reason" => "purged"),
+            fixes_resent: metrics::counter!(m::FIXES_NOT_STORED, "reason" => "resent"),
             write_seconds: metrics::histogram!(m::REDIS_WRITE_SECONDS),
         }
     }
@@ -835,7 +840,16 @@ impl Writer {
         if dq.groups.is_empty() {
             self.devices.remove(p);
         }
-        self.metrics.fixes_written.increment(n.written());
+        if let Appended::Written {
+            written,
+            purged,
+            resent,
+        } = n
+        {
+            self.metrics.fixes_written.increment(written);
+            self.metrics.fixes_purged.increment(purged);
+            self.metrics.fixes_resent.increment(resent);
+        }
     }
 
     /// The head call of `p` failed with `e`: back off, or give up on a permanent error

@@ -106,8 +106,16 @@ pub struct AppendFrame<'a> {
 /// What an append call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
-    /// Entries written (those a purge's tombstone refused are not).
-    Written(u64),
+    /// The call was applied.
+    Written {
+        /// Entries written.
+        written: u64,
+        /// Entries a purge's tombstone refused (in flight at the purge, or taken before a
+        /// complete purge's cutoff): confirmed to the device, stored nowhere.
+        purged: u64,
+        /// Fixes the tail already held (a resend after a lost ACK): not written again.
+        resent: u64,
+    },
     /// The batch id was the device's last one: a replay, nothing written.
     Replay,
 }
@@ -116,7 +124,7 @@ impl Appended {
     /// Fixes this call added to the tail.
     pub fn written(self) -> u64 {
         match self {
-            Appended::Written(n) => n,
+            Appended::Written { written, .. } => written,
             Appended::Replay => 0,
         }
     }
@@ -124,8 +132,15 @@ impl Appended {
 
 impl FromRedisValue for Appended {
     fn from_redis_value(v: Value) -> Result<Self, ParsingError> {
-        let n = i64::from_redis_value(v)?;
-        Ok(u64::try_from(n).map_or(Appended::Replay, Appended::Written))
+        if let Value::Int(-1) = v {
+            return Ok(Appended::Replay);
+        }
+        let (written, purged, resent) = <(u64, u64, u64)>::from_redis_value(v)?;
+        Ok(Appended::Written {
+            written,
+            purged,
+            resent,
+        })
     }
 }
 
@@ -209,14 +224,19 @@ pub async fn load_append<C: ConnectionLike>(conn: &mut C) -> redis::RedisResult<
 }
 
 /// Complete purge of `p` (see `scripts/purge_all.lua`): tail, history, metadata, late
-/// index and resend digests go; the tombstone's `all` cutoff rises to `cutoff_ms` (never falls) and lives at
-/// least `tomb_ttl`. Returns the fixes deleted.
+/// index and resend digests go; the tombstone's `all` cutoff rises to `cutoff_ms` (never
+/// falls), every fix taken at or before `taken_until_ms` is refused whenever it arrives
+/// (the device's cache), and the tombstone lives at least `tomb_ttl`. Returns the fixes
+/// deleted.
 pub async fn purge_all<C: ConnectionLike + Send>(
     conn: &mut C,
     p: &Pseudonym,
     cutoff_ms: i64,
+    taken_until_ms: i64,
     tomb_ttl: Duration,
 ) -> redis::RedisResult<u64> {
+    /// A receive cutoff past any write (Lua numbers are doubles: exact below 2^53).
+    const NEVER_MS: i64 = (1 << 53) - 1;
     PURGE_ALL
         .key(fixes_key(p))
         .key(meta_key(p))
@@ -226,6 +246,8 @@ pub async fn purge_all<C: ConnectionLike + Send>(
         .key(seen_key(p))
         .arg(cutoff_ms)
         .arg(tomb_ttl.as_millis() as u64)
+        .arg(taken_until_ms.div_euclid(1000).max(0))
+        .arg(NEVER_MS)
         .invoke_async::<u64>(conn)
         .await
 }

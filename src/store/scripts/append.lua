@@ -20,14 +20,18 @@
 -- Tombstone (written by purges, `crate::purge`): field `all` = cutoff ms of a complete
 -- purge; fields `r:<from_s>:<to_s>` = cutoff ms of a range purge over fix times. An entry
 -- received at or before a cutoff that covers it is not written: a purge is final even
--- for data that was already in flight when it ran. Without a tombstone the entries are
+-- for data that was already in flight when it ran. A complete purge also writes a range
+-- `r:0:<cutoff s>` whose receive cutoff never passes: every fix taken at or before it is
+-- refused whenever it is received (a device resending its cache after the purge must
+-- not bring the purged history back). Without a tombstone the entries are
 -- not parsed at all (most writes).
 --
 -- Upkeep (trim to the TTL, expiry of stream and meta) runs when the last one is more
 -- than `upkeep` ms old, or the TTL changed: meta field `ue` holds the expiry it set,
 -- now + ttl + upkeep, so no key expires before its newest fix's TTL, and the sweeper
 -- trims exactly. `ue` is only advanced when the stream itself was upkept (0 otherwise).
--- Returns the entries written, or -1 for a replay (nothing written).
+-- Returns {entries written, entries a purge refused, resends not written again}, or -1
+-- for a replay (nothing written).
 local meta = redis.call('HMGET', KEYS[2], 'lb', 'ue', 'tt')
 if meta[1] == ARGV[1] then
   redis.call('HSET', KEYS[2], 'lb', ARGV[1])
@@ -51,6 +55,8 @@ local checks = #tomb > 0
 local late_after = tonumber(ARGV[7])
 local i = 8
 local written = 0
+local purged = 0
+local resent = 0
 local late = 0
 while i <= #ARGV do
   local recv = tonumber(ARGV[i])
@@ -74,9 +80,11 @@ while i <= #ARGV do
           if recv <= r[3] and fixt >= r[1] and fixt <= r[2] then keep = false break end
         end
       end
+      if not keep then purged = purged + 1 end
     end
     if keep and digest ~= '' then
       keep = redis.call('SADD', KEYS[5], digest) == 1
+      if not keep then resent = resent + 1 end
     end
     if keep then
       local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 2, i + 1 + n))
@@ -106,4 +114,4 @@ else
   redis.call('HSET', KEYS[2], 'lb', ARGV[1], 'ls', ARGV[4], 'kv', ARGV[5])
 end
 if due then redis.call('PEXPIRE', KEYS[2], ttl + up) end
-return written
+return {written, purged, resent}
