@@ -49,10 +49,13 @@ async fn batches_are_acknowledged_over_tls() {
     let tls_addr = gw.tracker_addrs[1];
     let der = certified.cert.der().clone();
 
-    for versions in [
+    for (k, versions) in [
         &[&rustls::version::TLS13][..],
         &[&rustls::version::TLS12][..],
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
         let stream = client(der.clone(), versions)
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -60,7 +63,9 @@ async fn batches_are_acknowledged_over_tls() {
             .expect("TLS handshake");
         let mut t = Tracker::new(stream);
         let id = imei(60);
-        t.send(&cce_frame(&id, &[fix_at(now_s(), 0), fix_at(now_s(), 1)]))
+        // Other fixes each time: the same fix sent twice is stored once.
+        let i = 2 * k as i32;
+        t.send(&cce_frame(&id, &[fix_at(now_s(), i), fix_at(now_s(), i + 1)]))
             .await;
         let reply = t
             .reply(Duration::from_secs(10))
