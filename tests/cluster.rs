@@ -562,7 +562,22 @@ async fn two_fleets(
             .cloned()
             .collect()
     };
-    let (stalled_ids, healthy_ids) = (pick(true, stalled), pick(false, healthy));
+    // The healthy devices alternate between the two other shards (the first ones alone
+    // could all land on one of them: the keys, and so the slots, are new every run).
+    let mut others_by_shard: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
+    for id in pick(false, usize::MAX) {
+        others_by_shard.entry(shard(&id)).or_default().push(id);
+    }
+    let mut healthy_ids = Vec::new();
+    for i in 0.. {
+        let round: Vec<&String> = others_by_shard.values().filter_map(|v| v.get(i)).collect();
+        if round.is_empty() || healthy_ids.len() >= healthy {
+            break;
+        }
+        healthy_ids.extend(round.into_iter().cloned());
+    }
+    healthy_ids.truncate(healthy);
+    let stalled_ids = pick(true, stalled);
     assert_eq!(stalled_ids.len(), stalled, "enough devices on one shard");
     let others: HashSet<u16> = healthy_ids.iter().map(|id| shard(id)).collect();
     assert_eq!(

@@ -65,8 +65,11 @@ async fn batches_are_acknowledged_over_tls() {
         let id = imei(60);
         // Other fixes each time: the same fix sent twice is stored once.
         let i = 2 * k as i32;
-        t.send(&cce_frame(&id, &[fix_at(now_s(), i), fix_at(now_s(), i + 1)]))
-            .await;
+        t.send(&cce_frame(
+            &id,
+            &[fix_at(now_s(), i), fix_at(now_s(), i + 1)],
+        ))
+        .await;
         let reply = t
             .reply(Duration::from_secs(10))
             .await
