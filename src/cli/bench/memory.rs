@@ -176,7 +176,17 @@ pub(crate) struct RedisMemory {
     /// A steady-state compaction pass: one compaction interval's reports per device (2 at
     /// 30 s and the default 60 s interval), topped up into the chunks sealed before, as
     /// a running gateway does every interval. Realistic fleet only.
-    pub steady_pass: Option<CpuCost>,
+    pub steady_pass: Option<SteadyPass>,
+}
+
+/// One compaction pass of a gateway that has been running for a while.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct SteadyPass {
+    pub cost: CpuCost,
+    /// Rows of each device's newest chunk before the pass, on average: the chunk the pass
+    /// decodes and encodes again to add the new rows (a running gateway's is half full
+    /// on average, `chunk_max_fixes` / 2).
+    pub newest_chunk_rows: f64,
 }
 
 /// Measure `fleet`: store `fixes` at `rate` fixes/s, read the tail, seal, read again.
@@ -226,7 +236,7 @@ pub(crate) async fn measure(
         MemoryFleet::AaaRealistic => Some(steady_pass(fleet, rate, redis_url, work, conn).await?),
         MemoryFleet::Cce => None,
     };
-    print_cpu(&ingest, &seal, steady_pass.as_ref());
+    print_cpu(&ingest, &seal, steady_pass.as_ref().map(|p| &p.cost));
     Ok(RedisMemory {
         fleet,
         offered_fixes_per_s: rate,
@@ -361,7 +371,8 @@ async fn steady_pass(
     redis_url: &str,
     work: &Path,
     conn: &mut redis::aio::MultiplexedConnection,
-) -> Result<CpuCost, String> {
+) -> Result<SteadyPass, String> {
+    let newest_chunk_rows = newest_chunk_rows(conn).await.map_err(|e| e.to_string())?;
     let per_device = StorageConfig::default()
         .compact_interval_s
         .div_ceil(MemoryFleet::REALISTIC_INTERVAL_S);
@@ -374,7 +385,38 @@ async fn steady_pass(
         conn,
     )
     .await?;
-    seal(redis_url, conn, Sealing::OnePass).await
+    Ok(SteadyPass {
+        cost: seal(redis_url, conn, Sealing::OnePass).await?,
+        newest_chunk_rows,
+    })
+}
+
+/// Mean row count of every device's newest history chunk.
+async fn newest_chunk_rows(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> redis::RedisResult<f64> {
+    use crate::store::{HIST_PATTERN, chunk, scan_keys};
+    let (mut rows, mut devices) = (0usize, 0usize);
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys) = scan_keys(conn, cursor, HIST_PATTERN, "zset").await?;
+        for k in keys {
+            let newest: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+                .arg(&k)
+                .arg(-1)
+                .arg(-1)
+                .query_async(conn)
+                .await?;
+            if let Some(h) = newest.first().and_then(|c| chunk::header(c).ok()) {
+                rows += h.count;
+                devices += 1;
+            }
+        }
+        if next == 0 {
+            return Ok(rows as f64 / devices.max(1) as f64);
+        }
+        cursor = next;
+    }
 }
 
 /// The summary's section on memory per fix: both fleets, by column, and the CPU time.
@@ -417,7 +459,10 @@ fn columns_table(ms: &[RedisMemory]) -> String {
         s,
         "\n### Sealed bytes per fix by chunk column\n\n\
          Each chunk decoded and encoded again one column at a time; what the columns do not \
-         account for is Redis's own overhead (sorted-set entries, keys, allocator rounding).\n"
+         account for is Redis's own overhead (sorted-set entries, keys, allocator rounding). \
+         `recv_ms`, the gateway's receive time, follows this bench's schedule, not a field \
+         fleet's: the realistic fleet's reports of one device arrive {DEVICES} ÷ offered rate \
+         apart here, not 30 s.\n"
     );
     let head: Vec<&str> = ms.iter().map(|m| m.fleet.name()).collect();
     let _ = writeln!(s, "| Column | {} |", head.join(" | "));
@@ -484,12 +529,19 @@ fn cpu_table(ms: &[RedisMemory]) -> String {
          |---|---|---|---|---|---|"
     );
     for m in ms {
+        let steady = m.steady_pass.map(|p| {
+            (
+                format!(
+                    "steady compaction pass: one pass over one interval's reports per device, \
+                     topped up into newest chunks of {:.0} rows on average",
+                    p.newest_chunk_rows
+                ),
+                p.cost,
+            )
+        });
         let mut phases = vec![("store", &m.ingest), ("seal all at once", &m.seal)];
-        if let Some(p) = &m.steady_pass {
-            phases.push((
-                "steady compaction pass: one pass over one interval's reports per device, topped up into the sealed chunks",
-                p,
-            ));
+        if let Some((what, cost)) = &steady {
+            phases.push((what, cost));
         }
         for (phase, c) in phases {
             let _ = writeln!(
