@@ -179,7 +179,7 @@ pub(crate) struct RedisMemory {
     pub steady_pass: Option<SteadyPass>,
 }
 
-/// One compaction pass of a gateway that has been running for a while.
+/// Compaction passes of a gateway that has been running for a while.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct SteadyPass {
     pub cost: CpuCost,
@@ -376,20 +376,35 @@ async fn steady_pass(
     let per_device = StorageConfig::default()
         .compact_interval_s
         .div_ceil(MemoryFleet::REALISTIC_INTERVAL_S);
-    let (_, _) = store(
-        fleet,
-        per_device * DEVICES as u64,
-        rate,
-        redis_url,
-        work,
-        conn,
-    )
-    .await?;
+    let mut cost = CpuCost::default();
+    // A pass takes well under a second: a few of them, so that one stall of a busy box
+    // does not make the figure.
+    for _ in 0..STEADY_PASSES {
+        let (_, _) = store(
+            fleet,
+            per_device * DEVICES as u64,
+            rate,
+            redis_url,
+            work,
+            conn,
+        )
+        .await?;
+        let pass = seal(redis_url, conn, Sealing::OnePass).await?;
+        cost = CpuCost {
+            fixes: cost.fixes + pass.fixes,
+            wall_s: cost.wall_s + pass.wall_s,
+            gateway_cpu_s: cost.gateway_cpu_s + pass.gateway_cpu_s,
+            redis_cpu_s: cost.redis_cpu_s + pass.redis_cpu_s,
+        };
+    }
     Ok(SteadyPass {
-        cost: seal(redis_url, conn, Sealing::OnePass).await?,
+        cost,
         newest_chunk_rows,
     })
 }
+
+/// Steady compaction passes measured (their costs are added up).
+const STEADY_PASSES: usize = 3;
 
 /// Mean row count of every device's newest history chunk.
 async fn newest_chunk_rows(
@@ -532,8 +547,9 @@ fn cpu_table(ms: &[RedisMemory]) -> String {
         let steady = m.steady_pass.map(|p| {
             (
                 format!(
-                    "steady compaction pass: one pass over one interval's reports per device, \
-                     topped up into newest chunks of {:.0} rows on average",
+                    "steady compaction pass ({STEADY_PASSES} in all): each one pass over one \
+                     interval's reports per device, topped up into newest chunks of {:.0} rows \
+                     on average",
                     p.newest_chunk_rows
                 ),
                 p.cost,
