@@ -441,13 +441,14 @@ pub(crate) fn summary_section(ms: &[RedisMemory]) -> String {
     let _ = writeln!(
         s,
         "\n## Redis memory per fix\n\n\
-         Each fleet: {DEVICES} devices storing through a gateway process; Redis `used_memory` \
+         Each fleet: {} devices storing through a gateway process; Redis `used_memory` \
          growth over the fixes stored, first with every fix a live-tail stream entry, then \
          after `compact::seal_everything` sealed them all into history chunks. Sealed is the \
          steady state: a running gateway seals every fix received more than \
          `storage.compact_after_s` (15 min) ago.\n\n\
          | Fleet | Fixes stored | Offered fixes/s | Live tail B/fix | Sealed B/fix | Sealing all took |\n\
-         |---|---|---|---|---|---|"
+         |---|---|---|---|---|---|",
+        super::sizing::group(DEVICES as u64)
     );
     for m in ms {
         let _ = writeln!(
@@ -476,8 +477,12 @@ fn columns_table(ms: &[RedisMemory]) -> String {
          Each chunk decoded and encoded again one column at a time; what the columns do not \
          account for is Redis's own overhead (sorted-set entries, keys, allocator rounding). \
          `recv_ms`, the gateway's receive time, follows this bench's schedule, not a field \
-         fleet's: the realistic fleet's reports of one device arrive {DEVICES} ÷ offered rate \
-         apart here, not 30 s.\n"
+         fleet's: the realistic fleet's reports of one device arrive {:.3} s apart here (its \
+         {} devices at the offered rate), not 30 s.\n",
+        ms.iter()
+            .find(|m| m.fleet == MemoryFleet::AaaRealistic)
+            .map_or(0.0, |m| DEVICES as f64 / m.offered_fixes_per_s.max(1.0)),
+        super::sizing::group(DEVICES as u64)
     );
     let head: Vec<&str> = ms.iter().map(|m| m.fleet.name()).collect();
     let _ = writeln!(s, "| Column | {} |", head.join(" | "));

@@ -812,7 +812,9 @@ fn summary(r: &BenchReport, args: &BenchArgs) -> String {
             .map(|i| i.bytes_per_connection / 1024.0);
         s.push_str(&sizing::summary_section(sizing, &r.redis_memory, idle_kib));
     }
-    let _ = writeln!(s, "\n## Notes\n");
+    if !r.notes.is_empty() {
+        let _ = writeln!(s, "\n## Notes\n");
+    }
     for n in &r.notes {
         let _ = writeln!(s, "- {n}");
     }
@@ -889,8 +891,8 @@ fn summary_table(r: &BenchReport, args: &BenchArgs) -> String {
             s,
             "| Redis memory per stored fix, sealed, {} ({} fixes, {} devices) | {:.1} B (live tail {:.1} B) | {baseline} | | ≤ 48 B |",
             mem.fleet.label(),
-            mem.fixes_stored,
-            mem.devices,
+            sizing::group(mem.fixes_stored),
+            sizing::group(mem.devices),
             mem.bytes_per_fix,
             mem.tail_bytes_per_fix
         );

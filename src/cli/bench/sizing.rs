@@ -186,7 +186,7 @@ pub(crate) fn summary_section(z: &Sizing, ms: &[RedisMemory], idle_kib: Option<f
          bursts (devices reconnecting after an outage send their cached fixes at once). \
          Caveats: a real fleet sends the same rate over far more connections, each rarely, \
          so every frame costs its own wakeup and read and Redis pipelines carry fewer fixes: \
-         treat these as upper bounds and check them at the real rate before buying hardware.",
+         treat these as upper bounds and check them at the real rate before buying hardware.\n",
         group(m.offered_fixes_per_s.round() as u64),
         group(m.devices),
     );
@@ -197,7 +197,7 @@ pub(crate) fn summary_section(z: &Sizing, ms: &[RedisMemory], idle_kib: Option<f
             "Compaction is most of the gateway's share: each pass decodes and encodes again \
              every device's newest chunk to add one interval's reports ({} at 30 s). Here \
              those chunks held {:.0} rows on average; a running gateway's hold {half:.0} on \
-             average (they fill from empty to `chunk_max_fixes`), so that figure leans high.",
+             average (they fill from empty to `chunk_max_fixes`), so that figure leans high.\n",
             StorageConfig::default()
                 .compact_interval_s
                 .div_ceil(CORE_INTERVAL_S),
