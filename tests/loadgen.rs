@@ -108,3 +108,70 @@ async fn unconfirmed_batches_are_resent_after_a_reconnect_and_nothing_is_lost() 
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aaa_only_realistic_fleet_stores_one_fix_per_report_on_its_simulated_clock() {
+    use redis::AsyncCommands;
+    use trackgate::loadgen::realistic::SimulatedTime;
+    use trackgate::store::{F_TIME, fixes_key};
+
+    let redis = RedisServer::start();
+    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let devices = 10;
+    let per_device = 20u64;
+    let mut config = FleetConfig::new(gw.tracker_addrs[0], devices);
+    config.imei_base = IMEI_BASE;
+    config.report_interval = Duration::from_millis(20);
+    config.start_spread = Duration::from_millis(20);
+    config.aaa_only = true;
+    config.max_frames = Some(devices as u64 * per_device);
+    let now = jiff::Timestamp::now();
+    config.simulated = Some(SimulatedTime::ending_at(
+        now,
+        Duration::from_secs(30),
+        Some(per_device),
+    ));
+    let stats = Arc::new(FleetStats::default());
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(fleet::run(config, stats.clone(), stop.clone()));
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("the fleet stops after --max-frames")
+        .unwrap();
+
+    let c = stats.counters();
+    assert_eq!(c.fixes_sent, c.frames_sent, "one fix per frame: {c:?}");
+    assert!(c.frames_sent >= devices as u64 * per_device, "{c:?}");
+    assert_eq!(c.batches_confirmed, 0, "no CCE batches: {c:?}");
+    eventually(Duration::from_secs(10), "every report stored", || async {
+        stored(&redis, &keys, devices).await as u64 == c.frames_sent
+    })
+    .await;
+
+    let mut conn = redis.conn().await;
+    let p = pseudonym(&keys, &format!("{IMEI_BASE:015}"));
+    let r: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(&p)).await.unwrap();
+    let times: Vec<i64> = r
+        .ids
+        .iter()
+        .filter_map(|e| redis::from_redis_value(e.map.get(F_TIME)?.clone()).ok())
+        .collect();
+    assert!(times.len() as u64 >= per_device, "{times:?}");
+    // Its share of the run's reports starts that many intervals back and ends about now;
+    // reports beyond its share (the fleet stops once all frames are sent) are held at
+    // now, never in the future.
+    let share = &times[..per_device as usize];
+    assert!(
+        share.windows(2).all(|w| w[1] - w[0] == 30),
+        "fix times 30 s apart: {times:?}"
+    );
+    assert_eq!(
+        share[0],
+        now.as_second() - 30 * per_device as i64,
+        "{times:?}"
+    );
+    let latest = jiff::Timestamp::now().as_second();
+    assert!(times.iter().all(|&t| t <= latest), "{times:?}");
+    gw.shutdown();
+    gw.wait().await;
+}

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::gateway::termination_signal;
 use crate::loadgen::fleet::{self, FleetConfig, FleetStats};
 use crate::loadgen::net::{Route, TlsClient, check_targets, source_addrs};
+use crate::loadgen::realistic::SimulatedTime;
 use crate::loadgen::report::{LoadReport, Offered, Sample};
 
 /// Arguments of `trackgate loadgen`.
@@ -41,6 +42,19 @@ pub struct LoadgenArgs {
     /// Connect, send one report, then stay idle (for memory per connection).
     #[arg(long)]
     pub idle: bool,
+    /// Every send is one AAA report with one fix: no CCE batches, no coverage gaps.
+    #[arg(long, conflicts_with_all = ["cce_share", "batch_fixes", "outage_probability", "idle"])]
+    pub aaa_only: bool,
+    /// With --aaa-only: devices report like real ones on a simulated clock. Each report's
+    /// fix time is this many seconds after the device's previous one (sent as fast as
+    /// --interval-s allows, not in real time), starting far enough back that the last
+    /// report (by --max-frames, else --duration-s) is about now, at most 89 days back and
+    /// never in the future. Altitude walks slowly, satellites/HDOP/GSM signal change now
+    /// and then by one step, the cell every few dozen reports, odometer and run time
+    /// advance with the simulated time, and the analog input and battery/power readings
+    /// carry small noise.
+    #[arg(long, requires = "aaa_only", value_name = "S")]
+    pub sim_interval_s: Option<f64>,
     /// Spread the first connections over this many seconds (default: one interval).
     #[arg(long)]
     pub ramp_s: Option<f64>,
@@ -149,6 +163,12 @@ fn fleet_config(args: &LoadgenArgs) -> Result<FleetConfig, String> {
     c.batch_fixes = args.batch_fixes.clamp(1, c.max_batch_fixes);
     c.outage_probability = args.outage_probability;
     c.idle = args.idle;
+    c.aaa_only = args.aaa_only;
+    if c.aaa_only {
+        c.cce_share = 0.0;
+        c.outage_probability = 0.0;
+    }
+    c.simulated = simulated_time(args)?;
     c.start_spread = Duration::from_secs_f64(args.ramp_s.unwrap_or(args.interval_s).max(0.0));
     c.max_frames = args.max_frames;
     c.imei_base = args.imei_base;
@@ -162,6 +182,27 @@ fn fleet_config(args: &LoadgenArgs) -> Result<FleetConfig, String> {
     Ok(c)
 }
 
+/// The fleet's simulated clock (`--sim-interval-s`): ends about now after the reports
+/// the run is bounded to.
+fn simulated_time(args: &LoadgenArgs) -> Result<Option<SimulatedTime>, String> {
+    let Some(s) = args.sim_interval_s else {
+        return Ok(None);
+    };
+    if !(1.0..=86_400.0).contains(&s) {
+        return Err("--sim-interval-s must be 1 to 86400".into());
+    }
+    let per_device = match (args.max_frames, args.duration_s) {
+        (Some(frames), _) => Some(frames.div_ceil(args.devices as u64)),
+        (None, Some(d)) => Some((d.max(0.0) / args.interval_s).ceil() as u64),
+        (None, None) => None,
+    };
+    Ok(Some(SimulatedTime::ending_at(
+        jiff::Timestamp::now(),
+        Duration::from_secs_f64(s),
+        per_device,
+    )))
+}
+
 async fn drive(args: &LoadgenArgs, config: FleetConfig) -> LoadReport {
     let offered = Offered {
         devices: config.devices as u64,
@@ -170,6 +211,8 @@ async fn drive(args: &LoadgenArgs, config: FleetConfig) -> LoadReport {
         batch_fixes: config.batch_fixes as u64,
         tls: config.route.tls.is_some(),
         idle: config.idle,
+        aaa_only: config.aaa_only,
+        sim_interval_s: config.simulated.map(|t| t.interval.as_secs_f64()),
         fixes_per_s: if config.idle {
             0.0
         } else {

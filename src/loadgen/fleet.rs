@@ -26,6 +26,7 @@ use trackgate_protocols::{Cell, Direction, Fix};
 use super::net::Route;
 use super::outbox::Outbox;
 use super::pacer::Pacer;
+use super::realistic::{Readings, SimulatedTime};
 pub use super::stats::FleetStats;
 
 /// What to simulate.
@@ -48,6 +49,12 @@ pub struct FleetConfig {
     pub cache_capacity_fixes: usize,
     /// Connect, send one AAA report (so the gateway binds the connection) and stay silent.
     pub idle: bool,
+    /// Every report is one AAA frame (no CCE batches, no coverage gaps); reports that fell
+    /// due while the device could not send go out one frame each.
+    pub aaa_only: bool,
+    /// Devices report like real ones on this simulated clock (see
+    /// [`super::realistic`]); `None`: wall-clock times and readings drawn afresh per fix.
+    pub simulated: Option<SimulatedTime>,
     /// The first connections are spread evenly over this time.
     pub start_spread: Duration,
     /// Stop after this many frames in all (`None`: until cancelled).
@@ -74,6 +81,8 @@ impl FleetConfig {
             max_batch_fixes: 16,
             cache_capacity_fixes: 1000,
             idle: false,
+            aaa_only: false,
+            simulated: None,
             start_spread: Duration::from_secs(1),
             max_frames: None,
             imei_base: 350_000_000_000_000,
@@ -122,6 +131,8 @@ struct Device {
     mileage_m: f64,
     started: Instant,
     outage_left: u32,
+    /// Realistic mode: the simulated clock and slowly changing readings.
+    realistic: Option<Readings>,
 }
 
 /// Cities the routes start from (lat, lon).
@@ -138,7 +149,7 @@ impl Device {
     fn new(config: &FleetConfig, index: usize) -> Device {
         let mut rng = SmallRng::seed_from_u64(config.seed.wrapping_mul(1_000_003) ^ index as u64);
         let (lat, lon) = CITIES[index % CITIES.len()];
-        Device {
+        let mut d = Device {
             index,
             imei: format!("{:015}", config.imei_base + index as u64),
             lat: lat + rng.random_range(-0.05..0.05),
@@ -148,12 +159,70 @@ impl Device {
             mileage_m: rng.random_range(0.0..200_000_000.0),
             started: Instant::now(),
             outage_left: 0,
+            realistic: None,
             rng,
+        };
+        // Drawn after everything else: the default fleet's draws stay as they were.
+        if let Some(time) = &config.simulated {
+            d.realistic = Some(Readings::new(&mut d.rng, time, index, config.devices));
+            d.mileage_m = Readings::odometer_m(&mut d.rng);
+        }
+        d
+    }
+
+    /// Move for `dt` (realistic devices: one simulated interval) and return the fix at the
+    /// new position.
+    fn step(&mut self, dt: Duration) -> Fix<'static> {
+        let Some(mut readings) = self.realistic.take() else {
+            return self.step_drawn(dt);
+        };
+        self.travel(readings.interval());
+        let mut fix = self.motion_fix();
+        readings.report(&mut self.rng, &mut fix, Timestamp::now());
+        self.realistic = Some(readings);
+        fix
+    }
+
+    /// The default fleet's fix: wall-clock time, readings drawn afresh.
+    fn step_drawn(&mut self, dt: Duration) -> Fix<'static> {
+        self.travel(dt);
+        let now =
+            Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH);
+        Fix {
+            time: Some(now),
+            altitude_m: Some(self.rng.random_range(0..600)),
+            satellites: Some(self.rng.random_range(5..14)),
+            hdop_x10: Some(self.rng.random_range(6..20)),
+            gsm_signal: Some(self.rng.random_range(10..31)),
+            runtime_s: Some(self.started.elapsed().as_secs()),
+            cell: Some(Cell {
+                mcc: 262,
+                mnc: 1,
+                lac: 0x2f1c,
+                cell_id: self.rng.random_range(1000..60000),
+            }),
+            ..self.motion_fix()
         }
     }
 
-    /// Move for `dt` and return the fix at the new position.
-    fn step(&mut self, dt: Duration) -> Fix<'static> {
+    /// Position, speed, course and odometer as they are now; the rest is the caller's.
+    fn motion_fix(&self) -> Fix<'static> {
+        Fix {
+            event: Some(35),
+            valid: Some(true),
+            lat_e6: Some((self.lat * 1e6).round() as i32),
+            lon_e6: Some((self.lon * 1e6).round() as i32),
+            speed_kmh_x10: Some((self.speed_kmh.round() as u32) * 10),
+            course_deg: Some(self.heading_deg as u16),
+            mileage_m: Some(self.mileage_m as u64),
+            inputs: Some(u8::from(self.speed_kmh > 0.0)),
+            outputs: Some(0),
+            ..Fix::default()
+        }
+    }
+
+    /// Turn, speed up or slow down a little, and drive on for `dt`.
+    fn travel(&mut self, dt: Duration) {
         let secs = dt.as_secs_f64();
         self.heading_deg =
             (self.heading_deg + self.rng.random_range(-15.0..15.0)).rem_euclid(360.0);
@@ -164,32 +233,6 @@ impl Device {
         let lon_scale = 111_320.0 * self.lat.to_radians().cos().max(0.01);
         self.lon = (self.lon + dist_m * rad.sin() / lon_scale + 540.0).rem_euclid(360.0) - 180.0;
         self.mileage_m += dist_m;
-        let now =
-            Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH);
-        Fix {
-            event: Some(35),
-            time: Some(now),
-            valid: Some(true),
-            lat_e6: Some((self.lat * 1e6).round() as i32),
-            lon_e6: Some((self.lon * 1e6).round() as i32),
-            speed_kmh_x10: Some((self.speed_kmh.round() as u32) * 10),
-            course_deg: Some(self.heading_deg as u16),
-            altitude_m: Some(self.rng.random_range(0..600)),
-            satellites: Some(self.rng.random_range(5..14)),
-            hdop_x10: Some(self.rng.random_range(6..20)),
-            gsm_signal: Some(self.rng.random_range(10..31)),
-            mileage_m: Some(self.mileage_m as u64),
-            runtime_s: Some(self.started.elapsed().as_secs()),
-            cell: Some(Cell {
-                mcc: 262,
-                mnc: 1,
-                lac: 0x2f1c,
-                cell_id: self.rng.random_range(1000..60000),
-            }),
-            inputs: Some(u8::from(self.speed_kmh > 0.0)),
-            outputs: Some(0),
-            ..Fix::default()
-        }
     }
 
     async fn run(
@@ -322,8 +365,17 @@ impl Device {
             let due = pacer.take();
             // Sends that fell due while this device could not send (disconnected, or held
             // up by the gateway): the device recorded a fix for each and sends them now as
-            // one batch, latency counted from the first one's due time.
+            // one batch, latency counted from the first one's due time (AAA-only: one
+            // report each).
             let missed = pacer.overdue(Instant::now());
+            if config.aaa_only {
+                self.send_reports(wr, &mut out, pacer, missed, interval, stats)
+                    .await?;
+                if sent_enough(config, stats) {
+                    stop.cancel();
+                }
+                continue;
+            }
             for _ in 0..missed {
                 pacer.take();
                 let fix = self.step(interval);
@@ -357,13 +409,30 @@ impl Device {
             } else {
                 self.send_aaa(wr, &mut out, &fix, stats).await?;
             }
-            if config
-                .max_frames
-                .is_some_and(|max| stats.frames_sent.load(Ordering::Relaxed) >= max)
-            {
+            if sent_enough(config, stats) {
                 stop.cancel();
             }
         }
+    }
+
+    /// The report due now and the `missed` ones before it, one AAA frame each.
+    async fn send_reports<W: AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+        out: &mut Vec<u8>,
+        pacer: &mut Pacer,
+        missed: u64,
+        interval: Duration,
+        stats: &FleetStats,
+    ) -> std::io::Result<()> {
+        for i in 0..=missed {
+            if i > 0 {
+                pacer.take();
+            }
+            let fix = self.step(interval);
+            self.send_aaa(wr, out, &fix, stats).await?;
+        }
+        Ok(())
     }
 
     async fn send_aaa<W: AsyncWrite + Unpin>(
@@ -436,6 +505,13 @@ impl Device {
             stats.fixes_sent.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
+}
+
+/// Whether the fleet has sent its `max_frames`.
+fn sent_enough(config: &FleetConfig, stats: &FleetStats) -> bool {
+    config
+        .max_frames
+        .is_some_and(|max| stats.frames_sent.load(Ordering::Relaxed) >= max)
 }
 
 /// A draw that is true with probability `p` (never panics: NaN or ≤ 0 is never, ≥ 1 always).
@@ -534,6 +610,48 @@ mod tests {
         assert_ne!(first.lat_e6, last.lat_e6);
         assert!(last.mileage_m > first.mileage_m);
         assert!(d.imei.starts_with("35") && d.imei.len() == 15);
+    }
+
+    #[test]
+    fn a_realistic_report_decodes_to_what_the_device_sent() -> Result<(), String> {
+        use trackgate_protocols::{Framer, Scan, decode};
+        let mut cfg = FleetConfig::new(([127, 0, 0, 1], 1).into(), 4);
+        cfg.simulated = Some(SimulatedTime::ending_at(
+            Timestamp::now(),
+            Duration::from_secs(30),
+            Some(100),
+        ));
+        let mut d = Device::new(&cfg, 3);
+        let framer = Framer::new(Direction::DeviceToServer, 4096);
+        for _ in 0..100 {
+            let fix = d.step(Duration::from_millis(1));
+            let (mut payload, mut frame) = (Vec::new(), Vec::new());
+            aaa_payload(&fix, &mut payload).map_err(|e| e.to_string())?;
+            encode::frame(
+                Direction::DeviceToServer,
+                b'A',
+                &d.imei,
+                b"AAA",
+                &payload,
+                &mut frame,
+            )
+            .map_err(|e| e.to_string())?;
+            let Scan::Frame(f) = framer.scan(&frame) else {
+                return Err("no frame".into());
+            };
+            let back = decode(&f).map_err(|e| e.to_string())?;
+            let got = back.fixes.first().ok_or("no fix")?;
+            assert_eq!(got.time, fix.time);
+            assert_eq!(got.cell, fix.cell);
+            assert_eq!(got.analog, fix.analog);
+            assert_eq!(
+                (got.altitude_m, got.mileage_m, got.runtime_s),
+                (fix.altitude_m, fix.mileage_m, fix.runtime_s)
+            );
+        }
+        let m = d.mileage_m;
+        assert!((100e6..400e6).contains(&m), "odometer {m}");
+        Ok(())
     }
 
     #[test]

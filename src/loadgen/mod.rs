@@ -6,5 +6,6 @@ pub mod fleet;
 pub mod net;
 pub mod outbox;
 pub mod pacer;
+pub mod realistic;
 pub mod report;
 pub mod stats;

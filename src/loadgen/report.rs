@@ -30,6 +30,12 @@ pub struct Offered {
     pub batch_fixes: u64,
     pub tls: bool,
     pub idle: bool,
+    /// One AAA report per send (`--aaa-only`).
+    #[serde(default)]
+    pub aaa_only: bool,
+    /// Simulated report interval of realistic devices (`--sim-interval-s`).
+    #[serde(default)]
+    pub sim_interval_s: Option<f64>,
     /// Fixes per second the schedule offers (devices / interval × mean fixes per send).
     pub fixes_per_s: f64,
 }

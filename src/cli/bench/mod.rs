@@ -7,16 +7,20 @@
 //!    keep up with p99 ACK latency under the limit; reported as a ratio to the ceiling.
 //! 3. ACK latency at half that rate with many connections.
 //! 4. Gateway RSS per idle connection (plain TCP and TLS).
-//! 5. Redis bytes per stored fix from `INFO memory`.
+//! 5. Redis bytes per stored fix from `INFO memory`, in the live tail and sealed, for the
+//!    bench fleet and a realistic one, with the CPU time of storing and sealing them; a
+//!    sizing table computed from those figures (`memory.rs`, `sizing.rs`).
 //! 6. Decode throughput against a checksum-only pass over the same bytes.
 //!
 //! Writes `<out>/<timestamp>/report.json`, `summary.md` and SVG plots. Machines are noisy,
 //! so every figure that matters is a ratio to a baseline measured in the same run.
 
 mod ceiling;
+mod memory;
 mod plot;
 mod procs;
 mod ramp;
+mod sizing;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -27,8 +31,10 @@ use serde::Serialize;
 use trackgate_protocols::{Direction, Framer, Scan, checksum, decode, encode};
 
 use self::ceiling::Ceiling;
-use self::procs::{GatewayProc, redis_info, run_loadgen, spawn_loadgen};
+use self::memory::{MemoryFleet, RedisMemory};
+use self::procs::{GatewayProc, run_loadgen, spawn_loadgen};
 use self::ramp::Step;
+use self::sizing::Sizing;
 use crate::loadgen::fleet::sample_fixes;
 use crate::loadgen::report::LoadReport;
 use crate::metrics as m;
@@ -71,10 +77,12 @@ pub struct BenchArgs {
     /// Idle TLS connections to measure memory at.
     #[arg(long, default_value_t = 10_000)]
     pub tls_idle_connections: usize,
-    /// Fixes to store for the Redis bytes-per-fix figure.
+    /// Fixes to store for the Redis bytes-per-fix figures, per fleet (the bench fleet's
+    /// CCE batches, then the realistic AAA-only fleet reporting every 30 s).
     #[arg(long, default_value_t = 1_000_000)]
     pub memory_fixes: u64,
-    /// Only the Redis bytes-per-fix step (tail, then sealed history): for sizing.
+    /// Only the Redis bytes-per-fix step (tail, then sealed history, for both fleets, with
+    /// the CPU time of storing and sealing) and the sizing table computed from it.
     #[arg(long)]
     pub memory_only: bool,
 }
@@ -93,7 +101,10 @@ pub(crate) struct BenchReport {
     pub ratio_to_unpipelined: f64,
     pub latency_run: Option<LatencyRun>,
     pub idle: Vec<IdleMemory>,
-    pub redis_memory: Option<RedisMemory>,
+    /// One entry per fleet ([`MemoryFleet::ALL`]).
+    pub redis_memory: Vec<RedisMemory>,
+    /// Computed from the realistic fleet's figures.
+    pub sizing: Option<Sizing>,
     pub decode: DecodeSpeed,
     pub notes: Vec<String>,
 }
@@ -136,22 +147,6 @@ pub(crate) struct IdleMemory {
     pub bytes_per_connection: f64,
     /// Why it was not measured, if it was not.
     pub skipped: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct RedisMemory {
-    pub fixes_stored: u64,
-    pub devices: u64,
-    pub used_memory_delta_bytes: f64,
-    /// At steady state: after compaction sealed the tail into history chunks.
-    pub bytes_per_fix: f64,
-    /// Before compaction, every fix a live-tail stream entry.
-    pub tail_bytes_per_fix: f64,
-    /// Fixes compaction sealed, and how long that took (one pass, in-process).
-    pub sealed_fixes: u64,
-    pub seal_seconds: f64,
-    /// Chunk bytes per sealed fix by column, largest first.
-    pub column_bytes_per_fix: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -239,9 +234,15 @@ async fn bench(args: &BenchArgs) -> Result<PathBuf, String> {
     say("decode vs checksum-only");
     report.decode = decode_speed();
     if args.memory_only {
-        say("Redis bytes per stored fix");
-        report.redis_memory =
-            Some(redis_memory(args, 20_000.0, &redis.url(), work.path(), &mut conn).await?);
+        redis_memory(
+            &mut report,
+            args,
+            MEMORY_RATE,
+            &redis.url(),
+            work.path(),
+            &mut conn,
+        )
+        .await?;
         return finish(report, args, &dir, redis).await;
     }
 
@@ -341,10 +342,16 @@ async fn bench(args: &BenchArgs) -> Result<PathBuf, String> {
     );
     flush(&mut conn).await?;
 
-    say("Redis bytes per stored fix");
-    let rate = (report.max_sustained_fixes_per_s * 0.8).max(2000.0);
-    report.redis_memory =
-        Some(redis_memory(args, rate, &redis.url(), work.path(), &mut conn).await?);
+    let rate = (report.max_sustained_fixes_per_s * 0.8).clamp(2000.0, MEMORY_RATE);
+    redis_memory(
+        &mut report,
+        args,
+        rate,
+        &redis.url(),
+        work.path(),
+        &mut conn,
+    )
+    .await?;
 
     finish(report, args, &dir, redis).await
 }
@@ -357,7 +364,7 @@ async fn finish(
     redis: RedisChild,
 ) -> Result<PathBuf, String> {
     report.machine.loadavg_end = loadavg();
-    report.notes = notes(&report);
+    report.notes = notes(&report, args);
     let json = serde_json::to_vec_pretty(&report).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("report.json"), json).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("summary.md"), summary(&report, args)).map_err(|e| e.to_string())?;
@@ -632,75 +639,30 @@ async fn idle_memory(
     })
 }
 
+/// Offered rate of the memory step, fixes/s: a load the two-core box carries with the
+/// gateway, Redis and the load generator on it, so CPU per fix is not that of a backlog.
+const MEMORY_RATE: f64 = 20_000.0;
+
+/// The memory step for every fleet, and the sizing table from the realistic one.
 async fn redis_memory(
+    report: &mut BenchReport,
     args: &BenchArgs,
     rate: f64,
     redis_url: &str,
     work: &Path,
     conn: &mut redis::aio::MultiplexedConnection,
-) -> Result<RedisMemory, String> {
-    flush(conn).await?;
-    let devices = 1000usize;
-    let batch = 16usize;
-    let gw = GatewayProc::start(redis_url, work, None, devices + 100).await?;
-    let before = redis_info(conn, "used_memory").await.unwrap_or(0.0);
-    let mut load = cce_load(gw.tracker, devices, batch, rate);
-    load.extend([
-        "--max-frames".into(),
-        args.memory_fixes.div_ceil(batch as u64).to_string(),
-    ]);
-    let r = run_loadgen(&load, &work.join("memory.json")).await?;
-    gw.stop().await;
-    let tail_stored = super::count_stored_fixes(conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    let tail_delta = redis_info(conn, "used_memory").await.unwrap_or(0.0) - before;
-    // Steady state: every fix older than compact_after_s is sealed; here all of them.
-    let store = crate::redis_conn::connect(&crate::config::RedisConfig {
-        url: redis_url.to_string(),
-        response_timeout_ms: 120_000,
-        ..crate::config::RedisConfig::default()
-    })
-    .map_err(|e| e.to_string())?;
-    let t = Instant::now();
-    let sealed = crate::compact::seal_everything(&store, &crate::config::StorageConfig::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let seal_seconds = t.elapsed().as_secs_f64();
-    let stored = super::count_stored_fixes(conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    let after = redis_info(conn, "used_memory").await.unwrap_or(0.0);
-    let delta = after - before;
-    let column_bytes_per_fix: Vec<(String, f64)> = super::chunk_column_bytes(conn)
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|(name, n)| (name, n as f64 / stored.max(1) as f64))
-        .collect();
-    let top: Vec<String> = column_bytes_per_fix
+) -> Result<(), String> {
+    for fleet in MemoryFleet::ALL {
+        say(&format!("Redis bytes per stored fix, {}", fleet.label()));
+        let m = memory::measure(fleet, args.memory_fixes, rate, redis_url, work, conn).await?;
+        report.redis_memory.push(m);
+    }
+    report.sizing = report
+        .redis_memory
         .iter()
-        .take(8)
-        .map(|(n, b)| format!("{n} {b:.2}"))
-        .collect();
-    eprintln!("  chunk bytes per fix by column: {}", top.join(", "));
-    eprintln!(
-        "  {stored} fixes stored ({} confirmed): tail {:.1} B per fix; sealed ({sealed} in {seal_seconds:.1} s) {:.1} MiB, {:.1} B per fix",
-        r.totals.fixes_acked,
-        tail_delta / tail_stored.max(1) as f64,
-        delta / 1024.0 / 1024.0,
-        delta / stored.max(1) as f64
-    );
-    Ok(RedisMemory {
-        fixes_stored: stored,
-        devices: devices as u64,
-        used_memory_delta_bytes: delta,
-        bytes_per_fix: delta / stored.max(1) as f64,
-        tail_bytes_per_fix: tail_delta / tail_stored.max(1) as f64,
-        sealed_fixes: sealed,
-        seal_seconds,
-        column_bytes_per_fix,
-    })
+        .find(|m| m.fleet == MemoryFleet::AaaRealistic)
+        .map(Sizing::from_realistic);
+    Ok(())
 }
 
 /// Decode (scan + decode every frame) against a checksum-only pass over the same bytes:
@@ -781,24 +743,26 @@ fn loadavg() -> String {
         .to_string()
 }
 
-fn notes(r: &BenchReport) -> Vec<String> {
-    let mut n = vec![
-        "Gateway, load generator and redis-server share this machine's cores; the load \
-         generator's own CPU is taken from the gateway's budget, so the ratio to the ceiling \
-         is a lower bound for a gateway on its own box."
-            .to_string(),
-    ];
-    if r.ratio_to_ceiling < 0.6 {
-        n.push(format!(
-            "Ratio to the pipelined XADD ceiling is {:.2}, under the 0.6 goal.",
-            r.ratio_to_ceiling
-        ));
+fn notes(r: &BenchReport, args: &BenchArgs) -> Vec<String> {
+    let mut n = Vec::new();
+    if !args.memory_only {
+        n.push(
+            "Gateway, load generator and redis-server share this machine's cores; the load \
+             generator's own CPU is taken from the gateway's budget, so the ratio to the ceiling \
+             is a lower bound for a gateway on its own box."
+                .to_string(),
+        );
+        if r.ratio_to_ceiling < 0.6 {
+            n.push(format!(
+                "Ratio to the pipelined XADD ceiling is {:.2}, under the 0.6 goal.",
+                r.ratio_to_ceiling
+            ));
+        }
     }
-    if let Some(m) = &r.redis_memory
-        && m.bytes_per_fix > 48.0
-    {
+    for m in r.redis_memory.iter().filter(|m| m.bytes_per_fix > 48.0) {
         n.push(format!(
-            "Redis memory per fix is {:.0} B, over the 48 B goal.",
+            "Redis memory per fix of the {} is {:.0} B, over the 48 B goal.",
+            m.fleet.label(),
             m.bytes_per_fix
         ));
     }
@@ -813,7 +777,7 @@ fn summary(r: &BenchReport, args: &BenchArgs) -> String {
     let _ = writeln!(
         s,
         "\nMachine: {} CPUs ({}), {:.0} GiB, Linux {}, Redis {}, fd hard limit {}; \
-         load average {} at the start, {} at the end.{}\n",
+         load average {} at the start, {} at the end.{}{}\n",
         m.cpus,
         m.cpu_model,
         m.mem_total_gib,
@@ -826,24 +790,70 @@ fn summary(r: &BenchReport, args: &BenchArgs) -> String {
             " **Quick run: not for sizing.**"
         } else {
             ""
+        },
+        if args.memory_only {
+            " Memory step only (`--memory-only`): no ceiling, ramp, latency or idle runs."
+        } else {
+            ""
         }
     );
+    s.push_str(&summary_table(r, args));
+    if !r.ramp.is_empty() {
+        s.push_str(&ramp_section(r));
+    }
+    if !r.redis_memory.is_empty() {
+        s.push_str(&memory::summary_section(&r.redis_memory));
+    }
+    if let Some(sizing) = &r.sizing {
+        let idle_kib = r
+            .idle
+            .iter()
+            .find(|i| !i.tls && i.skipped.is_none())
+            .map(|i| i.bytes_per_connection / 1024.0);
+        s.push_str(&sizing::summary_section(sizing, &r.redis_memory, idle_kib));
+    }
+    if !r.notes.is_empty() {
+        let _ = writeln!(s, "\n## Notes\n");
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "- {n}");
+    }
+    if !args.memory_only {
+        let _ = writeln!(
+            s,
+            "\nPlots: `ramp.svg`, `throughput.svg`, `latency.svg`, `latency-cdf.svg` (the load \
+             generator's reports behind them: `ramp-best-load.json`, `latency-load.json`).\n\n\
+             ![ramp](ramp.svg)\n\n![throughput](throughput.svg)\n\n![latency](latency.svg)\n\n![cdf](latency-cdf.svg)"
+        );
+    }
+    s
+}
+
+/// The headline table: one row per measure.
+fn summary_table(r: &BenchReport, args: &BenchArgs) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
     let _ = writeln!(
         s,
         "| Measure | Result | Baseline (same run) | Ratio | Goal |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|");
     let c = &r.ceiling;
-    let _ = writeln!(
-        s,
-        "| Highest sustained rate (p99 ACK < {:.0} ms) | {:.0} fixes/s | XADD -P 64: {:.0}/s | {:.2} | ≥ 0.6 |",
-        args.p99_limit_ms, r.max_sustained_fixes_per_s, c.xadd_pipelined_per_s, r.ratio_to_ceiling
-    );
-    let _ = writeln!(
-        s,
-        "| (same) | | XADD unpipelined: {:.0}/s | {:.2} | |",
-        c.xadd_unpipelined_per_s, r.ratio_to_unpipelined
-    );
+    if !args.memory_only {
+        let _ = writeln!(
+            s,
+            "| Highest sustained rate (p99 ACK < {:.0} ms) | {:.0} fixes/s | XADD -P 64: {:.0}/s | {:.2} | ≥ 0.6 |",
+            args.p99_limit_ms,
+            r.max_sustained_fixes_per_s,
+            c.xadd_pipelined_per_s,
+            r.ratio_to_ceiling
+        );
+        let _ = writeln!(
+            s,
+            "| (same) | | XADD unpipelined: {:.0}/s | {:.2} | |",
+            c.xadd_unpipelined_per_s, r.ratio_to_unpipelined
+        );
+    }
     if let Some(l) = &r.latency_run {
         let _ = writeln!(
             s,
@@ -871,11 +881,20 @@ fn summary(r: &BenchReport, args: &BenchArgs) -> String {
             }
         }
     }
-    if let Some(mem) = &r.redis_memory {
+    for mem in &r.redis_memory {
+        let baseline = if c.value_bytes > 0 {
+            format!("value alone: {} B", c.value_bytes)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "| Redis memory per stored fix ({} fixes, {} devices) | {:.1} B | value alone: {} B | | ≤ 48 B |",
-            mem.fixes_stored, mem.devices, mem.bytes_per_fix, c.value_bytes
+            "| Redis memory per stored fix, sealed, {} ({} fixes, {} devices) | {:.1} B (live tail {:.1} B) | {baseline} | | ≤ 48 B |",
+            mem.fleet.label(),
+            sizing::group(mem.fixes_stored),
+            sizing::group(mem.devices),
+            mem.bytes_per_fix,
+            mem.tail_bytes_per_fix
         );
     }
     let d = &r.decode;
@@ -888,6 +907,12 @@ fn summary(r: &BenchReport, args: &BenchArgs) -> String {
         d.checksum_bytes_per_s / 1048576.0,
         d.ratio
     );
+    s
+}
+
+fn ramp_section(r: &BenchReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
     let _ = writeln!(
         s,
         "\n## Ramp\n\nRate and latency of each step after its first {:.0} s (connections opening).\n\n| Offered fixes/s | Confirmed fixes/s | p50 ms | p99 ms | |",
@@ -905,15 +930,5 @@ fn summary(r: &BenchReport, args: &BenchArgs) -> String {
             if st.passed { "pass" } else { "fail" }
         );
     }
-    let _ = writeln!(s, "\n## Notes\n");
-    for n in &r.notes {
-        let _ = writeln!(s, "- {n}");
-    }
-    let _ = writeln!(
-        s,
-        "\nPlots: `ramp.svg`, `throughput.svg`, `latency.svg`, `latency-cdf.svg` (the load \
-         generator's reports behind them: `ramp-best-load.json`, `latency-load.json`).\n\n\
-         ![ramp](ramp.svg)\n\n![throughput](throughput.svg)\n\n![latency](latency.svg)\n\n![cdf](latency-cdf.svg)"
-    );
     s
 }

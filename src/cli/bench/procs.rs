@@ -48,6 +48,17 @@ impl GatewayProc {
         tls: Option<(PathBuf, PathBuf)>,
         max_connections: usize,
     ) -> Result<GatewayProc, String> {
+        Self::start_with(redis_url, dir, tls, max_connections, |_| {}).await
+    }
+
+    /// [`GatewayProc::start`], with `configure` applied to the config last.
+    pub(crate) async fn start_with(
+        redis_url: &str,
+        dir: &Path,
+        tls: Option<(PathBuf, PathBuf)>,
+        max_connections: usize,
+        configure: impl FnOnce(&mut Config),
+    ) -> Result<GatewayProc, String> {
         let tracker: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let http: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let key_file = dir.join("keys.json");
@@ -72,6 +83,7 @@ impl GatewayProc {
         config.limits.idle_timeout_s = 3600;
         config.limits.handshake_timeout_s = 60;
         config.limits.shutdown_grace_s = 5;
+        configure(&mut config);
         config.validate().map_err(|e| e.to_string())?;
         let path = dir.join("gateway.toml");
         let text = toml::to_string(&config).map_err(|e| e.to_string())?;
@@ -180,6 +192,48 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// User plus system CPU time of a process so far, in seconds (Linux `/proc/<pid>/stat`).
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it start at 3 (state),
+    // so utime (14) and stime (15) are the 12th and 13th after the closing parenthesis.
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: f64 = rest.next()?.parse().ok()?;
+    let stime: f64 = rest.next()?.parse().ok()?;
+    Some((utime + stime) / clock_ticks_per_s())
+}
+
+/// The kernel's `USER_HZ` (`getconf CLK_TCK`), 100 where it cannot be asked.
+fn clock_ticks_per_s() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .filter(|t: &f64| *t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// Redis's CPU time so far (`INFO cpu`: `used_cpu_user` + `used_cpu_sys`), in seconds.
+pub(crate) async fn redis_cpu_seconds(conn: &mut redis::aio::MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    ["used_cpu_user", "used_cpu_sys"]
+        .iter()
+        .filter_map(|name| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .sum()
+}
+
 /// Start `trackgate loadgen` with `args` (plus a report file and `--quiet`).
 pub(crate) fn spawn_loadgen(args: &[String], report: &Path) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -232,6 +286,19 @@ mod tests {
                     trackgate_connections_opened_total 99\n";
         assert_eq!(metric_sum(page, "trackgate_connections_open"), Some(7.0));
         assert_eq!(metric_sum(page, "trackgate_missing"), None);
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_is_read_and_grows() {
+        let before = cpu_seconds(std::process::id()).unwrap_or(-1.0);
+        assert!(before >= 0.0, "{before}");
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = cpu_seconds(std::process::id()).unwrap_or(0.0);
+        assert!(after - before >= 0.05, "{before} → {after}");
     }
 
     #[test]
