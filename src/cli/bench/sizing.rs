@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use super::memory::{CpuCost, RedisMemory};
+use super::memory::{CpuCost, RedisMemory, STEADY_PASSES};
 use crate::config::{DEFAULT_TTL_S, StorageConfig};
 
 /// Devices one memory row is for.
@@ -66,8 +66,11 @@ impl Sizing {
             })
             .collect();
         let storage = StorageConfig::default();
-        let tail_fixes =
-            (storage.compact_after_s + storage.compact_interval_s) as f64 / CORE_INTERVAL_S as f64;
+        // The tail holds what is not due yet, and what is due but does not fill a chunk
+        // yet: half a chunk on average.
+        let tail_fixes = (storage.compact_after_s + storage.compact_interval_s) as f64
+            / CORE_INTERVAL_S as f64
+            + storage.chunk_max_fixes as f64 / 2.0;
         let history = (DEFAULT_TTL_S / CORE_INTERVAL_S) as f64 * m.bytes_per_fix;
         Sizing {
             bytes_per_fix: m.bytes_per_fix,
@@ -76,11 +79,30 @@ impl Sizing {
             memory,
             tail_share_at_30_s: tail_fixes * (m.tail_bytes_per_fix - m.bytes_per_fix).max(0.0)
                 / history.max(1.0),
-            cores: cores(
-                &m.ingest,
-                m.steady_pass.as_ref().map_or(&m.seal, |p| &p.cost),
-            ),
+            cores: cores(&m.ingest, &compaction_cost(m)),
         }
+    }
+}
+
+/// Compaction's CPU per fix: sealing it once (measured sealing everything at once, per
+/// fix sealed), plus the passes that look at the device meanwhile (per fix that arrived).
+fn compaction_cost(m: &RedisMemory) -> CpuCost {
+    let per_fix = |c: &CpuCost| {
+        let n = c.fixes.max(1) as f64;
+        (c.gateway_cpu_s / n, c.redis_cpu_s / n)
+    };
+    let (mut gateway, mut redis) = per_fix(&m.seal);
+    if let Some(p) = &m.steady_pass {
+        let (g, r) = per_fix(&p.cost);
+        gateway += g;
+        redis += r;
+    }
+    const FIXES: u64 = 1_000_000;
+    CpuCost {
+        fixes: FIXES,
+        wall_s: 0.0,
+        gateway_cpu_s: gateway * FIXES as f64,
+        redis_cpu_s: redis * FIXES as f64,
     }
 }
 
@@ -143,8 +165,8 @@ pub(crate) fn summary_section(z: &Sizing, ms: &[RedisMemory], idle_kib: Option<f
         "\nDerived: devices × ({} days ÷ interval) × {:.2} B, the realistic fleet's sealed bytes \
          per fix (`used_memory` growth over {} fixes, {} per device: the per-device keys are \
          spread over fewer fixes than in {} days, so this leans high). The live tail, the last \
-         `compact_after_s` + `compact_interval_s` of fixes as stream entries at {:.1} B, adds \
-         {:.2} % at 30 s. Not included: Redis's baseline (a few MiB), replicas (each one the \
+         `compact_after_s` + `compact_interval_s` of fixes and half a chunk's worth waiting to \
+         fill one, as stream entries at {:.1} B, adds {:.2} % at 30 s. Not included: Redis's baseline (a few MiB), replicas (each one the \
          same again), allocator fragmentation (`mem_fragmentation_ratio`), and headroom for an \
          AOF rewrite or a replica's full sync.\n",
         z.retention_days,
@@ -157,7 +179,7 @@ pub(crate) fn summary_section(z: &Sizing, ms: &[RedisMemory], idle_kib: Option<f
     );
     let c = &z.cores;
     let compaction = if m.steady_pass.is_some() {
-        "its steady compaction pass"
+        "its sealing plus steady compaction passes"
     } else {
         "its sealing all at once"
     };
@@ -191,17 +213,15 @@ pub(crate) fn summary_section(z: &Sizing, ms: &[RedisMemory], idle_kib: Option<f
         group(m.devices),
     );
     if let Some(p) = &m.steady_pass {
-        let half = StorageConfig::default().chunk_max_fixes as f64 / 2.0;
         let _ = writeln!(
             s,
-            "Compaction is most of the gateway's share: each pass decodes and encodes again \
-             every device's newest chunk to add one interval's reports ({} at 30 s). Here \
-             those chunks held {:.0} rows on average; a running gateway's hold {half:.0} on \
-             average (they fill from empty to `chunk_max_fixes`), so that figure leans high.\n",
-            StorageConfig::default()
-                .compact_interval_s
-                .div_ceil(CORE_INTERVAL_S),
-            p.newest_chunk_rows
+            "Compaction: a pass looks at every device (three cheap commands) and seals one \
+             once its due fixes fill a chunk (`chunk_max_fixes`) or have waited \
+             `seal_max_wait_s`, so each fix is read from the tail and encoded into a chunk \
+             about once (the sealing cost per fix, measured sealing everything at once); \
+             the passes in between cost their looking, spread over the fixes that arrive \
+             meanwhile ({} passes measured; each device's newest chunk held {:.0} rows).\n",
+            STEADY_PASSES, p.newest_chunk_rows
         );
     }
     match idle_kib {
@@ -280,19 +300,19 @@ mod tests {
         let gib = 259_200.0 * 10_000.0 * 16.0 / 1024f64.powi(3);
         assert!((at_30.redis_gib - gib).abs() < 1e-9, "{}", at_30.redis_gib);
         assert!((s.memory[0].redis_gib - 3.0 * gib).abs() < 1e-6);
-        // 12 µs per fix, one fix per 30 s: 2.5 million devices per gateway core; 10 µs
-        // per fix for Redis: 3 million.
-        assert!((s.cores.gateway_ms_per_1000 - 12.0).abs() < 1e-9);
-        assert!((s.cores.gateway_devices_per_core - 2.5e6).abs() < 1.0);
-        assert!((s.cores.redis_devices_per_core - 3.0e6).abs() < 1.0);
-        // 32 tail fixes × 48 B extra over 259,200 × 16 B.
-        let share = 32.0 * 48.0 / (259_200.0 * 16.0);
+        // Gateway: 10 µs storing + 1 sealing + 2 looking = 13 µs per fix, one fix per
+        // 30 s: 2.31 million devices per core; Redis: 5 + 1 + 5 = 11 µs, 2.73 million.
+        assert!((s.cores.gateway_ms_per_1000 - 13.0).abs() < 1e-9);
+        assert!((s.cores.gateway_devices_per_core - 30.0 / 13e-6).abs() < 1.0);
+        assert!((s.cores.redis_devices_per_core - 30.0 / 11e-6).abs() < 1.0);
+        // 32 + 128 tail fixes × 48 B extra over 259,200 × 16 B.
+        let share = 160.0 * 48.0 / (259_200.0 * 16.0);
         assert!((s.tail_share_at_30_s - share).abs() < 1e-12);
         let text = summary_section(&s, &[m], None);
         assert!(
             text.contains("| fixes per device | 777,600 | 259,200 | 129,600 |"),
             "{text}"
         );
-        assert!(text.contains("**2,500,000** | **3,000,000**"), "{text}");
+        assert!(text.contains("**2,307,692** | **2,727,273**"), "{text}");
     }
 }
