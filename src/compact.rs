@@ -126,12 +126,16 @@ async fn due_entries<C: ConnectionLike + Send>(
     end_ms: i64,
     budget: usize,
 ) -> redis::RedisResult<Option<usize>> {
+    // Ids only matter here: read as plain arrays (the streams reply type builds a map
+    // per entry, which showed in every pass's cost per device).
+    type Raw = Vec<(String, Vec<Vec<u8>>)>;
+    let id_ms = |r: &Raw| {
+        r.first()
+            .and_then(|(id, _)| crate::store::row::parse_id(id))
+            .map(|(ms, _)| ms)
+    };
     let key = crate::store::fixes_key(p);
-    let (len, first, last): (
-        u64,
-        redis::streams::StreamRangeReply,
-        redis::streams::StreamRangeReply,
-    ) = redis::pipe()
+    let (len, first): (u64, Raw) = redis::pipe()
         .cmd("XLEN")
         .arg(&key)
         .cmd("XRANGE")
@@ -140,21 +144,9 @@ async fn due_entries<C: ConnectionLike + Send>(
         .arg("+")
         .arg("COUNT")
         .arg(1)
-        .cmd("XREVRANGE")
-        .arg(&key)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
         .query_async(conn)
         .await?;
-    let ms = |r: &redis::streams::StreamRangeReply| {
-        r.ids
-            .first()
-            .and_then(|e| crate::store::row::parse_id(&e.id))
-            .map(|(ms, _)| ms)
-    };
-    let (Some(first_ms), Some(last_ms)) = (ms(&first), ms(&last)) else {
+    let Some(first_ms) = id_ms(&first) else {
         return Ok(None);
     };
     if first_ms > end_ms {
@@ -162,16 +154,30 @@ async fn due_entries<C: ConnectionLike + Send>(
     }
     let wait_ms = i64::try_from(s.seal_max_wait.as_millis()).unwrap_or(i64::MAX);
     let overdue = first_ms <= now_ms.saturating_sub(wait_ms);
+    let take = Some(budget.min(s.device_max_fixes).max(1));
+    if overdue {
+        return Ok(take);
+    }
+    if len < s.chunk_max_fixes as u64 {
+        return Ok(None);
+    }
+    // Long enough: is a chunk's worth of it due? The newest id gives the due share.
+    let last: Raw = redis::cmd("XREVRANGE")
+        .arg(&key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    let last_ms = id_ms(&last).unwrap_or(first_ms);
     let due = if last_ms <= end_ms {
         len
     } else {
         let share = (end_ms - first_ms) as f64 / (last_ms - first_ms).max(1) as f64;
         (len as f64 * share) as u64
     };
-    if !overdue && due < s.chunk_max_fixes as u64 {
-        return Ok(None);
-    }
-    Ok(Some(budget.min(s.device_max_fixes).max(1)))
+    Ok((due >= s.chunk_max_fixes as u64).then_some(take).flatten())
 }
 
 /// Seal `p`'s tail entries received before `now_ms − after` (at most `budget`), once
