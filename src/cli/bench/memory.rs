@@ -556,9 +556,10 @@ fn cpu_table(ms: &[RedisMemory]) -> String {
         let steady = m.steady_pass.map(|p| {
             (
                 format!(
-                    "steady compaction pass ({STEADY_PASSES} in all): each one pass over one \
-                     interval's reports per device, topped up into newest chunks of {:.0} rows \
-                     on average",
+                    "steady compaction passes ({STEADY_PASSES} in all): one interval's reports \
+                     per device arrive, then a pass looks at every device (sealing one only \
+                     once a chunk is due; newest chunks of {:.0} rows on average), per fix \
+                     that arrived",
                     p.newest_chunk_rows
                 ),
                 p.cost,
