@@ -211,18 +211,23 @@ fn put_presence(out: &mut Vec<u8>, present: &[bool], head: u8) {
 /// than tokens.
 const PACKED: u8 = 1 << 4;
 
-/// Frame-of-reference bit packing: the smallest value (zigzag varint), the bit width of
-/// the largest difference to it (one byte, 0 to 64), then every difference in that many
-/// bits, least significant first. Noisy values (a signal level, a cell id that changes
-/// every fix) cost their width in bits instead of whole bytes.
-fn put_packed(out: &mut Vec<u8>, values: &[i64]) {
+/// The smallest of `values` and the bit width of the largest difference to it.
+fn frame_of_reference(values: &[i64]) -> (i64, u32) {
     let min = values.iter().copied().min().unwrap_or(0);
     let span = values
         .iter()
         .map(|v| v.wrapping_sub(min) as u64)
         .max()
         .unwrap_or(0);
-    let width = 64 - span.leading_zeros();
+    (min, 64 - span.leading_zeros())
+}
+
+/// Frame-of-reference bit packing: the smallest value (zigzag varint), the bit width of
+/// the largest difference to it (one byte, 0 to 64), then every difference in that many
+/// bits, least significant first. Noisy values (a signal level, a cell id that changes
+/// every fix) cost their width in bits instead of whole bytes.
+fn put_packed(out: &mut Vec<u8>, values: &[i64]) {
+    let (min, width) = frame_of_reference(values);
     put_varint(out, u128::from(zigzag(min)));
     out.push(width as u8);
     let (mut acc, mut bits) = (0u128, 0u32);
@@ -296,14 +301,8 @@ fn tokens_len(values: &[i64]) -> usize {
 
 /// Bytes [`put_packed`] would write.
 fn packed_len(values: &[i64]) -> usize {
-    let min = values.iter().copied().min().unwrap_or(0);
-    let span = values
-        .iter()
-        .map(|v| v.wrapping_sub(min) as u64)
-        .max()
-        .unwrap_or(0);
-    let width = (64 - span.leading_zeros()) as usize;
-    varint_len(u128::from(zigzag(min))) + 1 + (values.len() * width).div_ceil(8)
+    let (min, width) = frame_of_reference(values);
+    varint_len(u128::from(zigzag(min))) + 1 + (values.len() * width as usize).div_ceil(8)
 }
 
 /// One integer column, with the smallest transform and packing (sized first, written
