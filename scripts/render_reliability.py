@@ -37,7 +37,7 @@ w("")
 w("Real processes: `redis-server` and `trackgate serve` started, killed and restarted by the tests")
 w("(`tests/faults.rs`). A simulated fleet (`tests/common/fleet.rs`) sends CCE batches of fixes with")
 w("unique fix times, keeps every unconfirmed batch, reconnects and resends it, and records exactly")
-w("which fixes were ACKed; afterwards every device's stream is read back from Redis.")
+w("which fixes were ACKed; afterwards every device's live tail and sealed history are read back from Redis.")
 w("")
 w("| Fault | Load held | ACKed fixes/s | Fixes sent | ACKed | Stored (distinct) | **ACKed but lost** | Duplicates stored | Batches resent | Recovery |")
 w("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -89,7 +89,7 @@ if slow:
       f"device closed after {slow['idle_closed_s']:.1f} s.")
 if flood:
     w(f"Connection flood: {flood['flood_connections']} connections against a cap of {flood['cap']}: "
-      f"{flood['refused_within_500ms']} refused within 500 ms (median {flood['p50_close_ms']} ms), "
+      f"{flood['refused_within_1000ms']} refused within 1000 ms (median {flood['p50_close_ms']} ms), "
       f"`max_connections` rejections counted {flood['rejected_metric']:.0f}; the connected devices had "
       f"{flood['fleet_acked_during_flood']} fixes confirmed during the flood, {flood['fleet_lost']} lost.")
 w("")
