@@ -115,9 +115,10 @@ fn overdue(entries: &[tail::Entry], s: &Compaction, now_ms: i64) -> bool {
 
 /// How many of `p`'s tail entries to read for sealing, or `None` when none is due yet: a
 /// device is sealed once its due entries fill a chunk, or its oldest entry has waited
-/// `seal_max_wait`. Three cheap commands decide, on most passes, that a device waits: the
-/// tail's length and its first and last ids give the share of it that is due (reading
-/// the entries to count them cost more than sealing them).
+/// `seal_max_wait`. Cheap commands decide, on most passes, that a device waits: the
+/// tail's length and first id, and for a tail long enough to hold a chunk its last id,
+/// which give the share of it that is due (reading the entries to count them cost more
+/// than sealing them).
 async fn due_entries<C: ConnectionLike + Send>(
     conn: &mut C,
     p: &Pseudonym,
