@@ -56,6 +56,8 @@ pub struct StorageConfig {
     /// fix for at least this long.
     pub compact_after_s: u64,
     /// How often a compaction pass runs (one gateway per pass, lease `tg:{compact}:lease`).
+    /// A pass looks at every device (a round trip each) and seals those with a chunk's
+    /// worth due: looking less often costs less and seals no later in practice.
     pub compact_interval_s: u64,
     /// A device's due fixes are sealed once they fill a chunk (`chunk_max_fixes`), or once
     /// the oldest was received this long ago: a chunk is then written about once instead
@@ -82,7 +84,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             compact_after_s: 900,
-            compact_interval_s: 60,
+            compact_interval_s: 300,
             seal_max_wait_s: 6 * 3600,
             chunk_max_fixes: 256,
             compact_device_max_fixes: 4096,

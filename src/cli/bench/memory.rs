@@ -173,8 +173,8 @@ pub(crate) struct RedisMemory {
     pub ingest: CpuCost,
     /// Sealing them all at once: this process (the gateway's work) and Redis.
     pub seal: CpuCost,
-    /// Steady-state compaction passes: one compaction interval's reports per device (2 at
-    /// 30 s and the default 60 s interval) arrive, and a pass runs, as in a running
+    /// Steady-state compaction passes: one compaction interval's reports per device (10 at
+    /// 30 s and the default 300 s interval) arrive, and a pass runs, as in a running
     /// gateway every interval; its cost is per fix that arrived. Realistic fleet only.
     pub steady_pass: Option<SteadyPass>,
 }
