@@ -305,8 +305,9 @@ mod tests {
         assert!((s.cores.gateway_ms_per_1000 - 13.0).abs() < 1e-9);
         assert!((s.cores.gateway_devices_per_core - 30.0 / 13e-6).abs() < 1.0);
         assert!((s.cores.redis_devices_per_core - 30.0 / 11e-6).abs() < 1.0);
-        // 32 + 128 tail fixes × 48 B extra over 259,200 × 16 B.
-        let share = 160.0 * 48.0 / (259_200.0 * 16.0);
+        // (900 + 300) s ÷ 30 s + 128 (half a chunk) = 168 tail fixes × 48 B extra over
+        // 259,200 × 16 B.
+        let share = 168.0 * 48.0 / (259_200.0 * 16.0);
         assert!((s.tail_share_at_30_s - share).abs() < 1e-12);
         let text = summary_section(&s, &[m], None);
         assert!(
