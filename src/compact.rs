@@ -381,18 +381,13 @@ pub async fn run_compactor(
     crate::periodic::every(s.interval, stop, || {
         let mut conn = conn.clone();
         async move {
-            let lease = crate::retention::lease_for(s.interval);
-            match crate::retention::try_lease(&mut conn, COMPACT_LEASE_KEY, instance, lease).await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    metrics::counter!(m::COMPACTIONS_SKIPPED).increment(1);
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "compaction lease unavailable; will retry next interval");
-                    return;
-                }
+            let lease = crate::retention::Lease {
+                key: COMPACT_LEASE_KEY,
+                skipped: m::COMPACTIONS_SKIPPED,
+                job: "compaction",
+            };
+            if !lease.take(&mut conn, instance, s.interval).await {
+                return;
             }
             match compact_once(&conn, s).await {
                 Ok(sealed) => {

@@ -141,16 +141,13 @@ pub async fn run_sweeper(
     crate::periodic::every(interval, stop, || {
         let mut conn = conn.clone();
         async move {
-            match try_lease(&mut conn, SWEEP_LEASE_KEY, instance, lease_for(interval)).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    metrics::counter!(m::RETENTION_SWEEPS_SKIPPED).increment(1);
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "retention sweep lease unavailable; will retry next interval");
-                    return;
-                }
+            let lease = Lease {
+                key: SWEEP_LEASE_KEY,
+                skipped: m::RETENTION_SWEEPS_SKIPPED,
+                job: "retention sweep",
+            };
+            if !lease.take(&mut conn, instance, interval).await {
+                return;
             }
             match sweep_once(&conn, retention).await {
                 Ok(trimmed) => {
@@ -166,6 +163,40 @@ pub async fn run_sweeper(
         }
     })
     .await;
+}
+
+/// A lease that lets one gateway per interval run a background job (the sweep,
+/// compaction).
+#[derive(Debug, Clone, Copy)]
+pub struct Lease {
+    pub key: &'static str,
+    /// Counter of the ticks skipped because another gateway held it.
+    pub skipped: &'static str,
+    /// The job's name in log lines.
+    pub job: &'static str,
+}
+
+impl Lease {
+    /// Take the lease for this tick of `interval`; false (counted, or logged when Redis
+    /// cannot say) if this gateway does not hold it and skips the tick.
+    pub async fn take<C: ConnectionLike + Send + Sync>(
+        &self,
+        conn: &mut C,
+        instance: &str,
+        interval: Duration,
+    ) -> bool {
+        match try_lease(conn, self.key, instance, lease_for(interval)).await {
+            Ok(true) => true,
+            Ok(false) => {
+                metrics::counter!(self.skipped).increment(1);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, job = self.job, "lease unavailable; will retry next interval");
+                false
+            }
+        }
+    }
 }
 
 /// The lease lasts 90 % of the interval: it has expired by the holder's next tick (ticks
