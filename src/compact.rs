@@ -104,13 +104,21 @@ async fn neighbours<C: ConnectionLike + Send>(
     Ok((before, next_first))
 }
 
+impl Compaction {
+    /// Whether a tail whose oldest entry was received at `first_ms` has waited
+    /// `seal_max_wait`.
+    fn overdue_since(&self, first_ms: i64, now_ms: i64) -> bool {
+        let wait_ms = i64::try_from(self.seal_max_wait.as_millis()).unwrap_or(i64::MAX);
+        first_ms <= now_ms.saturating_sub(wait_ms)
+    }
+}
+
 /// Whether the oldest of `entries` was received more than `seal_max_wait` ago.
 fn overdue(entries: &[tail::Entry], s: &Compaction, now_ms: i64) -> bool {
-    let wait_ms = i64::try_from(s.seal_max_wait.as_millis()).unwrap_or(i64::MAX);
     entries
         .first()
         .and_then(|e| crate::store::row::parse_id(&e.0))
-        .is_some_and(|(ms, _)| ms <= now_ms.saturating_sub(wait_ms))
+        .is_some_and(|(ms, _)| s.overdue_since(ms, now_ms))
 }
 
 /// How many of `p`'s tail entries to read for sealing, or `None` when none is due yet: a
@@ -153,8 +161,7 @@ async fn due_entries<C: ConnectionLike + Send>(
     if first_ms > end_ms {
         return Ok(None);
     }
-    let wait_ms = i64::try_from(s.seal_max_wait.as_millis()).unwrap_or(i64::MAX);
-    let overdue = first_ms <= now_ms.saturating_sub(wait_ms);
+    let overdue = s.overdue_since(first_ms, now_ms);
     let take = Some(budget.min(s.device_max_fixes).max(1));
     if overdue {
         return Ok(take);

@@ -183,9 +183,8 @@ pub(crate) struct RedisMemory {
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct SteadyPass {
     pub cost: CpuCost,
-    /// Rows of each device's newest chunk before the pass, on average: the chunk the pass
-    /// decodes and encodes again to add the new rows (a running gateway's is half full
-    /// on average, `chunk_max_fixes` / 2).
+    /// Rows of each device's newest chunk before the passes, on average (for the
+    /// summary: chunks sealed whole hold `chunk_max_fixes`).
     pub newest_chunk_rows: f64,
 }
 
