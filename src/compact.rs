@@ -123,10 +123,10 @@ fn overdue(entries: &[tail::Entry], s: &Compaction, now_ms: i64) -> bool {
 
 /// How many of `p`'s tail entries to read for sealing, or `None` when none is due yet: a
 /// device is sealed once its due entries fill a chunk, or its oldest entry has waited
-/// `seal_max_wait`. Cheap commands decide, on most passes, that a device waits: the
-/// tail's length and first id, and for a tail long enough to hold a chunk its last id,
-/// which give the share of it that is due (reading the entries to count them cost more
-/// than sealing them).
+/// `seal_max_wait`. One cheap command decides, on most passes, that a device waits:
+/// `XINFO STREAM` gives the tail's length and its first and last ids, hence the share of
+/// it that is due (reading the entries to count them cost more than sealing them), and
+/// the count of entries ever removed from it, which the seal checks (see [`Swap`]).
 async fn due_entries<C: ConnectionLike + Send>(
     conn: &mut C,
     p: &Pseudonym,
@@ -134,58 +134,37 @@ async fn due_entries<C: ConnectionLike + Send>(
     now_ms: i64,
     end_ms: i64,
     budget: usize,
-) -> redis::RedisResult<Option<usize>> {
-    // Ids only matter here: read as plain arrays (the streams reply type builds a map
-    // per entry, which showed in every pass's cost per device).
-    type Raw = Vec<(String, Vec<Vec<u8>>)>;
-    let id_ms = |r: &Raw| {
-        r.first()
-            .and_then(|(id, _)| crate::store::row::parse_id(id))
+) -> redis::RedisResult<Option<(usize, tail::Info)>> {
+    let id_ms = |id: &Option<String>| {
+        id.as_deref()
+            .and_then(crate::store::row::parse_id)
             .map(|(ms, _)| ms)
     };
-    let key = crate::store::fixes_key(p);
-    let (len, first): (u64, Raw) = redis::pipe()
-        .cmd("XLEN")
-        .arg(&key)
-        .cmd("XRANGE")
-        .arg(&key)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await?;
-    let Some(first_ms) = id_ms(&first) else {
+    let Some(info) = tail::info(conn, p).await? else {
+        return Ok(None);
+    };
+    let Some(first_ms) = id_ms(&info.first_id) else {
         return Ok(None);
     };
     if first_ms > end_ms {
         return Ok(None);
     }
-    let overdue = s.overdue_since(first_ms, now_ms);
-    let take = Some(budget.min(s.device_max_fixes).max(1));
-    if overdue {
-        return Ok(take);
+    let take = budget.min(s.device_max_fixes).max(1);
+    if s.overdue_since(first_ms, now_ms) {
+        return Ok(Some((take, info)));
     }
-    if len < s.chunk_max_fixes as u64 {
+    if info.len < s.chunk_max_fixes as u64 {
         return Ok(None);
     }
     // Long enough: is a chunk's worth of it due? The newest id gives the due share.
-    let last: Raw = redis::cmd("XREVRANGE")
-        .arg(&key)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await?;
-    let last_ms = id_ms(&last).unwrap_or(first_ms);
+    let last_ms = id_ms(&info.last_id).unwrap_or(first_ms);
     let due = if last_ms <= end_ms {
-        len
+        info.len
     } else {
         let share = (end_ms - first_ms) as f64 / (last_ms - first_ms).max(1) as f64;
-        (len as f64 * share) as u64
+        (info.len as f64 * share) as u64
     };
-    Ok((due >= s.chunk_max_fixes as u64).then_some(take).flatten())
+    Ok((due >= s.chunk_max_fixes as u64).then_some((take, info)))
 }
 
 /// Seal `p`'s tail entries received before `now_ms − after` (at most `budget`), once
@@ -201,7 +180,7 @@ pub async fn seal_device<C: ConnectionLike + Send>(
     if end_ms < 0 {
         return Ok(Sealed::default());
     }
-    let Some(take) = due_entries(conn, p, s, now_ms, end_ms, budget).await? else {
+    let Some((take, info)) = due_entries(conn, p, s, now_ms, end_ms, budget).await? else {
         return Ok(Sealed::default());
     };
     let mut entries = tail::range(conn, p, "-", &end_ms.to_string(), take).await?;
@@ -228,6 +207,7 @@ pub async fn seal_device<C: ConnectionLike + Send>(
             ..Sealed::default()
         });
     }
+    let rows_read = rows.len();
     rows.sort_by_key(Row::order_key);
     let seen_digests = rows.iter().filter_map(Row::resend_digest).collect();
     let groups = group_rows(conn, p, rows, s.chunk_max_fixes).await?;
@@ -250,6 +230,14 @@ pub async fn seal_device<C: ConnectionLike + Send>(
         deduplicated += hist::dedup_sorted(&mut merged);
         swap.new_chunks
             .extend(hist::encode_chunks(&merged, s.chunk_max_fixes));
+    }
+    // Every entry read became a row, and they are the tail's oldest: the seal trims that
+    // prefix (`XTRIM MINID`) if nothing was removed from the tail since `info`, instead
+    // of deleting the entries one id at a time (`XDEL`, ~2 µs an entry).
+    if rows_read == entries.len() {
+        swap.prefix = info
+            .removed
+            .zip(entries.last().and_then(|e| tail::Info::id_after(&e.0)));
     }
     let fixes = swap.tail_ids.len() as u64;
     if !scripts::swap(conn, p, &swap).await? {

@@ -11,7 +11,6 @@ use common::*;
 use jiff::Timestamp;
 use redis::AsyncCommands;
 use trackgate::pseudonym::Pseudonym;
-use trackgate::store::chunk;
 use trackgate::store::row::{Row, VALUES};
 use trackgate::store::scripts::{
     self, AppendBatch, AppendFrame, Appended, OwnerChange, RangeStep, RangeStepDone, Swap,
@@ -21,6 +20,7 @@ use trackgate::store::{
     StoredFix, fixes_key, hist_key, late_key, meta_key, owner_key, owner_since_key, seen_key,
     tomb_key,
 };
+use trackgate::store::{chunk, tail};
 use trackgate_protocols::MessageKind;
 
 fn device() -> Pseudonym {
@@ -57,6 +57,7 @@ async fn a_seal_moves_tail_entries_into_chunks_atomically() {
         seen_digests: vec![-17],
         old_chunks: vec![],
         new_chunks: vec![(10, b"chunk-a".to_vec()), (20, b"chunk-b".to_vec())],
+        prefix: None,
     };
     assert!(swap(&mut conn, &p, &s).await.unwrap());
     let left: u64 = conn.xlen(fixes_key(&p)).await.unwrap();
@@ -117,6 +118,82 @@ async fn a_seal_whose_inputs_changed_does_nothing() {
     assert!(swap(&mut conn, &p, &s).await.unwrap());
     let chunks: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
     assert_eq!(chunks, [b"survivors".to_vec()]);
+}
+
+/// A seal of the tail's oldest entries `ids`, in prefix mode, read when `removed` entries
+/// had ever been removed from the tail.
+fn prefix_swap(ids: &[String], removed: u64) -> Swap {
+    Swap {
+        tail_ids: ids.to_vec(),
+        new_chunks: vec![(1, format!("chunk-{}", ids.len()).into_bytes())],
+        prefix: Some((removed, tail::Info::id_after(ids.last().unwrap()).unwrap())),
+        ..Swap::default()
+    }
+}
+
+#[tokio::test]
+async fn a_prefix_seal_trims_exactly_the_entries_read_and_nothing_after() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let p = device();
+    let ids = tail_ids(&mut conn, &p, 5).await;
+    let info = tail::info(&mut conn, &p).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            info.len,
+            info.removed,
+            info.first_id.as_deref(),
+            info.last_id.as_deref()
+        ),
+        (5, Some(0), Some(ids[0].as_str()), Some(ids[4].as_str()))
+    );
+    // Written after the read: they stay.
+    let later = tail_ids(&mut conn, &p, 2).await;
+    let s = prefix_swap(&ids[..3], 0);
+    assert!(swap(&mut conn, &p, &s).await.unwrap());
+    let left: Vec<String> = tail::range(&mut conn, &p, "-", "+", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(left, [&ids[3..], &later[..]].concat());
+    let info = tail::info(&mut conn, &p).await.unwrap().unwrap();
+    assert_eq!(
+        info.removed,
+        Some(3),
+        "the count of removed entries only grows"
+    );
+    let other = Pseudonym::parse("p1_zyxwvutsrqponmlkjihgfedcba").unwrap();
+    assert!(
+        tail::info(&mut conn, &other).await.unwrap().is_none(),
+        "no tail"
+    );
+}
+
+#[tokio::test]
+async fn a_prefix_seal_after_any_removal_or_a_new_stream_does_nothing() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let p = device();
+    let ids = tail_ids(&mut conn, &p, 4).await;
+    // A purge removed an entry in the middle of the prefix after it was read.
+    let _: () = conn.xdel(fixes_key(&p), &[&ids[1]]).await.unwrap();
+    let s = prefix_swap(&ids[..3], 0);
+    assert!(!swap(&mut conn, &p, &s).await.unwrap());
+    // The sweeper trimmed the first one.
+    let s = prefix_swap(&ids[..3], 1);
+    let _: () = conn.xdel(fixes_key(&p), &[&ids[0]]).await.unwrap();
+    assert!(!swap(&mut conn, &p, &s).await.unwrap());
+    // A complete purge deleted the stream and the device wrote a new one: its removed
+    // count starts again at 0, but its first id is newer.
+    let _: () = conn.del(fixes_key(&p)).await.unwrap();
+    let _new = tail_ids(&mut conn, &p, 4).await;
+    let s = prefix_swap(&ids[..3], 0);
+    assert!(!swap(&mut conn, &p, &s).await.unwrap());
+    let left: u64 = conn.xlen(fixes_key(&p)).await.unwrap();
+    let chunks: u64 = conn.zcard(hist_key(&p)).await.unwrap();
+    assert_eq!((left, chunks), (4, 0), "nothing changed");
 }
 
 /// A fix taken at `fix_s`, laid out for storage.
@@ -205,6 +282,20 @@ async fn a_replayed_batch_id_writes_nothing() {
             resent: 1
         },
         "the same fix under a new batch id (a device's resend) is not written again"
+    );
+    let twice = [(
+        now + 25,
+        vec![stored(now / 1000 + 5), stored(now / 1000 + 5)],
+    )];
+    let once = append(&mut conn, &p, &batch("b2b", now + 25), &twice).await;
+    assert_eq!(
+        once.unwrap(),
+        Appended::Written {
+            written: 1,
+            purged: 0,
+            resent: 1
+        },
+        "the same fix twice in one call is written once"
     );
     let new_fix = [(now + 30, vec![stored(now / 1000 + 1)])];
     let next = append(&mut conn, &p, &batch("b3", now + 30), &new_fix).await;

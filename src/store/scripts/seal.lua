@@ -4,33 +4,58 @@
 -- caller reads again. Sealing (tail entries into chunks) and rewriting chunks (purge
 -- inside a chunk, retention across a chunk boundary) both go through here.
 -- KEYS: tail stream, history set, late index, resend digests.
--- ARGV: k, k tail entry ids to delete (ascending); g, g resend digests of those entries to forget;
--- m, m chunks to remove; then (score, chunk) pairs to add. Returns 1 when applied, 0 on
--- a conflict.
-local k = tonumber(ARGV[1])
-if k > 0 then
+-- ARGV: removed, after (both '' unless the tail entries are the tail's oldest, all of
+-- them: see below); k, k tail entry ids to delete (ascending); g, g resend digests of
+-- those entries to forget; m, m chunks to remove; then (score, chunk) pairs to add.
+-- Returns 1 when applied, 0 on a conflict.
+--
+-- Prefix mode (removed, after given): the entries were read as the tail's first k, when
+-- `removed` entries had ever been removed from the stream (XINFO: entries-added −
+-- length). If that count is unchanged and the first entry is still the first id, none
+-- of them has gone (appends only come after them; a stream deleted and made again starts
+-- with newer ids), so `XTRIM MINID after` removes exactly them, far cheaper than a check
+-- and an `XDEL` per id.
+local k = tonumber(ARGV[3])
+local prefix = ARGV[1] ~= ''
+if k > 0 and prefix then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local len, added, first
+  for i = 1, #info, 2 do
+    local f = info[i]
+    if f == 'length' then len = info[i + 1]
+    elseif f == 'entries-added' then added = info[i + 1]
+    elseif f == 'first-entry' then first = info[i + 1] and info[i + 1][1]
+    end
+  end
+  if added == nil or added - len ~= tonumber(ARGV[1]) or first ~= ARGV[4] then return 0 end
+elseif k > 0 then
   -- One range read over the entries (ids ascending) instead of a lookup per id.
   local present = {}
-  for _, e in ipairs(redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[k + 1])) do
+  for _, e in ipairs(redis.call('XRANGE', KEYS[1], ARGV[4], ARGV[k + 3])) do
     present[e[1]] = true
   end
-  for i = 2, k + 1 do
+  for i = 4, k + 3 do
     if not present[ARGV[i]] then return 0 end
   end
 end
-local g = tonumber(ARGV[k + 2])
-local m = tonumber(ARGV[k + g + 3])
-local o = k + g + 4
+local g = tonumber(ARGV[k + 4])
+local m = tonumber(ARGV[k + g + 5])
+local o = k + g + 6
 for i = o, o + m - 1 do
   if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then return 0 end
 end
 if k > 0 then
-  redis.call('XDEL', KEYS[1], unpack(ARGV, 2, k + 1))
+  if prefix then
+    redis.call('XTRIM', KEYS[1], 'MINID', ARGV[2])
+  else
+    redis.call('XDEL', KEYS[1], unpack(ARGV, 4, k + 3))
+  end
   if redis.call('EXISTS', KEYS[3]) == 1 then
-    redis.call('ZREM', KEYS[3], unpack(ARGV, 2, k + 1))
+    redis.call('ZREM', KEYS[3], unpack(ARGV, 4, k + 3))
   end
 end
-if g > 0 then redis.call('SREM', KEYS[4], unpack(ARGV, k + 3, k + g + 2)) end
+if g > 0 then redis.call('SREM', KEYS[4], unpack(ARGV, k + 5, k + g + 4)) end
 if m > 0 then redis.call('ZREM', KEYS[2], unpack(ARGV, o, o + m - 1)) end
 for i = o + m, #ARGV, 2 do
   redis.call('ZADD', KEYS[2], ARGV[i], ARGV[i + 1])
