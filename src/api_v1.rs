@@ -494,6 +494,7 @@ async fn export_fixes(
         format,
         chunk_entries: state.export_chunk_entries,
         future_tolerance_s: state.future_tolerance_s,
+        vault: state.keys.vault().clone(),
     };
     let body = axum::body::Body::from_stream(crate::export::stream(state.audit_conn.clone(), q));
     let mut r = (StatusCode::OK, body).into_response();

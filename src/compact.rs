@@ -16,6 +16,7 @@
 //!   `compact_pass_max_fixes` per pass; one gateway per pass (lease `tg:{compact}:lease`,
 //!   as for the retention sweep).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
@@ -28,6 +29,7 @@ use crate::redis_conn::RedisConn;
 use crate::store::hist::{self, StoredChunk};
 use crate::store::row::Row;
 use crate::store::scripts::{self, Swap};
+use crate::store::vault::Vault;
 use crate::store::{COMPACT_LEASE_KEY, FIXES_PATTERN, pseudonym_of_key, tail};
 
 /// Compaction settings, from `[storage]`.
@@ -45,10 +47,13 @@ pub struct Compaction {
     pub future_tolerance_s: i64,
     /// Keys asked for per SCAN call.
     pub scan_count: usize,
+    /// The data keys chunks are sealed with (and old ones opened with).
+    pub vault: Arc<Vault>,
 }
 
-impl From<&StorageConfig> for Compaction {
-    fn from(s: &StorageConfig) -> Self {
+impl Compaction {
+    /// Settings from `[storage]`, sealing with `vault`.
+    pub fn new(s: &StorageConfig, vault: Arc<Vault>) -> Self {
         Compaction {
             after: Duration::from_secs(s.compact_after_s),
             seal_max_wait: Duration::from_secs(s.seal_max_wait_s),
@@ -58,6 +63,7 @@ impl From<&StorageConfig> for Compaction {
             pass_max_fixes: s.compact_pass_max_fixes,
             future_tolerance_s: s.future_tolerance_s(),
             scan_count: 500,
+            vault,
         }
     }
 }
@@ -221,15 +227,24 @@ pub async fn seal_device<C: ConnectionLike + Send>(
         let mut merged = g.rows;
         if let Some(c) = g.chunk {
             // A damaged chunk is left alone; the new rows go beside it.
-            if let Ok(old) = c.rows("compaction") {
+            if let Ok(old) = c.rows(&s.vault, "compaction") {
                 merged.extend(old);
                 swap.old_chunks.push(c.bytes);
             }
         }
         merged.sort_by_key(Row::order_key);
         deduplicated += hist::dedup_sorted(&mut merged);
-        swap.new_chunks
-            .extend(hist::encode_chunks(&merged, s.chunk_max_fixes));
+        match hist::encode_chunks(&s.vault, p, &merged, s.chunk_max_fixes) {
+            Ok(chunks) => swap.new_chunks.extend(chunks),
+            // No data key for these rows' month or any later one (the key file was not
+            // extended ahead): they stay in the tail, counted and logged, until it is.
+            Err(e) => {
+                metrics::counter!(m::CHUNK_ERRORS, "kind" => e.label(), "role" => "compaction")
+                    .increment(1);
+                tracing::error!(error = %e, "cannot seal a chunk; its fixes stay in the live tail");
+                return Ok(Sealed::default());
+            }
+        }
     }
     // Every entry read became a row, and they are the tail's oldest: the seal trims that
     // prefix (`XTRIM MINID`) if nothing was removed from the tail since `info`, instead
@@ -347,11 +362,15 @@ pub async fn compact_once(conn: &RedisConn, s: &Compaction) -> redis::RedisResul
 
 /// Seal every tail entry there is now, whatever its age (the bench's steady state, a
 /// maintenance run): passes until one seals nothing more. Returns the entries sealed.
-pub async fn seal_everything(conn: &RedisConn, storage: &StorageConfig) -> redis::RedisResult<u64> {
+pub async fn seal_everything(
+    conn: &RedisConn,
+    storage: &StorageConfig,
+    vault: Arc<Vault>,
+) -> redis::RedisResult<u64> {
     let s = Compaction {
         after: Duration::ZERO,
         seal_max_wait: Duration::ZERO,
-        ..Compaction::from(storage)
+        ..Compaction::new(storage, vault)
     };
     let mut total = 0;
     loop {

@@ -467,12 +467,26 @@ impl Default for RetentionConfig {
     }
 }
 
-/// Pseudonymization keys.
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+/// Pseudonymization and data keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
     /// Key file written by `trackgate keys generate`; env `TRACKGATE_KEY_FILE` overrides.
     pub key_file: PathBuf,
+    /// A month's data key is due for destruction (`trackgate keys prune`) once the month
+    /// ended longer ago than the longest retention (`retention.ttl_s`,
+    /// `retention.max_customer_ttl_s`) plus the sweep interval plus this grace; `serve`
+    /// warns while it still holds one.
+    pub data_key_grace_s: u64,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            key_file: PathBuf::new(),
+            data_key_grace_s: 7 * 86_400,
+        }
+    }
 }
 
 /// Metrics and health endpoints.
@@ -857,6 +871,18 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// How long after its month ends a data key must still be held: the longest
+    /// retention, the sweep interval and `keys.data_key_grace_s`.
+    pub fn data_key_keep(&self) -> Duration {
+        let r = &self.retention;
+        Duration::from_secs(
+            r.ttl_s
+                .max(r.max_customer_ttl_s)
+                .saturating_add(r.sweep_interval_s)
+                .saturating_add(self.keys.data_key_grace_s),
+        )
     }
 
     pub fn idle_timeout(&self) -> Duration {

@@ -143,6 +143,8 @@ pub struct ExportQuery {
     pub chunk_entries: usize,
     /// `storage.future_fix_tolerance_s`: how a tail entry's time is read.
     pub future_tolerance_s: i64,
+    /// Opens the sealed history chunks.
+    pub vault: std::sync::Arc<crate::store::vault::Vault>,
 }
 
 /// Which rows an export returns: within the retention (by receive and fix time), the
@@ -234,7 +236,7 @@ impl Device {
     /// The next rows to write, in time order: the next chunk's rows with the tail rows
     /// that come before them; the rest of the tail once the chunks are done. `None` once
     /// the device is done.
-    fn next_rows(&mut self, filter: &Filter) -> Option<Vec<Row>> {
+    fn next_rows(&mut self, filter: &Filter, vault: &crate::store::vault::Vault) -> Option<Vec<Row>> {
         let Some(c) = self.chunks.pop_front() else {
             if self.tail.is_empty() {
                 return None;
@@ -243,7 +245,7 @@ impl Device {
             return Some(self.unique(rest));
         };
         let rows: Vec<Row> = c
-            .rows("export")
+            .rows(vault, "export")
             .unwrap_or_default()
             .into_iter()
             .filter(|r| filter.keeps(r) && !self.tail_ids.contains(&(r.recv_ms, r.seq)))
@@ -341,7 +343,7 @@ where
                     st.current.insert(d)
                 }
             };
-            match device.next_rows(&st.filter) {
+            match device.next_rows(&st.filter, &st.q.vault) {
                 Some(rows) => {
                     for r in rows {
                         out.extend(render(st.q.format, &r.to_json(), st.emitted == 0));

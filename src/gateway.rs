@@ -61,7 +61,11 @@ pub struct Gateway {
 impl Gateway {
     /// Bind everything and start serving.
     pub async fn start(config: Config, keys: Arc<KeyRing>) -> Result<Gateway, StartError> {
+        let vault = keys.vault().clone();
         let prometheus = metrics::install();
+        // Data keys past the longest retention (`serve` also logs which).
+        let overdue = keys.overdue_months(jiff::Timestamp::now().as_second(), config.data_key_keep());
+        ::metrics::gauge!(crate::metrics::DATA_KEYS_OVERDUE).set(overdue.len() as f64);
         let config = Arc::new(config);
         let conn = redis_conn::connect(&config.redis)?;
         // Before any device is accepted: an evicting Redis would delete what we ACK.
@@ -82,7 +86,9 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let framer = Framer::new(Direction::DeviceToServer, config.limits.max_frame_bytes)
             .with_early_resync(true);
-        let retention = Retention::new(&config.retention).with_future_tolerance(&config.storage);
+        let retention = Retention::new(&config.retention)
+            .with_future_tolerance(&config.storage)
+            .with_vault(vault.clone());
         let shared = Arc::new(Shared {
             config: config.clone(),
             keys,
@@ -134,7 +140,9 @@ impl Gateway {
             let api_conn = redis_conn::connect(&config.redis)?;
             let v1 = api_v1::V1State {
                 registry: Registry::new(api_conn.clone(), MAX_TTL_S),
-                purger: Purger::new(api_conn.clone(), tomb_ttl).with_config(&config.purge),
+                purger: Purger::new(api_conn.clone(), tomb_ttl)
+                    .with_config(&config.purge)
+                    .with_vault(vault.clone()),
                 keys: shared.keys.clone(),
                 audit_conn: api_conn.clone(),
                 retention: Retention::new(&config.retention),
@@ -164,7 +172,9 @@ impl Gateway {
             }));
         }
 
-        let mut purger = Purger::new(conn.clone(), tomb_ttl).with_config(&config.purge);
+        let mut purger = Purger::new(conn.clone(), tomb_ttl)
+            .with_config(&config.purge)
+            .with_vault(vault.clone());
         if !conn.is_cluster() {
             purger = purger.with_legacy_migration();
         }
@@ -182,7 +192,7 @@ impl Gateway {
         ));
         let compactor = tokio::spawn(crate::compact::run_compactor(
             conn.clone(),
-            crate::compact::Compaction::from(&config.storage),
+            crate::compact::Compaction::new(&config.storage, vault.clone()),
             hex::encode(rand::random::<[u8; 8]>()),
             shutdown.clone(),
         ));

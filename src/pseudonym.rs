@@ -18,6 +18,8 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::store::vault::{Month, Vault};
+
 /// Length of the base32 part of a pseudonym (130 bits).
 const DIGEST_CHARS: usize = 26;
 
@@ -99,11 +101,24 @@ struct KeyEntry {
     secret_hex: String,
 }
 
+/// One data key (payloads at rest, [`crate::store::vault`]) as stored in the key file.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataKeyEntry {
+    /// Calendar month (UTC) whose data it seals, `YYYY-MM`.
+    month: String,
+    version: u8,
+    /// 32 random bytes, hex.
+    secret_hex: String,
+}
+
 #[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct KeyFile {
     #[serde(default, rename = "key")]
     keys: Vec<KeyEntry>,
+    #[serde(default, rename = "data_key")]
+    data_keys: Vec<DataKeyEntry>,
 }
 
 struct Key {
@@ -124,10 +139,12 @@ pub enum KeyError {
     Invalid { path: String, problem: String },
 }
 
-/// The versioned keys. Cheap to share (`Arc` inside the gateway).
+/// The versioned keys, and the data keys of the payloads at rest. Cheap to share (`Arc`
+/// inside the gateway).
 pub struct KeyRing {
     /// Sorted by version, ascending.
     keys: Vec<Key>,
+    vault: Arc<Vault>,
 }
 
 impl fmt::Debug for KeyRing {
@@ -143,10 +160,21 @@ impl KeyRing {
     /// Load a key file written by [`KeyRing::generate`] / [`KeyRing::rotate`].
     pub fn load(path: &Path) -> Result<KeyRing, KeyError> {
         let file = read_key_file(path)?;
-        KeyRing::from_entries(&file.keys).map_err(|problem| KeyError::Invalid {
+        KeyRing::from_file(&file).map_err(|problem| KeyError::Invalid {
             path: path.display().to_string(),
             problem,
         })
+    }
+
+    fn from_file(file: &KeyFile) -> Result<KeyRing, String> {
+        let mut ring = KeyRing::from_entries(&file.keys)?;
+        ring.vault = Arc::new(vault_of(&file.data_keys)?);
+        Ok(ring)
+    }
+
+    /// The data keys.
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
     }
 
     fn from_entries(entries: &[KeyEntry]) -> Result<KeyRing, String> {
@@ -175,22 +203,86 @@ impl KeyRing {
         if keys.windows(2).any(|w| w[0].version == w[1].version) {
             return Err("duplicate key version".into());
         }
-        Ok(KeyRing { keys })
+        Ok(KeyRing {
+            keys,
+            vault: Arc::new(Vault::empty()),
+        })
     }
 
-    /// A throwaway ring with one random key (demo, tests).
+    /// A throwaway ring with one random key and data keys for this month and the next
+    /// [`MONTHS_AHEAD`] (demo, tests).
     pub fn ephemeral() -> KeyRing {
-        let entry = new_entry(1, Timestamp::UNIX_EPOCH);
-        // A fresh entry is always valid.
-        KeyRing::from_entries(std::slice::from_ref(&entry)).unwrap_or(KeyRing { keys: vec![] })
+        let mut file = KeyFile {
+            keys: vec![new_entry(1, Timestamp::UNIX_EPOCH)],
+            data_keys: Vec::new(),
+        };
+        add_months(&mut file, Month::now(), MONTHS_AHEAD);
+        // Fresh entries are always valid.
+        KeyRing::from_file(&file).unwrap_or_else(|e| unreachable!("{e}"))
     }
 
-    /// Create a key file with one key, readable by the owner only. Refuses to overwrite.
+    /// Create a key file with one key and data keys for this month and the next
+    /// [`MONTHS_AHEAD`], readable by the owner only. Refuses to overwrite.
     pub fn generate(path: &Path) -> Result<(), KeyError> {
-        let file = KeyFile {
+        let mut file = KeyFile {
             keys: vec![new_entry(1, Timestamp::now())],
+            data_keys: Vec::new(),
         };
+        add_months(&mut file, Month::now(), MONTHS_AHEAD);
         write_key_file(path, &file, true)
+    }
+
+    /// Add data keys for every month from this one to `ahead` months on that the file
+    /// lacks. Returns the months added.
+    pub fn add_data_months(path: &Path, ahead: u16) -> Result<Vec<Month>, KeyError> {
+        let mut file = read_key_file(path)?;
+        let added = add_months(&mut file, Month::now(), ahead);
+        if !added.is_empty() {
+            write_key_file(path, &file, false)?;
+        }
+        Ok(added)
+    }
+
+    /// Destroy the data keys of every month that ended more than `keep` ago
+    /// (crypto-shredding: what they sealed, in every copy, cannot be read any more).
+    /// Returns the months destroyed.
+    pub fn prune_data_months(path: &Path, keep: std::time::Duration) -> Result<Vec<Month>, KeyError> {
+        let mut file = read_key_file(path)?;
+        let due = months_due(&file, Timestamp::now().as_second(), keep);
+        if !due.is_empty() {
+            file.data_keys
+                .retain(|k| Month::parse(&k.month).is_none_or(|m| !due.contains(&m)));
+            write_key_file(path, &file, false)?;
+        }
+        Ok(due)
+    }
+
+    /// Data-key months held that ended more than `keep` before `now_s`: they should have
+    /// been destroyed (`trackgate keys prune`).
+    pub fn overdue_months(&self, now_s: i64, keep: std::time::Duration) -> Vec<Month> {
+        let keep_s = i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
+        self.vault
+            .months()
+            .into_iter()
+            .filter(|m| m.next().start_unix().saturating_add(keep_s) < now_s)
+            .collect()
+    }
+
+    /// Months a gateway must hold data keys for before it starts: this one and the next
+    /// (`Err` names the missing ones).
+    pub fn check_data_months(&self, now: Month) -> Result<(), String> {
+        let missing: Vec<String> = [now, now.next()]
+            .into_iter()
+            .filter(|m| !self.vault.holds(*m))
+            .map(|m| m.to_string())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "the key file has no data key for {}: add them with `trackgate keys months <key file>`",
+            missing.join(" and ")
+        ))
     }
 
     /// Add a key one version above the newest, valid from `not_before` (default now).
@@ -249,6 +341,55 @@ fn compute(key: &Key, imei: &Imei) -> Pseudonym {
     Pseudonym(format!("p{}_{b32}", key.version).into())
 }
 
+/// Data-key months `trackgate keys generate` and `keys months` make beyond this one.
+pub const MONTHS_AHEAD: u16 = 2;
+
+fn vault_of(entries: &[DataKeyEntry]) -> Result<Vault, String> {
+    let mut parsed = Vec::with_capacity(entries.len());
+    for e in entries {
+        let month = Month::parse(&e.month)
+            .ok_or_else(|| format!("data key {:?}: month must be YYYY-MM", e.month))?;
+        let secret = hex::decode(&e.secret_hex)
+            .map_err(|_| format!("data key {month} v{}: secret_hex is not hex", e.version))?;
+        parsed.push((month, e.version, secret));
+    }
+    Vault::new(parsed.iter().map(|(m, v, s)| (*m, *v, s.as_slice())))
+}
+
+/// Add a version-1 data key for each month from `from` to `from + ahead` that `file` has
+/// no key for; returns them.
+fn add_months(file: &mut KeyFile, from: Month, ahead: u16) -> Vec<Month> {
+    let held: Vec<Option<Month>> = file.data_keys.iter().map(|k| Month::parse(&k.month)).collect();
+    let mut added = Vec::new();
+    let mut m = from;
+    for _ in 0..=ahead {
+        if !held.contains(&Some(m)) {
+            let secret: [u8; 32] = rand::random();
+            file.data_keys.push(DataKeyEntry {
+                month: m.to_string(),
+                version: 1,
+                secret_hex: hex::encode(secret),
+            });
+            added.push(m);
+        }
+        m = m.next();
+    }
+    added
+}
+
+fn months_due(file: &KeyFile, now_s: i64, keep: std::time::Duration) -> Vec<Month> {
+    let keep_s = i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
+    let mut due: Vec<Month> = file
+        .data_keys
+        .iter()
+        .filter_map(|k| Month::parse(&k.month))
+        .filter(|m| m.next().start_unix().saturating_add(keep_s) < now_s)
+        .collect();
+    due.sort();
+    due.dedup();
+    due
+}
+
 fn new_entry(version: u32, not_before: Timestamp) -> KeyEntry {
     let secret: [u8; 32] = rand::random();
     KeyEntry {
@@ -278,8 +419,9 @@ fn write_key_file(path: &Path, file: &KeyFile, create_new: bool) -> Result<(), K
         path: path.display().to_string(),
         problem: e.to_string(),
     })?;
-    let header = "# trackgate pseudonymization keys. SECRET: keep out of Redis, backups of\n\
-                  # Redis and version control. Losing it makes stored pseudonyms unlinkable.\n";
+    let header = "# trackgate pseudonymization and data keys. SECRET: keep out of Redis, backups\n\
+                  # of Redis and version control. Losing it makes stored pseudonyms unlinkable\n\
+                  # and stored history unreadable; a [[data_key]] removed is that month destroyed.\n";
     // Write a sibling and rename, so a crash never leaves a half-written key file.
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     let mut tmp = tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new("."))).map_err(io)?;

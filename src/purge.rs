@@ -23,6 +23,7 @@
 //! gateway wrote the fix.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -37,6 +38,7 @@ use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
 use crate::store::fixes_key;
 use crate::store::hist;
+use crate::store::vault::Vault;
 use crate::store::keys::{purge_idem_key as idem_key, purge_key};
 use crate::store::scripts::{self, RangeStep, RangeStepDone};
 
@@ -159,6 +161,9 @@ pub struct Purger<C> {
     migrate_legacy: bool,
     /// Limits and margins (`[purge]` in the configuration).
     config: PurgeConfig,
+    /// Opens and seals the history chunks a range purge rewrites (none without
+    /// [`Purger::with_vault`]: a sealed chunk reaching into the range then goes whole).
+    vault: Arc<Vault>,
 }
 
 fn ts_ms(ms: i64) -> Timestamp {
@@ -172,7 +177,14 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             tomb_ttl,
             migrate_legacy: false,
             config: PurgeConfig::default(),
+            vault: Arc::new(Vault::empty()),
         }
+    }
+
+    /// Rewrite sealed history chunks with these data keys.
+    pub fn with_vault(mut self, vault: Arc<Vault>) -> Self {
+        self.vault = vault;
+        self
     }
 
     /// Use these limits and margins instead of the defaults. Among them
@@ -549,6 +561,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                     .collect();
             let out = hist::drop_rows(
                 conn,
+                &self.vault,
                 p,
                 chunks,
                 "purge",

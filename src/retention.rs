@@ -23,6 +23,7 @@
 //! The entry ID (receive time) is what trimming compares; read paths additionally filter
 //! on both receive time and fix time, so nothing older than the TTL is ever returned.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::AsyncCommands;
@@ -35,6 +36,7 @@ use crate::pseudonym::Pseudonym;
 use crate::redis_conn::RedisConn;
 use crate::registry::owner_key;
 use crate::store::hist;
+use crate::store::vault::Vault;
 use crate::store::keys::{CUSTOMER_RETENTION_S, customer_key};
 use crate::store::scripts::{self, SweepStep};
 use crate::store::{FIXES_PATTERN, HIST_PATTERN, pseudonym_of_key};
@@ -52,6 +54,9 @@ pub struct Retention {
     sweep_late_chunk: u64,
     /// `storage.future_fix_tolerance_s`: how far past its receipt a row's time may lie.
     future_tolerance_s: i64,
+    /// Opens and seals the history chunks the sweeper rewrites (none without
+    /// [`Retention::with_vault`]: a sealed chunk is then only removed whole).
+    vault: Arc<Vault>,
 }
 
 impl Retention {
@@ -62,7 +67,14 @@ impl Retention {
             sweep_scan_count: config.sweep_scan_count,
             sweep_late_chunk: config.sweep_late_chunk_entries,
             future_tolerance_s: crate::config::StorageConfig::default().future_tolerance_s(),
+            vault: Arc::new(Vault::empty()),
         }
+    }
+
+    /// Rewrite sealed history chunks with these data keys.
+    pub fn with_vault(mut self, vault: Arc<Vault>) -> Self {
+        self.vault = vault;
+        self
     }
 
     /// Use `storage.future_fix_tolerance_s` (the sweeper reads history chunks up to that
@@ -308,6 +320,7 @@ async fn sweep_history(
     let chunks = hist::chunks_by_score(conn, p, "-inf", &max, 0, usize::MAX).await?;
     let out = hist::drop_rows(
         conn,
+        &retention.vault,
         p,
         chunks,
         "retention",

@@ -213,9 +213,13 @@ async fn gateway_kill9_during_compaction_loses_and_duplicates_nothing() {
     let (logs, ran) = fleet.stop().await;
     // What the last process left in the tail is sealed by one more, clean pass.
     let store = trackgate::redis_conn::connect(&test_config(&redis).redis).unwrap();
-    trackgate::compact::seal_everything(&store, &trackgate::config::StorageConfig::default())
-        .await
-        .unwrap();
+    trackgate::compact::seal_everything(
+        &store,
+        &trackgate::config::StorageConfig::default(),
+        gw.keys.vault().clone(),
+    )
+    .await
+    .unwrap();
 
     let mut conn = redis.conn().await;
     let o = verify(&mut conn, &gw.keys, &logs).await;

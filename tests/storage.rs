@@ -14,15 +14,16 @@ use jiff::Timestamp;
 use redis::AsyncCommands;
 use trackgate::compact::{Compaction, seal_device};
 use trackgate::export::{ExportQuery, Format};
-use trackgate::pseudonym::Pseudonym;
-use trackgate::store::{chunk, fixes_key, hist_key, seen_key};
+use trackgate::pseudonym::{KeyRing, Pseudonym};
+use trackgate::store::{chunk, fixes_key, hist, hist_key, seen_key};
 use trackgate_protocols::{ExtraKey, ExtraValue, Fix};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
 /// Seal everything received so far, at once (no `compact_after_s` wait).
-fn seal_now() -> Compaction {
+fn seal_now(keys: &KeyRing) -> Compaction {
     Compaction {
+        vault: keys.vault().clone(),
         after: Duration::ZERO,
         seal_max_wait: Duration::ZERO,
         interval: Duration::from_secs(1),
@@ -34,11 +35,15 @@ fn seal_now() -> Compaction {
     }
 }
 
-async fn seal_all(conn: &mut trackgate::redis_conn::RedisConn, p: &Pseudonym) -> u64 {
+async fn seal_all(
+    conn: &mut trackgate::redis_conn::RedisConn,
+    keys: &KeyRing,
+    p: &Pseudonym,
+) -> u64 {
     let mut sealed = 0;
     loop {
         let now = Timestamp::now().as_millisecond() + 1;
-        let out = seal_device(conn, p, &seal_now(), now, 10_000)
+        let out = seal_device(conn, p, &seal_now(keys), now, 10_000)
             .await
             .unwrap();
         assert!(!out.conflict, "nothing races this seal");
@@ -50,7 +55,11 @@ async fn seal_all(conn: &mut trackgate::redis_conn::RedisConn, p: &Pseudonym) ->
 }
 
 /// The device's export as NDJSON lines.
-async fn export(conn: &trackgate::redis_conn::RedisConn, p: &Pseudonym) -> Vec<String> {
+async fn export(
+    conn: &trackgate::redis_conn::RedisConn,
+    keys: &KeyRing,
+    p: &Pseudonym,
+) -> Vec<String> {
     let q = ExportQuery {
         pseudonyms: vec![p.clone()],
         from: None,
@@ -60,6 +69,7 @@ async fn export(conn: &trackgate::redis_conn::RedisConn, p: &Pseudonym) -> Vec<S
         format: Format::Ndjson,
         chunk_entries: 7,
         future_tolerance_s: 86_400,
+        vault: keys.vault().clone(),
     };
     let mut body = Vec::new();
     let mut s = std::pin::pin!(trackgate::export::stream(conn.clone(), q));
@@ -144,7 +154,7 @@ async fn sealed_history_exports_exactly_what_the_tail_did_in_time_order() {
     }
     send_all(&gw, &frames, &mut conn, &p, 66).await;
 
-    let before = export(&conn, &p).await;
+    let before = export(&conn, &keys, &p).await;
     assert_eq!(before.len(), 66);
     let times: Vec<String> = before
         .iter()
@@ -174,7 +184,7 @@ async fn sealed_history_exports_exactly_what_the_tail_did_in_time_order() {
     v2.sort();
     assert_eq!(v1, v2, "same records as the tail's own reading");
 
-    assert_eq!(seal_all(&mut conn, &p).await, 66);
+    assert_eq!(seal_all(&mut conn, &keys, &p).await, 66);
     assert_eq!(
         conn.xlen::<_, u64>(fixes_key(&p)).await.unwrap(),
         0,
@@ -190,7 +200,7 @@ async fn sealed_history_exports_exactly_what_the_tail_did_in_time_order() {
         spans.windows(2).all(|w| w[0].1 < w[1].0),
         "chunks never overlap in time: {spans:?}"
     );
-    assert_eq!(export(&conn, &p).await, before, "identical after sealing");
+    assert_eq!(export(&conn, &keys, &p).await, before, "identical after sealing");
     gw.shutdown();
     gw.wait().await;
 }
@@ -218,24 +228,24 @@ async fn a_batch_resent_after_a_lost_ack_is_stored_once() {
     let in_tail: u64 = conn.xlen(fixes_key(&p)).await.unwrap();
     assert_eq!(in_tail, 10, "the tail holds each fix once");
     assert_eq!(
-        export(&conn, &p).await.len(),
+        export(&conn, &keys, &p).await.len(),
         10,
         "export shows each fix once"
     );
 
-    seal_all(&mut conn, &p).await;
+    seal_all(&mut conn, &keys, &p).await;
     // Sent again after sealing: the tail takes it, sealing drops it.
     send_all(&gw, std::slice::from_ref(&frame), &mut conn, &p, 10).await;
     assert_eq!(
-        export(&conn, &p).await.len(),
+        export(&conn, &keys, &p).await.len(),
         10,
         "export shows each fix once"
     );
-    seal_all(&mut conn, &p).await;
+    seal_all(&mut conn, &keys, &p).await;
     let chunks: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
-    let rows: usize = chunks.iter().map(|c| chunk::decode(c).unwrap().len()).sum();
+    let rows: usize = chunks.iter().map(|c| hist::open(keys.vault(), &p, c).unwrap().len()).sum();
     assert_eq!(rows, 10, "stored once after sealing");
-    assert_eq!(export(&conn, &p).await.len(), 10);
+    assert_eq!(export(&conn, &keys, &p).await.len(), 10);
     let seen: bool = conn.exists(seen_key(&p)).await.unwrap();
     assert!(!seen, "sealing forgot the sealed fixes' digests");
     gw.shutdown();
@@ -255,21 +265,21 @@ async fn late_fixes_are_sealed_into_the_chunk_their_time_falls_in() {
         .map(|i| aaa_frame(&id, &varied_fix(at(i * 60 + 30), i as i32)))
         .collect();
     send_all(&gw, &frames, &mut conn, &p, 48).await;
-    seal_all(&mut conn, &p).await;
+    seal_all(&mut conn, &keys, &p).await;
     let before: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
     // A cached batch that falls between and inside the sealed chunks.
     let late: Vec<Fix<'static>> = (0..8)
         .map(|i| varied_fix(at(i64::from(i) * 360), 900 + i))
         .collect();
     send_all(&gw, &[cce_frame(&id, &late)], &mut conn, &p, 8).await;
-    seal_all(&mut conn, &p).await;
+    seal_all(&mut conn, &keys, &p).await;
     let after: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
     let spans: Vec<(i64, i64)> = after
         .iter()
         .map(|c| chunk::header(c).map(|h| (h.first, h.last)).unwrap())
         .collect();
     assert!(spans.windows(2).all(|w| w[0].1 < w[1].0), "{spans:?}");
-    let rows: usize = after.iter().map(|c| chunk::decode(c).unwrap().len()).sum();
+    let rows: usize = after.iter().map(|c| hist::open(keys.vault(), &p, c).unwrap().len()).sum();
     assert_eq!(rows, 56);
     // Each full chunk a late row lands in splits once; no late row gets a chunk alone.
     assert!(
@@ -278,7 +288,7 @@ async fn late_fixes_are_sealed_into_the_chunk_their_time_falls_in() {
         before.len(),
         after.len()
     );
-    let lines = export(&conn, &p).await;
+    let lines = export(&conn, &keys, &p).await;
     assert_eq!(lines.len(), 56);
     let times: Vec<String> = lines
         .iter()
@@ -291,6 +301,7 @@ async fn late_fixes_are_sealed_into_the_chunk_their_time_falls_in() {
 
 /// A purge of `p` (fix times `range`, or everything) by a customer of its own.
 async fn purge(
+    keys: &KeyRing,
     conn: &trackgate::redis_conn::RedisConn,
     p: &Pseudonym,
     range: Option<(i64, i64)>,
@@ -308,6 +319,7 @@ async fn purge(
     );
     let at = |s: i64| Timestamp::from_second(s).unwrap();
     trackgate::purge::Purger::new(conn.clone(), DAY)
+        .with_vault(keys.vault().clone())
         .request(
             &customer,
             &trackgate::purge::PurgeRequest {
@@ -323,6 +335,7 @@ async fn purge(
 /// Send `n` on-time AAA fixes one minute apart ending `ago_s` ago, and seal them.
 async fn sealed_device(
     gw: &trackgate::gateway::Gateway,
+    keys: &KeyRing,
     conn: &mut trackgate::redis_conn::RedisConn,
     p: &Pseudonym,
     id: &str,
@@ -338,15 +351,19 @@ async fn sealed_device(
         })
         .collect();
     send_all(gw, &frames, conn, p, n as u64).await;
-    assert_eq!(seal_all(conn, p).await, n as u64);
+    assert_eq!(seal_all(conn, keys, p).await, n as u64);
 }
 
 /// Fix times (s) of every row of the device's history.
-async fn history_times(conn: &mut trackgate::redis_conn::RedisConn, p: &Pseudonym) -> Vec<i64> {
+async fn history_times(
+    conn: &mut trackgate::redis_conn::RedisConn,
+    keys: &KeyRing,
+    p: &Pseudonym,
+) -> Vec<i64> {
     let chunks: Vec<Vec<u8>> = conn.zrange(hist_key(p), 0, -1).await.unwrap();
     chunks
         .iter()
-        .flat_map(|c| chunk::decode(c).unwrap())
+        .flat_map(|c| hist::open(keys.vault(), p, c).unwrap())
         .map(|r| r.fix_time_s.unwrap())
         .collect()
 }
@@ -359,10 +376,10 @@ async fn a_range_purge_deletes_exactly_the_fixes_in_range_inside_chunks() {
     let p = pseudonym(&keys, &id);
     let mut conn = redis.conn();
     let start = now_s().as_second() - 7_200;
-    sealed_device(&gw, &mut conn, &p, &id, start, 60).await;
+    sealed_device(&gw, &keys, &mut conn, &p, &id, start, 60).await;
     // A range that cuts through chunks of 16 on both ends.
     let (from, to) = (start + 10 * 60, start + 40 * 60);
-    let receipt = purge(&conn, &p, Some((from, to))).await;
+    let receipt = purge(&keys, &conn, &p, Some((from, to))).await;
     assert_eq!(receipt.state, "completed");
     assert_eq!(receipt.deleted_fixes, 31, "minutes 10 to 40 inclusive");
     let expected: Vec<i64> = (0..60)
@@ -370,17 +387,17 @@ async fn a_range_purge_deletes_exactly_the_fixes_in_range_inside_chunks() {
         .filter(|t| !(from..=to).contains(t))
         .collect();
     assert_eq!(
-        history_times(&mut conn, &p).await,
+        history_times(&mut conn, &keys, &p).await,
         expected,
         "survivors rewritten"
     );
-    assert_eq!(export(&conn, &p).await.len(), 29);
+    assert_eq!(export(&conn, &keys, &p).await.len(), 29);
 
     // A complete purge takes the history with it.
-    let receipt = purge(&conn, &p, None).await;
+    let receipt = purge(&keys, &conn, &p, None).await;
     assert_eq!(receipt.deleted_fixes, 29);
     assert!(!conn.exists::<_, bool>(hist_key(&p)).await.unwrap());
-    assert!(export(&conn, &p).await.is_empty());
+    assert!(export(&conn, &keys, &p).await.is_empty());
     gw.shutdown();
     gw.wait().await;
 }
@@ -393,17 +410,17 @@ async fn the_sweep_trims_history_by_time_across_a_chunk_boundary_with_the_curren
     let p = pseudonym(&keys, &id);
     let mut conn = redis.conn();
     let start = now_s().as_second() - 3_000;
-    sealed_device(&gw, &mut conn, &p, &id, start, 40).await;
+    sealed_device(&gw, &keys, &mut conn, &p, &id, start, 40).await;
     // The device went quiet; the retention is then lowered to 20 minutes: the sweep
     // applies it without any new write from the device.
     let mut cfg = redis.config().retention;
     cfg.ttl_s = 1_200;
-    let retention = trackgate::retention::Retention::new(&cfg);
+    let retention = trackgate::retention::Retention::new(&cfg).with_vault(keys.vault().clone());
     let trimmed = trackgate::retention::sweep_once(&conn, &retention)
         .await
         .unwrap();
     let cutoff = now_s().as_second() - 1_200;
-    let left = history_times(&mut conn, &p).await;
+    let left = history_times(&mut conn, &keys, &p).await;
     assert!(
         !left.is_empty() && left.iter().all(|t| *t >= cutoff - 2),
         "{left:?}"
@@ -427,7 +444,7 @@ async fn the_sweep_trims_history_by_time_across_a_chunk_boundary_with_the_curren
 async fn a_store_written_by_the_previous_version_is_sealed_by_a_new_gateway() {
     let redis = Backend::from_env();
     let id = imei(505);
-    let keys = trackgate::pseudonym::KeyRing::ephemeral();
+    let keys = std::sync::Arc::new(trackgate::pseudonym::KeyRing::ephemeral());
     let p = pseudonym(&keys, &id);
     let mut conn = redis.conn();
     // The previous version's layout: one tail entry per fix (t, d, x), no resend digests,
@@ -449,7 +466,7 @@ async fn a_store_written_by_the_previous_version_is_sealed_by_a_new_gateway() {
         }
         let _: String = cmd.query_async(&mut conn).await.unwrap();
     }
-    let before = export(&conn, &p).await;
+    let before = export(&conn, &keys, &p).await;
     assert_eq!(before.len(), 40);
 
     // A new gateway, sealing after a second.
@@ -457,7 +474,7 @@ async fn a_store_written_by_the_previous_version_is_sealed_by_a_new_gateway() {
     cfg.storage.compact_after_s = 1;
     cfg.storage.compact_interval_s = 1;
     cfg.storage.seal_max_wait_s = 1;
-    let gw = trackgate::gateway::Gateway::start(cfg, std::sync::Arc::new(keys))
+    let gw = trackgate::gateway::Gateway::start(cfg, keys.clone())
         .await
         .unwrap();
     let key = fixes_key(&p);
@@ -469,7 +486,7 @@ async fn a_store_written_by_the_previous_version_is_sealed_by_a_new_gateway() {
     .await;
     assert!(conn.exists::<_, bool>(hist_key(&p)).await.unwrap());
     assert_eq!(
-        export(&conn, &p).await,
+        export(&conn, &keys, &p).await,
         before,
         "reads the same after sealing"
     );
@@ -485,7 +502,7 @@ async fn a_damaged_chunk_is_counted_and_skipped_and_the_others_still_serve() {
     let p = pseudonym(&keys, &id);
     let mut conn = redis.conn();
     let start = now_s().as_second() - 7_200;
-    sealed_device(&gw, &mut conn, &p, &id, start, 48).await;
+    sealed_device(&gw, &keys, &mut conn, &p, &id, start, 48).await;
     let chunks: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
     assert_eq!(chunks.len(), 3);
     // The middle chunk's bytes are damaged (a bit flip past its header), a stray member
@@ -504,18 +521,18 @@ async fn a_damaged_chunk_is_counted_and_skipped_and_the_others_still_serve() {
         .zadd(hist_key(&p), &chunks[0][..10], start + 100 * 60)
         .await
         .unwrap();
-    let lines = export(&conn, &p).await;
+    let lines = export(&conn, &keys, &p).await;
     assert_eq!(lines.len(), 32, "the two intact chunks export whole");
 
     // A range purge through the first chunk and into the damaged one completes: the
     // damaged chunk goes whole (nothing of it can be read), the others stay.
-    let receipt = purge(&conn, &p, Some((start, start + 20 * 60))).await;
+    let receipt = purge(&keys, &conn, &p, Some((start, start + 20 * 60))).await;
     assert_eq!(receipt.state, "completed");
     assert_eq!(
         receipt.deleted_fixes, 32,
         "16 readable, 16 in the damaged chunk"
     );
-    assert_eq!(export(&conn, &p).await.len(), 16, "the last chunk");
+    assert_eq!(export(&conn, &keys, &p).await.len(), 16, "the last chunk");
     let (_, metrics) = common::gwproc::http_get(gw.http_addr.unwrap(), "/metrics")
         .await
         .unwrap();

@@ -22,8 +22,24 @@ pub enum ConfigCommand {
 pub(super) fn run(cmd: &ConfigCommand) -> ExitCode {
     match cmd {
         ConfigCommand::Validate { file } => match Config::load(file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
+            // The key file too, when it is there (a config is often checked before one
+            // is made): `serve` refuses one without this and next month's data keys.
+            Ok(c) if c.keys.key_file.exists() => match super::serve::load_keys(&c) {
+                Ok(_) => {
+                    println!("{}: ok (key file included)", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    ExitCode::from(2)
+                }
+            },
+            Ok(c) => {
+                println!(
+                    "{}: ok (key file {} not found: not checked)",
+                    file.display(),
+                    c.keys.key_file.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -164,20 +164,31 @@ async fn count_stored_fixes(
 /// column at a time), largest first: where the bytes of a sealed fix go.
 async fn chunk_column_bytes(
     conn: &mut redis::aio::MultiplexedConnection,
-) -> redis::RedisResult<Vec<(String, u64)>> {
-    use crate::store::{HIST_PATTERN, chunk, scan_keys};
+    key_file: &std::path::Path,
+) -> Result<Vec<(String, u64)>, String> {
+    use crate::store::{HIST_PATTERN, chunk, hist, pseudonym_of_key, scan_keys};
+    let ring = crate::pseudonym::KeyRing::load(key_file).map_err(|e| e.to_string())?;
     let mut sums: Vec<(String, u64)> = Vec::new();
     let mut cursor = 0u64;
     loop {
-        let (next, keys) = scan_keys(conn, cursor, HIST_PATTERN, "zset").await?;
+        let (next, keys) = scan_keys(conn, cursor, HIST_PATTERN, "zset")
+            .await
+            .map_err(|e| e.to_string())?;
         for k in keys {
             let chunks: Vec<Vec<u8>> = redis::cmd("ZRANGE")
                 .arg(&k)
                 .arg(0)
                 .arg(-1)
                 .query_async(conn)
-                .await?;
-            for rows in chunks.iter().filter_map(|c| chunk::decode(c).ok()) {
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some(p) = pseudonym_of_key(&k) else {
+                continue;
+            };
+            for rows in chunks
+                .iter()
+                .filter_map(|c| hist::open(ring.vault(), &p, c).ok())
+            {
                 for (i, (name, n)) in chunk::column_sizes(&rows).into_iter().enumerate() {
                     match sums.get_mut(i) {
                         Some(s) => s.1 += n as u64,

@@ -18,6 +18,24 @@ pub struct ServeArgs {
     pub config: PathBuf,
 }
 
+/// The key file of `config`, refused unless it holds data keys for this month and the
+/// next (payloads are sealed with them; DESIGN §9). Data keys that should have been
+/// destroyed are a warning (and, once serving, the metric `trackgate_data_keys_overdue`).
+pub(super) fn load_keys(config: &Config) -> Result<KeyRing, String> {
+    let keys = KeyRing::load(&config.keys.key_file).map_err(|e| e.to_string())?;
+    keys.check_data_months(crate::store::vault::Month::now())
+        .map_err(|e| format!("{}: {e}", config.keys.key_file.display()))?;
+    let overdue = keys.overdue_months(jiff::Timestamp::now().as_second(), config.data_key_keep());
+    if !overdue.is_empty() {
+        let months: Vec<String> = overdue.iter().map(|m| m.to_string()).collect();
+        tracing::warn!(
+            months = %months.join(","),
+            "the key file still holds data keys past the longest retention; destroy them with `trackgate keys prune`"
+        );
+    }
+    Ok(keys)
+}
+
 pub(super) fn run(args: &ServeArgs) -> ExitCode {
     init_logging();
     let config = match Config::load(&args.config) {
@@ -27,7 +45,7 @@ pub(super) fn run(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let keys = match KeyRing::load(&config.keys.key_file) {
+    let keys = match load_keys(&config) {
         Ok(k) => Arc::new(k),
         Err(e) => {
             eprintln!("trackgate serve: {e}");

@@ -26,6 +26,12 @@ use super::row::{Row, VALUES};
 /// Codec version written by [`encode`].
 pub const VERSION: u8 = 1;
 
+/// A sealed chunk (what Redis holds since payloads are encrypted at rest): the same
+/// header with this version byte, in clear, then an envelope
+/// ([`super::vault`]) holding the whole version-1 chunk. [`header`] reads it; the rows
+/// need the data key ([`super::hist::StoredChunk::rows`]).
+pub const VERSION_SEALED: u8 = 2;
+
 /// Most rows a chunk may hold (the decoder refuses more: bounded memory per chunk).
 pub const MAX_ROWS: usize = 16_384;
 
@@ -67,6 +73,8 @@ pub enum ChunkError {
     Header,
     #[error("{0} bytes after the chunk's last column")]
     Trailing(usize),
+    #[error("sealed chunk: {0}")]
+    Sealed(#[from] super::vault::VaultError),
 }
 
 impl ChunkError {
@@ -79,6 +87,7 @@ impl ChunkError {
             ChunkError::Range(_) => "range",
             ChunkError::Header => "header",
             ChunkError::Trailing(_) => "trailing",
+            ChunkError::Sealed(e) => e.label(),
         }
     }
 }
@@ -511,14 +520,37 @@ pub fn column_sizes(rows: &[Row]) -> Vec<(&'static str, usize)> {
     sizes
 }
 
-/// Read the header alone.
+/// Read the header alone (of a clear or a sealed chunk).
 pub fn header(b: &[u8]) -> Result<Header, ChunkError> {
     header_at(&mut Reader { b, pos: 0 })
 }
 
+/// A sealed chunk's parts: its header, the header's bytes (what the envelope's additional
+/// data binds) and the envelope.
+pub fn split_sealed(b: &[u8]) -> Result<(Header, &[u8], &[u8]), ChunkError> {
+    let mut r = Reader { b, pos: 0 };
+    let h = header_at(&mut r)?;
+    if h.version != VERSION_SEALED {
+        return Err(ChunkError::Version(h.version));
+    }
+    Ok((h, &b[..r.pos], &b[r.pos..]))
+}
+
+/// The clear header a sealed chunk of `plain` (a version-1 chunk) starts with.
+pub fn sealed_header(plain: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    let mut r = Reader { b: plain, pos: 0 };
+    let h = header_at(&mut r)?;
+    if h.version != VERSION {
+        return Err(ChunkError::Version(h.version));
+    }
+    let mut out = plain[..r.pos].to_vec();
+    out[0] = VERSION_SEALED;
+    Ok(out)
+}
+
 fn header_at(r: &mut Reader<'_>) -> Result<Header, ChunkError> {
     let version = r.byte("header")?;
-    if version != VERSION {
+    if version != VERSION && version != VERSION_SEALED {
         return Err(ChunkError::Version(version));
     }
     let flags = r.byte("header")?;
@@ -541,6 +573,9 @@ fn header_at(r: &mut Reader<'_>) -> Result<Header, ChunkError> {
 pub fn decode(b: &[u8]) -> Result<Vec<Row>, ChunkError> {
     let mut r = Reader { b, pos: 0 };
     let h = header_at(&mut r)?;
+    if h.version != VERSION {
+        return Err(ChunkError::Version(h.version));
+    }
     let n = h.count;
     let col = |r: &mut Reader<'_>, what| get_int_column(r, n, what);
     let time = col(&mut r, "time")?;

@@ -7,31 +7,66 @@ use super::chunk::{self, ChunkError, Header};
 use super::keys::hist_key;
 use super::row::Row;
 use super::scripts::{self, Swap};
+use super::vault::{Month, Purpose, Vault};
 use crate::pseudonym::Pseudonym;
 
-/// A chunk as read from Redis: its bytes (the member, also its identity for a swap) and
-/// its header, or why the header cannot be read.
+/// A chunk as read from Redis: its device, its bytes (the member, also its identity for
+/// a swap) and its header (in clear also when the chunk is sealed), or why the header
+/// cannot be read.
 #[derive(Debug, Clone)]
 pub struct StoredChunk {
+    pub p: Pseudonym,
     pub bytes: Vec<u8>,
     pub header: Result<Header, ChunkError>,
 }
 
 impl StoredChunk {
-    fn new(bytes: Vec<u8>) -> Self {
+    pub fn new(p: Pseudonym, bytes: Vec<u8>) -> Self {
         let header = chunk::header(&bytes);
-        StoredChunk { bytes, header }
+        StoredChunk { p, bytes, header }
     }
 
-    /// The chunk's rows; a damaged chunk is counted (`trackgate_chunk_errors_total` by
-    /// kind) and logged, without identifiers, by the caller's `role`.
-    pub fn rows(&self, role: &'static str) -> Result<Vec<Row>, ChunkError> {
-        chunk::decode(&self.bytes).inspect_err(|e| {
+    /// The chunk's rows, opened with `vault` if it is sealed; a damaged chunk, or one
+    /// whose data key is gone, is counted (`trackgate_chunk_errors_total` by kind) and
+    /// logged, without identifiers, by the caller's `role`.
+    pub fn rows(&self, vault: &Vault, role: &'static str) -> Result<Vec<Row>, ChunkError> {
+        open(vault, &self.p, &self.bytes).inspect_err(|e| {
             metrics::counter!(crate::metrics::CHUNK_ERRORS, "kind" => e.label(), "role" => role)
                 .increment(1);
             tracing::warn!(error = %e, role, "history chunk cannot be decoded; skipped");
         })
     }
+}
+
+/// The rows of chunk `bytes` of device `p`: a sealed chunk is opened with `vault` and must
+/// say inside what its clear header says; a clear (version 1) chunk, written before
+/// payloads were sealed, is decoded as it is.
+pub fn open(vault: &Vault, p: &Pseudonym, bytes: &[u8]) -> Result<Vec<Row>, ChunkError> {
+    if bytes.first() != Some(&chunk::VERSION_SEALED) {
+        return chunk::decode(bytes);
+    }
+    let (h, head, envelope) = chunk::split_sealed(bytes)?;
+    let plain = vault.open(Purpose::Chunk, p, head, envelope)?;
+    let inner = chunk::header(&plain)?;
+    if (inner.flags, inner.count, inner.first, inner.last) != (h.flags, h.count, h.first, h.last)
+    {
+        return Err(ChunkError::Header);
+    }
+    chunk::decode(&plain)
+}
+
+/// Seal a version-1 chunk `plain` of device `p` whose rows are data of `month`.
+pub fn seal(vault: &Vault, p: &Pseudonym, month: Month, plain: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    let mut out = chunk::sealed_header(plain)?;
+    let head = out.clone();
+    out.reserve(plain.len() + super::vault::OVERHEAD);
+    vault.seal_into(Purpose::Chunk, p, &head, month, plain, &mut out)?;
+    Ok(out)
+}
+
+/// The month (UTC) a row's time falls in: what seals it.
+fn month_of(time: i64) -> Month {
+    Month::of_unix(time).unwrap_or(Month(0))
 }
 
 /// Chunks whose score (first row's time) lies in `[min, max]` (Redis score bounds such as
@@ -80,7 +115,10 @@ async fn chunks_in<C: ConnectionLike + Send>(
         .arg(i64::try_from(count).unwrap_or(-1))
         .query_async(conn)
         .await?;
-    Ok(members.into_iter().map(StoredChunk::new).collect())
+    Ok(members
+        .into_iter()
+        .map(|b| StoredChunk::new(p.clone(), b))
+        .collect())
 }
 
 /// Drop every row that is the resend of an earlier one (same fix time and content; see
@@ -102,32 +140,44 @@ pub fn dedup_sorted(rows: &mut Vec<Row>) -> usize {
     before - rows.len()
 }
 
-/// Cut sorted rows into chunks of at most `max_rows` rows, only between rows of different
-/// times, so chunks never overlap in time (a run of more than [`chunk::MAX_ROWS`] rows of
-/// one second, which no tracker sends, is cut anyway). Returns (score, chunk) pairs.
-pub fn encode_chunks(rows: &[Row], max_rows: usize) -> Vec<(i64, Vec<u8>)> {
+/// Cut sorted rows of device `p` into chunks of at most `max_rows` rows, only between
+/// rows of different times, so chunks never overlap in time (a run of more than
+/// [`chunk::MAX_ROWS`] rows of one second, which no tracker sends, is cut anyway), and at
+/// every change of month, so each chunk is sealed with its own month's data key. Returns
+/// (score, sealed chunk) pairs; `Err` when `vault` has no key for a month of the rows.
+pub fn encode_chunks(
+    vault: &Vault,
+    p: &Pseudonym,
+    rows: &[Row],
+    max_rows: usize,
+) -> Result<Vec<(i64, Vec<u8>)>, ChunkError> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < rows.len() {
-        let mut end = (start + max_rows).min(rows.len());
+        let month = month_of(rows[start].time);
+        let month_end = rows[start..]
+            .iter()
+            .position(|r| month_of(r.time) != month)
+            .map_or(rows.len(), |i| start + i);
+        let mut end = (start + max_rows).min(month_end);
         // Move the cut back to a change of time, or forward if one time fills the chunk.
-        if end < rows.len() && rows[end].time == rows[end - 1].time {
+        if end < month_end && rows[end].time == rows[end - 1].time {
             let t = rows[end].time;
             let back = rows[start..end].iter().rposition(|r| r.time != t);
             end = match back {
                 Some(i) => start + i + 1,
-                None => rows[end..]
+                None => rows[end..month_end]
                     .iter()
                     .position(|r| r.time != t)
-                    .map_or(rows.len(), |i| end + i)
+                    .map_or(month_end, |i| end + i)
                     .min(start + chunk::MAX_ROWS),
             };
         }
         let part = &rows[start..end];
-        out.push((part[0].time, chunk::encode(part)));
+        out.push((part[0].time, seal(vault, p, month, &chunk::encode(part))?));
         start = end;
     }
-    out
+    Ok(out)
 }
 
 /// What [`drop_rows`] did.
@@ -148,6 +198,7 @@ pub struct Dropped {
 /// meanwhile (counted in [`Dropped::conflicts`]: the caller reads again).
 pub async fn drop_rows<C: ConnectionLike + Send>(
     conn: &mut C,
+    vault: &Vault,
     p: &Pseudonym,
     chunks: Vec<StoredChunk>,
     role: &'static str,
@@ -156,14 +207,19 @@ pub async fn drop_rows<C: ConnectionLike + Send>(
 ) -> redis::RedisResult<Dropped> {
     let mut out = Dropped::default();
     for c in chunks {
-        let (new_chunks, n) = match (c.rows(role), &c.header) {
+        let (new_chunks, n) = match (c.rows(vault, role), &c.header) {
             (Ok(rows), _) => {
                 let before = rows.len();
                 let kept: Vec<Row> = rows.into_iter().filter(|r| !doomed(r)).collect();
                 if kept.len() == before {
                     continue;
                 }
-                (encode_chunks(&kept, chunk::MAX_ROWS), before - kept.len())
+                // The survivors were sealed before: a key for their month is held.
+                let Ok(new) = encode_chunks(vault, p, &kept, chunk::MAX_ROWS) else {
+                    out.damaged += 1;
+                    continue;
+                };
+                (new, before - kept.len())
             }
             (Err(_), Ok(h)) if whole(h) => (Vec::new(), h.count),
             (Err(_), _) => {
@@ -202,14 +258,23 @@ mod tests {
         }
     }
 
+    fn ring() -> crate::pseudonym::KeyRing {
+        crate::pseudonym::KeyRing::ephemeral()
+    }
+
+    fn device(s: &str) -> Pseudonym {
+        Pseudonym::parse(&format!("p1_{}", s.repeat(26))).unwrap_or_else(|| unreachable!())
+    }
+
     #[test]
     fn chunks_are_cut_between_times_only() -> Result<(), ChunkError> {
+        let (ring, p) = (ring(), device("a"));
         let rows: Vec<Row> = [1, 2, 2, 2, 3, 4]
             .iter()
             .enumerate()
             .map(|(i, &t)| row(t, i as i64, i as i64))
             .collect();
-        let chunks = encode_chunks(&rows, 2);
+        let chunks = encode_chunks(ring.vault(), &p, &rows, 2)?;
         let spans: Vec<(i64, i64)> = chunks
             .iter()
             .map(|(_, b)| chunk::header(b).map(|h| (h.first, h.last)))
@@ -217,10 +282,53 @@ mod tests {
         assert_eq!(spans, [(1, 1), (2, 2), (3, 4)]);
         let back: Vec<Row> = chunks
             .iter()
-            .map(|(_, b)| chunk::decode(b))
+            .map(|(_, b)| open(ring.vault(), &p, b))
             .collect::<Result<Vec<_>, _>>()?
             .concat();
         assert_eq!(back, rows);
+        Ok(())
+    }
+
+    #[test]
+    fn chunks_are_cut_at_months_and_sealed_with_their_months_key() -> Result<(), ChunkError> {
+        let (ring, p) = (ring(), device("a"));
+        let this = Month::now();
+        let t = this.next().start_unix();
+        let rows: Vec<Row> = [t - 2, t - 1, t, t + 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| row(t, i as i64, i as i64))
+            .collect();
+        let chunks = encode_chunks(ring.vault(), &p, &rows, 100)?;
+        let months: Vec<Option<Month>> = chunks
+            .iter()
+            .map(|(_, b)| chunk::split_sealed(b).ok().and_then(|(_, _, e)| Vault::month_of(e)))
+            .collect();
+        assert_eq!(months, [Some(this), Some(this.next())]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_sealed_chunk_holds_no_clear_value_and_opens_only_for_its_device_and_header() -> Result<(), ChunkError> {
+        let (ring, p) = (ring(), device("a"));
+        let rows = vec![row(100, 1, 51_500_123), row(101, 2, 51_500_456)];
+        let plain = chunk::encode(&rows);
+        let (_, sealed) = encode_chunks(ring.vault(), &p, &rows, 100)?.remove(0);
+        assert_eq!(chunk::header(&sealed)?.count, 2, "the header is in clear");
+        let body = &plain[chunk::sealed_header(&plain)?.len()..];
+        assert!(!sealed.windows(body.len().min(8)).any(|w| body.starts_with(w)));
+        assert!(matches!(
+            open(ring.vault(), &device("b"), &sealed),
+            Err(ChunkError::Sealed(super::super::vault::VaultError::Forged))
+        ), "moved to another device");
+        // A header edited in clear (here: the count) no longer matches the envelope.
+        let mut edited = sealed.clone();
+        edited[2] = 1;
+        assert!(open(ring.vault(), &p, &edited).is_err());
+        assert!(matches!(
+            open(crate::pseudonym::KeyRing::ephemeral().vault(), &p, &sealed),
+            Err(ChunkError::Sealed(_))
+        ), "another key file's keys");
         Ok(())
     }
 

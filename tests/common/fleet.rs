@@ -465,7 +465,7 @@ pub async fn verify(
             .await
             .unwrap();
         for c in &chunks {
-            for row in trackgate::store::chunk::decode(c).unwrap() {
+            for row in trackgate::store::hist::open(keys.vault(), &p, c).unwrap() {
                 if tail_ids.contains(&row.id()) {
                     continue;
                 }

@@ -204,12 +204,12 @@ pub(crate) async fn measure(
         .await
         .map_err(|e| e.to_string())?;
     let tail_delta = redis_info(conn, "used_memory").await.unwrap_or(0.0) - before;
-    let seal = seal(redis_url, conn, Sealing::Everything).await?;
+    let seal = seal(redis_url, work, conn, Sealing::Everything).await?;
     let stored = super::super::count_stored_fixes(conn)
         .await
         .map_err(|e| e.to_string())?;
     let delta = redis_info(conn, "used_memory").await.unwrap_or(0.0) - before;
-    let column_bytes_per_fix: Vec<(String, f64)> = super::super::chunk_column_bytes(conn)
+    let column_bytes_per_fix: Vec<(String, f64)> = super::super::chunk_column_bytes(conn, &work.join("keys.json"))
         .await
         .map_err(|e| e.to_string())?
         .into_iter()
@@ -337,9 +337,15 @@ enum Sealing {
 /// Seal the tail in this process with the gateway's compaction code, whatever its age.
 async fn seal(
     redis_url: &str,
+    work: &Path,
     conn: &mut redis::aio::MultiplexedConnection,
     how: Sealing,
 ) -> Result<CpuCost, String> {
+    // The gateway's key file ([`GatewayProc`]): chunks are sealed with its data keys.
+    let vault = crate::pseudonym::KeyRing::load(&work.join("keys.json"))
+        .map_err(|e| e.to_string())?
+        .vault()
+        .clone();
     let store = crate::redis_conn::connect(&crate::config::RedisConfig {
         url: redis_url.to_string(),
         response_timeout_ms: 120_000,
@@ -349,11 +355,11 @@ async fn seal(
     let storage = StorageConfig::default();
     let meter = Meter::start(std::process::id(), conn).await;
     let sealed = match how {
-        Sealing::Everything => crate::compact::seal_everything(&store, &storage).await,
+        Sealing::Everything => crate::compact::seal_everything(&store, &storage, vault).await,
         Sealing::OnePass => {
             let pass = crate::compact::Compaction {
                 after: Duration::ZERO,
-                ..crate::compact::Compaction::from(&storage)
+                ..crate::compact::Compaction::new(&storage, vault)
             };
             crate::compact::compact_once(&store, &pass).await
         }
@@ -388,7 +394,7 @@ async fn steady_pass(
             conn,
         )
         .await?;
-        let pass = seal(redis_url, conn, Sealing::OnePass).await?;
+        let pass = seal(redis_url, work, conn, Sealing::OnePass).await?;
         // A device is sealed once its due fixes fill a chunk (or have waited
         // `seal_max_wait_s`): these passes mostly look and wait, and what they cost is
         // spread over the fixes that arrived meanwhile (sealing them, later, is the

@@ -1,0 +1,346 @@
+//! Payloads at rest (DESIGN §9): sealed with AES-256-GCM (`ring`, the rustls provider
+//! already in the build) under a data key per calendar month (UTC) and key version, held
+//! in the key file beside the pseudonym keys. Destroying a month's key
+//! (`trackgate keys prune`) makes every copy of what it sealed unreadable: memory, AOF,
+//! RDB, replicas and backups alike (crypto-shredding).
+//!
+//! An envelope is `month u16 BE · key version u8 · nonce (12 random bytes) · ciphertext ·
+//! tag (16)`: 31 bytes more than the plaintext. The additional data binds the purpose,
+//! the device's pseudonym and the caller's `bind` bytes (for a chunk: its clear header),
+//! so an envelope moved to another device or entry does not open.
+//!
+//! Which key seals data of month M: M's newest version, or, when the file has no key for M
+//! (a fix older than the file), the nearest later month's. Data is then destroyed later
+//! than it could be, never earlier.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::pseudonym::Pseudonym;
+
+/// A calendar month (UTC), as months since 1970-01.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Month(pub u16);
+
+impl Month {
+    /// The month of Unix second `s`; `None` before 1970 or after the year 7431.
+    pub fn of_unix(s: i64) -> Option<Month> {
+        let ts = jiff::Timestamp::from_second(s).ok()?;
+        let d = ts.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+        Month::from_ym(i32::from(d.year()), d.month() as u8)
+    }
+
+    fn from_ym(year: i32, month: u8) -> Option<Month> {
+        let n = (year - 1970).checked_mul(12)? + i32::from(month) - 1;
+        u16::try_from(n).ok().map(Month)
+    }
+
+    /// `YYYY-MM`.
+    pub fn parse(s: &str) -> Option<Month> {
+        let (y, m) = s.split_once('-')?;
+        let (y, m): (i32, u8) = (y.parse().ok()?, m.parse().ok()?);
+        if !(1..=12).contains(&m) || y < 1970 || m.to_string().len() > 2 {
+            return None;
+        }
+        Month::from_ym(y, m)
+    }
+
+    pub fn next(self) -> Month {
+        Month(self.0.saturating_add(1))
+    }
+
+    /// Unix second at which this month starts.
+    pub fn start_unix(self) -> i64 {
+        let (y, m) = (1970 + i32::from(self.0 / 12), (self.0 % 12) as i8 + 1);
+        jiff::civil::date(y as i16, m, 1)
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+            .map(|z| z.timestamp().as_second())
+            .unwrap_or(i64::MAX)
+    }
+
+    /// The month now.
+    pub fn now() -> Month {
+        Month::of_unix(jiff::Timestamp::now().as_second()).unwrap_or(Month(0))
+    }
+}
+
+impl fmt::Display for Month {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}", 1970 + self.0 / 12, self.0 % 12 + 1)
+    }
+}
+
+/// Why an envelope could not be sealed or opened. Never carries identifiers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VaultError {
+    #[error("no data key for {0} or any later month")]
+    NoKey(Month),
+    #[error("data key {month} v{version} is gone (pruned or never held here)")]
+    KeyGone { month: Month, version: u8 },
+    #[error("sealed payload truncated")]
+    Truncated,
+    #[error("sealed payload does not open (tampered, moved or wrong key)")]
+    Forged,
+}
+
+impl VaultError {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            VaultError::NoKey(_) => "no_key",
+            VaultError::KeyGone { .. } => "key_gone",
+            VaultError::Truncated => "truncated",
+            VaultError::Forged => "forged",
+        }
+    }
+}
+
+/// What an envelope is for (part of the additional data).
+#[derive(Debug, Clone, Copy)]
+pub enum Purpose {
+    /// A history chunk; bind = its clear header.
+    Chunk,
+}
+
+impl Purpose {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Purpose::Chunk => b"chunk",
+        }
+    }
+}
+
+/// Bytes an envelope adds to its plaintext.
+pub const OVERHEAD: usize = 3 + NONCE_LEN + 16;
+
+/// The data keys of one key file. Cheap to share behind an `Arc`.
+pub struct Vault {
+    keys: BTreeMap<(Month, u8), LessSafeKey>,
+    rng: SystemRandom,
+}
+
+impl fmt::Debug for Vault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let held: Vec<String> = self.keys.keys().map(|(m, v)| format!("{m} v{v}")).collect();
+        f.debug_struct("Vault").field("keys", &held).finish()
+    }
+}
+
+impl Vault {
+    /// A vault over `(month, version, 32-byte secret)` entries.
+    pub fn new<'a>(entries: impl IntoIterator<Item = (Month, u8, &'a [u8])>) -> Result<Vault, String> {
+        let mut keys = BTreeMap::new();
+        for (month, version, secret) in entries {
+            let key = UnboundKey::new(&AES_256_GCM, secret)
+                .map_err(|_| format!("data key {month} v{version}: secret must be 32 bytes"))?;
+            if keys.insert((month, version), LessSafeKey::new(key)).is_some() {
+                return Err(format!("data key {month} v{version} appears twice"));
+            }
+        }
+        Ok(Vault {
+            keys,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// A vault without keys: it seals nothing and opens nothing.
+    pub fn empty() -> Vault {
+        Vault {
+            keys: BTreeMap::new(),
+            rng: SystemRandom::new(),
+        }
+    }
+
+    /// The months held, ascending, each once.
+    pub fn months(&self) -> Vec<Month> {
+        let mut m: Vec<Month> = self.keys.keys().map(|(m, _)| *m).collect();
+        m.dedup();
+        m
+    }
+
+    /// Whether a key for `month` is held.
+    pub fn holds(&self, month: Month) -> bool {
+        self.keys.range((month, 0)..=(month, u8::MAX)).next().is_some()
+    }
+
+    /// The key that seals data of `month` (see the module doc).
+    fn sealing_key(&self, month: Month) -> Result<(Month, u8, &LessSafeKey), VaultError> {
+        let first = self
+            .keys
+            .range((month, 0)..)
+            .next()
+            .map(|((m, _), _)| *m)
+            .ok_or(VaultError::NoKey(month))?;
+        let ((m, v), k) = self
+            .keys
+            .range((first, 0)..=(first, u8::MAX))
+            .next_back()
+            .ok_or(VaultError::NoKey(month))?;
+        Ok((*m, *v, k))
+    }
+
+    fn aad(purpose: Purpose, p: &Pseudonym, bind: &[u8], head: &[u8]) -> Vec<u8> {
+        let mut a = Vec::with_capacity(16 + p.as_str().len() + bind.len());
+        a.extend_from_slice(b"trackgate/1/");
+        a.extend_from_slice(purpose.tag());
+        a.push(0);
+        a.extend_from_slice(p.as_str().as_bytes());
+        a.push(0);
+        a.extend_from_slice(head);
+        a.extend_from_slice(bind);
+        a
+    }
+
+    /// Seal `plain`, data of `month` of device `p`, appending the envelope to `out`.
+    pub fn seal_into(
+        &self,
+        purpose: Purpose,
+        p: &Pseudonym,
+        bind: &[u8],
+        month: Month,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), VaultError> {
+        let (m, v, key) = self.sealing_key(month)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).map_err(|_| VaultError::Forged)?;
+        let start = out.len();
+        out.extend_from_slice(&m.0.to_be_bytes());
+        out.push(v);
+        out.extend_from_slice(&nonce);
+        let head = out[start..start + 3].to_vec();
+        let body = out.len();
+        out.extend_from_slice(plain);
+        let mut sealed = out.split_off(body);
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(Self::aad(purpose, p, bind, &head)),
+            &mut sealed,
+        )
+        .map_err(|_| VaultError::Forged)?;
+        out.extend_from_slice(&sealed);
+        Ok(())
+    }
+
+    /// Open an envelope written by [`Vault::seal_into`] with the same purpose, device and
+    /// bind bytes.
+    pub fn open(
+        &self,
+        purpose: Purpose,
+        p: &Pseudonym,
+        bind: &[u8],
+        envelope: &[u8],
+    ) -> Result<Vec<u8>, VaultError> {
+        if envelope.len() < OVERHEAD {
+            return Err(VaultError::Truncated);
+        }
+        let month = Month(u16::from_be_bytes([envelope[0], envelope[1]]));
+        let version = envelope[2];
+        let key = self
+            .keys
+            .get(&(month, version))
+            .ok_or(VaultError::KeyGone { month, version })?;
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&envelope[3..3 + NONCE_LEN]);
+        let mut buf = envelope[3 + NONCE_LEN..].to_vec();
+        let plain_len = key
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(Self::aad(purpose, p, bind, &envelope[..3])),
+                &mut buf,
+            )
+            .map_err(|_| VaultError::Forged)?
+            .len();
+        buf.truncate(plain_len);
+        Ok(buf)
+    }
+
+    /// The month whose key sealed `envelope` (its first two bytes).
+    pub fn month_of(envelope: &[u8]) -> Option<Month> {
+        Some(Month(u16::from_be_bytes([*envelope.first()?, *envelope.get(1)?])))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Pseudonym {
+        Pseudonym::parse(s).unwrap()
+    }
+
+    fn vault(months: &[(Month, u8)]) -> Vault {
+        let secrets: Vec<(Month, u8, [u8; 32])> = months
+            .iter()
+            .map(|(m, v)| (*m, *v, [m.0 as u8 ^ *v; 32]))
+            .collect();
+        Vault::new(secrets.iter().map(|(m, v, s)| (*m, *v, &s[..]))).unwrap()
+    }
+
+    #[test]
+    fn months_print_parse_and_start_where_the_calendar_says() {
+        let m = Month::parse("2026-12").unwrap();
+        assert_eq!(m.to_string(), "2026-12");
+        assert_eq!(m.next().to_string(), "2027-01");
+        assert_eq!(Month::of_unix(m.start_unix()), Some(m));
+        assert_eq!(Month::of_unix(m.start_unix() - 1), Month::parse("2026-11"));
+        assert_eq!(m.start_unix(), 1_796_083_200); // 2026-12-01T00:00:00Z
+        for bad in ["2026-13", "2026-0", "1969-12", "x-01", "2026"] {
+            assert_eq!(Month::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_envelope_opens_only_for_its_device_purpose_and_bind() {
+        let m = Month::parse("2026-12").unwrap();
+        let v = vault(&[(m, 1)]);
+        let (a, b) = (p("p1_aaaaaaaaaaaaaaaaaaaaaaaaaa"), p("p1_bbbbbbbbbbbbbbbbbbbbbbbbbb"));
+        let mut env = Vec::new();
+        v.seal_into(Purpose::Chunk, &a, b"head", m, b"lat 51.5", &mut env)
+            .unwrap();
+        assert_eq!(env.len(), 8 + OVERHEAD);
+        assert!(!env.windows(8).any(|w| w == b"lat 51.5"), "no clear text");
+        assert_eq!(v.open(Purpose::Chunk, &a, b"head", &env).unwrap(), b"lat 51.5");
+        assert_eq!(v.open(Purpose::Chunk, &b, b"head", &env), Err(VaultError::Forged));
+        assert_eq!(v.open(Purpose::Chunk, &a, b"other", &env), Err(VaultError::Forged));
+        let mut flipped = env.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(v.open(Purpose::Chunk, &a, b"head", &flipped), Err(VaultError::Forged));
+        assert_eq!(
+            v.open(Purpose::Chunk, &a, b"head", &env[..OVERHEAD - 1]),
+            Err(VaultError::Truncated)
+        );
+        // Claiming another (held) key version fails too.
+        let v2 = vault(&[(m, 1), (m, 2)]);
+        let mut moved = env.clone();
+        moved[2] = 2;
+        assert_eq!(v2.open(Purpose::Chunk, &a, b"head", &moved), Err(VaultError::Forged));
+    }
+
+    #[test]
+    fn a_month_without_a_key_uses_the_next_later_one_and_a_pruned_key_is_gone() {
+        let (nov, dec, jan) = (
+            Month::parse("2026-11").unwrap(),
+            Month::parse("2026-12").unwrap(),
+            Month::parse("2027-01").unwrap(),
+        );
+        let v = vault(&[(dec, 1), (dec, 2), (jan, 1)]);
+        let a = p("p1_aaaaaaaaaaaaaaaaaaaaaaaaaa");
+        let mut env = Vec::new();
+        v.seal_into(Purpose::Chunk, &a, b"", nov, b"x", &mut env).unwrap();
+        assert_eq!((Vault::month_of(&env), env[2]), (Some(dec), 2), "newest version of December");
+        let mut later = Vec::new();
+        assert_eq!(
+            v.seal_into(Purpose::Chunk, &a, b"", jan.next(), b"x", &mut later),
+            Err(VaultError::NoKey(jan.next()))
+        );
+        let pruned = vault(&[(jan, 1)]);
+        assert_eq!(
+            pruned.open(Purpose::Chunk, &a, b"", &env),
+            Err(VaultError::KeyGone { month: dec, version: 2 })
+        );
+    }
+}
