@@ -236,7 +236,11 @@ impl Device {
     /// The next rows to write, in time order: the next chunk's rows with the tail rows
     /// that come before them; the rest of the tail once the chunks are done. `None` once
     /// the device is done.
-    fn next_rows(&mut self, filter: &Filter, vault: &crate::store::vault::Vault) -> Option<Vec<Row>> {
+    fn next_rows(
+        &mut self,
+        filter: &Filter,
+        vault: &crate::store::vault::Vault,
+    ) -> Option<Vec<Row>> {
         let Some(c) = self.chunks.pop_front() else {
             if self.tail.is_empty() {
                 return None;

@@ -64,7 +64,8 @@ impl Gateway {
         let vault = keys.vault().clone();
         let prometheus = metrics::install();
         // Data keys past the longest retention (`serve` also logs which).
-        let overdue = keys.overdue_months(jiff::Timestamp::now().as_second(), config.data_key_keep());
+        let overdue =
+            keys.overdue_months(jiff::Timestamp::now().as_second(), config.data_key_keep());
         ::metrics::gauge!(crate::metrics::DATA_KEYS_OVERDUE).set(overdue.len() as f64);
         let config = Arc::new(config);
         let conn = redis_conn::connect(&config.redis)?;

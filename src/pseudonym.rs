@@ -246,7 +246,10 @@ impl KeyRing {
     /// Destroy the data keys of every month that ended more than `keep` ago
     /// (crypto-shredding: what they sealed, in every copy, cannot be read any more).
     /// Returns the months destroyed.
-    pub fn prune_data_months(path: &Path, keep: std::time::Duration) -> Result<Vec<Month>, KeyError> {
+    pub fn prune_data_months(
+        path: &Path,
+        keep: std::time::Duration,
+    ) -> Result<Vec<Month>, KeyError> {
         let mut file = read_key_file(path)?;
         let due = months_due(&file, Timestamp::now().as_second(), keep);
         if !due.is_empty() {
@@ -359,7 +362,11 @@ fn vault_of(entries: &[DataKeyEntry]) -> Result<Vault, String> {
 /// Add a version-1 data key for each month from `from` to `from + ahead` that `file` has
 /// no key for; returns them.
 fn add_months(file: &mut KeyFile, from: Month, ahead: u16) -> Vec<Month> {
-    let held: Vec<Option<Month>> = file.data_keys.iter().map(|k| Month::parse(&k.month)).collect();
+    let held: Vec<Option<Month>> = file
+        .data_keys
+        .iter()
+        .map(|k| Month::parse(&k.month))
+        .collect();
     let mut added = Vec::new();
     let mut m = from;
     for _ in 0..=ahead {

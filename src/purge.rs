@@ -38,9 +38,9 @@ use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
 use crate::store::fixes_key;
 use crate::store::hist;
-use crate::store::vault::Vault;
 use crate::store::keys::{purge_idem_key as idem_key, purge_key};
 use crate::store::scripts::{self, RangeStep, RangeStepDone};
+use crate::store::vault::Vault;
 
 pub use crate::store::keys::{
     LEGACY_PURGE_PREFIX as LEGACY_PREFIX, PURGE_JOURNAL_KEY as JOURNAL_KEY,

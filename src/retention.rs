@@ -36,9 +36,9 @@ use crate::pseudonym::Pseudonym;
 use crate::redis_conn::RedisConn;
 use crate::registry::owner_key;
 use crate::store::hist;
-use crate::store::vault::Vault;
 use crate::store::keys::{CUSTOMER_RETENTION_S, customer_key};
 use crate::store::scripts::{self, SweepStep};
+use crate::store::vault::Vault;
 use crate::store::{FIXES_PATTERN, HIST_PATTERN, pseudonym_of_key};
 
 pub use crate::store::keys::SWEEP_LEASE_KEY;

@@ -200,7 +200,11 @@ async fn sealed_history_exports_exactly_what_the_tail_did_in_time_order() {
         spans.windows(2).all(|w| w[0].1 < w[1].0),
         "chunks never overlap in time: {spans:?}"
     );
-    assert_eq!(export(&conn, &keys, &p).await, before, "identical after sealing");
+    assert_eq!(
+        export(&conn, &keys, &p).await,
+        before,
+        "identical after sealing"
+    );
     gw.shutdown();
     gw.wait().await;
 }
@@ -243,7 +247,10 @@ async fn a_batch_resent_after_a_lost_ack_is_stored_once() {
     );
     seal_all(&mut conn, &keys, &p).await;
     let chunks: Vec<Vec<u8>> = conn.zrange(hist_key(&p), 0, -1).await.unwrap();
-    let rows: usize = chunks.iter().map(|c| hist::open(keys.vault(), &p, c).unwrap().len()).sum();
+    let rows: usize = chunks
+        .iter()
+        .map(|c| hist::open(keys.vault(), &p, c).unwrap().len())
+        .sum();
     assert_eq!(rows, 10, "stored once after sealing");
     assert_eq!(export(&conn, &keys, &p).await.len(), 10);
     let seen: bool = conn.exists(seen_key(&p)).await.unwrap();
@@ -279,7 +286,10 @@ async fn late_fixes_are_sealed_into_the_chunk_their_time_falls_in() {
         .map(|c| chunk::header(c).map(|h| (h.first, h.last)).unwrap())
         .collect();
     assert!(spans.windows(2).all(|w| w[0].1 < w[1].0), "{spans:?}");
-    let rows: usize = after.iter().map(|c| hist::open(keys.vault(), &p, c).unwrap().len()).sum();
+    let rows: usize = after
+        .iter()
+        .map(|c| hist::open(keys.vault(), &p, c).unwrap().len())
+        .sum();
     assert_eq!(rows, 56);
     // Each full chunk a late row lands in splits once; no late row gets a chunk alone.
     assert!(

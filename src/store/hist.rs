@@ -48,15 +48,19 @@ pub fn open(vault: &Vault, p: &Pseudonym, bytes: &[u8]) -> Result<Vec<Row>, Chun
     let (h, head, envelope) = chunk::split_sealed(bytes)?;
     let plain = vault.open(Purpose::Chunk, p, head, envelope)?;
     let inner = chunk::header(&plain)?;
-    if (inner.flags, inner.count, inner.first, inner.last) != (h.flags, h.count, h.first, h.last)
-    {
+    if (inner.flags, inner.count, inner.first, inner.last) != (h.flags, h.count, h.first, h.last) {
         return Err(ChunkError::Header);
     }
     chunk::decode(&plain)
 }
 
 /// Seal a version-1 chunk `plain` of device `p` whose rows are data of `month`.
-pub fn seal(vault: &Vault, p: &Pseudonym, month: Month, plain: &[u8]) -> Result<Vec<u8>, ChunkError> {
+pub fn seal(
+    vault: &Vault,
+    p: &Pseudonym,
+    month: Month,
+    plain: &[u8],
+) -> Result<Vec<u8>, ChunkError> {
     let mut out = chunk::sealed_header(plain)?;
     let head = out.clone();
     out.reserve(plain.len() + super::vault::OVERHEAD);
@@ -302,33 +306,48 @@ mod tests {
         let chunks = encode_chunks(ring.vault(), &p, &rows, 100)?;
         let months: Vec<Option<Month>> = chunks
             .iter()
-            .map(|(_, b)| chunk::split_sealed(b).ok().and_then(|(_, _, e)| Vault::month_of(e)))
+            .map(|(_, b)| {
+                chunk::split_sealed(b)
+                    .ok()
+                    .and_then(|(_, _, e)| Vault::month_of(e))
+            })
             .collect();
         assert_eq!(months, [Some(this), Some(this.next())]);
         Ok(())
     }
 
     #[test]
-    fn a_sealed_chunk_holds_no_clear_value_and_opens_only_for_its_device_and_header() -> Result<(), ChunkError> {
+    fn a_sealed_chunk_holds_no_clear_value_and_opens_only_for_its_device_and_header()
+    -> Result<(), ChunkError> {
         let (ring, p) = (ring(), device("a"));
         let rows = vec![row(100, 1, 51_500_123), row(101, 2, 51_500_456)];
         let plain = chunk::encode(&rows);
         let (_, sealed) = encode_chunks(ring.vault(), &p, &rows, 100)?.remove(0);
         assert_eq!(chunk::header(&sealed)?.count, 2, "the header is in clear");
         let body = &plain[chunk::sealed_header(&plain)?.len()..];
-        assert!(!sealed.windows(body.len().min(8)).any(|w| body.starts_with(w)));
-        assert!(matches!(
-            open(ring.vault(), &device("b"), &sealed),
-            Err(ChunkError::Sealed(super::super::vault::VaultError::Forged))
-        ), "moved to another device");
+        assert!(
+            !sealed
+                .windows(body.len().min(8))
+                .any(|w| body.starts_with(w))
+        );
+        assert!(
+            matches!(
+                open(ring.vault(), &device("b"), &sealed),
+                Err(ChunkError::Sealed(super::super::vault::VaultError::Forged))
+            ),
+            "moved to another device"
+        );
         // A header edited in clear (here: the count) no longer matches the envelope.
         let mut edited = sealed.clone();
         edited[2] = 1;
         assert!(open(ring.vault(), &p, &edited).is_err());
-        assert!(matches!(
-            open(crate::pseudonym::KeyRing::ephemeral().vault(), &p, &sealed),
-            Err(ChunkError::Sealed(_))
-        ), "another key file's keys");
+        assert!(
+            matches!(
+                open(crate::pseudonym::KeyRing::ephemeral().vault(), &p, &sealed),
+                Err(ChunkError::Sealed(_))
+            ),
+            "another key file's keys"
+        );
         Ok(())
     }
 

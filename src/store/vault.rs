@@ -131,12 +131,17 @@ impl fmt::Debug for Vault {
 
 impl Vault {
     /// A vault over `(month, version, 32-byte secret)` entries.
-    pub fn new<'a>(entries: impl IntoIterator<Item = (Month, u8, &'a [u8])>) -> Result<Vault, String> {
+    pub fn new<'a>(
+        entries: impl IntoIterator<Item = (Month, u8, &'a [u8])>,
+    ) -> Result<Vault, String> {
         let mut keys = BTreeMap::new();
         for (month, version, secret) in entries {
             let key = UnboundKey::new(&AES_256_GCM, secret)
                 .map_err(|_| format!("data key {month} v{version}: secret must be 32 bytes"))?;
-            if keys.insert((month, version), LessSafeKey::new(key)).is_some() {
+            if keys
+                .insert((month, version), LessSafeKey::new(key))
+                .is_some()
+            {
                 return Err(format!("data key {month} v{version} appears twice"));
             }
         }
@@ -163,7 +168,10 @@ impl Vault {
 
     /// Whether a key for `month` is held.
     pub fn holds(&self, month: Month) -> bool {
-        self.keys.range((month, 0)..=(month, u8::MAX)).next().is_some()
+        self.keys
+            .range((month, 0)..=(month, u8::MAX))
+            .next()
+            .is_some()
     }
 
     /// The key that seals data of `month` (see the module doc).
@@ -260,7 +268,10 @@ impl Vault {
 
     /// The month whose key sealed `envelope` (its first two bytes).
     pub fn month_of(envelope: &[u8]) -> Option<Month> {
-        Some(Month(u16::from_be_bytes([*envelope.first()?, *envelope.get(1)?])))
+        Some(Month(u16::from_be_bytes([
+            *envelope.first()?,
+            *envelope.get(1)?,
+        ])))
     }
 }
 
@@ -297,18 +308,33 @@ mod tests {
     fn an_envelope_opens_only_for_its_device_purpose_and_bind() {
         let m = Month::parse("2026-12").unwrap();
         let v = vault(&[(m, 1)]);
-        let (a, b) = (p("p1_aaaaaaaaaaaaaaaaaaaaaaaaaa"), p("p1_bbbbbbbbbbbbbbbbbbbbbbbbbb"));
+        let (a, b) = (
+            p("p1_aaaaaaaaaaaaaaaaaaaaaaaaaa"),
+            p("p1_bbbbbbbbbbbbbbbbbbbbbbbbbb"),
+        );
         let mut env = Vec::new();
         v.seal_into(Purpose::Chunk, &a, b"head", m, b"lat 51.5", &mut env)
             .unwrap();
         assert_eq!(env.len(), 8 + OVERHEAD);
         assert!(!env.windows(8).any(|w| w == b"lat 51.5"), "no clear text");
-        assert_eq!(v.open(Purpose::Chunk, &a, b"head", &env).unwrap(), b"lat 51.5");
-        assert_eq!(v.open(Purpose::Chunk, &b, b"head", &env), Err(VaultError::Forged));
-        assert_eq!(v.open(Purpose::Chunk, &a, b"other", &env), Err(VaultError::Forged));
+        assert_eq!(
+            v.open(Purpose::Chunk, &a, b"head", &env).unwrap(),
+            b"lat 51.5"
+        );
+        assert_eq!(
+            v.open(Purpose::Chunk, &b, b"head", &env),
+            Err(VaultError::Forged)
+        );
+        assert_eq!(
+            v.open(Purpose::Chunk, &a, b"other", &env),
+            Err(VaultError::Forged)
+        );
         let mut flipped = env.clone();
         *flipped.last_mut().unwrap() ^= 1;
-        assert_eq!(v.open(Purpose::Chunk, &a, b"head", &flipped), Err(VaultError::Forged));
+        assert_eq!(
+            v.open(Purpose::Chunk, &a, b"head", &flipped),
+            Err(VaultError::Forged)
+        );
         assert_eq!(
             v.open(Purpose::Chunk, &a, b"head", &env[..OVERHEAD - 1]),
             Err(VaultError::Truncated)
@@ -317,7 +343,10 @@ mod tests {
         let v2 = vault(&[(m, 1), (m, 2)]);
         let mut moved = env.clone();
         moved[2] = 2;
-        assert_eq!(v2.open(Purpose::Chunk, &a, b"head", &moved), Err(VaultError::Forged));
+        assert_eq!(
+            v2.open(Purpose::Chunk, &a, b"head", &moved),
+            Err(VaultError::Forged)
+        );
     }
 
     #[test]
@@ -330,8 +359,13 @@ mod tests {
         let v = vault(&[(dec, 1), (dec, 2), (jan, 1)]);
         let a = p("p1_aaaaaaaaaaaaaaaaaaaaaaaaaa");
         let mut env = Vec::new();
-        v.seal_into(Purpose::Chunk, &a, b"", nov, b"x", &mut env).unwrap();
-        assert_eq!((Vault::month_of(&env), env[2]), (Some(dec), 2), "newest version of December");
+        v.seal_into(Purpose::Chunk, &a, b"", nov, b"x", &mut env)
+            .unwrap();
+        assert_eq!(
+            (Vault::month_of(&env), env[2]),
+            (Some(dec), 2),
+            "newest version of December"
+        );
         let mut later = Vec::new();
         assert_eq!(
             v.seal_into(Purpose::Chunk, &a, b"", jan.next(), b"x", &mut later),
@@ -340,7 +374,10 @@ mod tests {
         let pruned = vault(&[(jan, 1)]);
         assert_eq!(
             pruned.open(Purpose::Chunk, &a, b"", &env),
-            Err(VaultError::KeyGone { month: dec, version: 2 })
+            Err(VaultError::KeyGone {
+                month: dec,
+                version: 2
+            })
         );
     }
 }

@@ -209,12 +209,13 @@ pub(crate) async fn measure(
         .await
         .map_err(|e| e.to_string())?;
     let delta = redis_info(conn, "used_memory").await.unwrap_or(0.0) - before;
-    let column_bytes_per_fix: Vec<(String, f64)> = super::super::chunk_column_bytes(conn, &work.join("keys.json"))
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|(name, n)| (name, n as f64 / stored.max(1) as f64))
-        .collect();
+    let column_bytes_per_fix: Vec<(String, f64)> =
+        super::super::chunk_column_bytes(conn, &work.join("keys.json"))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(name, n)| (name, n as f64 / stored.max(1) as f64))
+            .collect();
     let top: Vec<String> = column_bytes_per_fix
         .iter()
         .take(8)

@@ -1,0 +1,370 @@
+//! Payloads at rest (DESIGN §9, issue 17): history chunks are sealed with the month's data
+//! key; what Redis holds of them (and so its AOF, RDB and replicas) carries no coordinate
+//! in any encoding; a chunk whose key is gone, or that was tampered with, is a typed error
+//! that does not stop the device's other chunks; the key file's data keys are managed by
+//! `trackgate keys` and `serve` refuses to run without this and next month's.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use redis::AsyncCommands;
+use trackgate::compact::{Compaction, compact_once};
+use trackgate::config::StorageConfig;
+use trackgate::export::{ExportQuery, Format};
+use trackgate::pseudonym::{KeyRing, Pseudonym};
+use trackgate::store::vault::{Month, Vault, VaultError};
+use trackgate::store::{chunk, fixes_key, hist, hist_key};
+
+const LAT0: i32 = 51_512_345;
+const LON0: i32 = -123_456;
+
+/// 40 AAA reports of one device, a minute apart, at distinctive coordinates.
+async fn stored_device(
+    gw: &trackgate::gateway::Gateway,
+    conn: &trackgate::redis_conn::RedisConn,
+    keys: &KeyRing,
+    n: u32,
+) -> Pseudonym {
+    let id = imei(800 + n);
+    let p = pseudonym(keys, &id);
+    let start = now_s().as_second() - 3_600;
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    for i in 0..40 {
+        let mut f = fix_at(jiff::Timestamp::from_second(start + i * 60).unwrap(), 0);
+        f.lat_e6 = Some(LAT0 + i as i32 * 7);
+        f.lon_e6 = Some(LON0 - i as i32 * 5);
+        t.send(&aaa_frame(&id, &f)).await;
+    }
+    let key = fixes_key(&p);
+    eventually(Duration::from_secs(10), "all fixes stored", || {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move { conn.xlen::<_, u64>(&key).await.unwrap() == 40 }
+    })
+    .await;
+    p
+}
+
+/// Seal everything now, in chunks of at most 16 rows.
+async fn seal(conn: &trackgate::redis_conn::RedisConn, vault: Arc<Vault>) {
+    let s = Compaction {
+        after: Duration::ZERO,
+        seal_max_wait: Duration::ZERO,
+        chunk_max_fixes: 16,
+        ..Compaction::new(&StorageConfig::default(), vault)
+    };
+    while compact_once(conn, &s).await.unwrap() > 0 {}
+}
+
+/// Every byte form a coordinate could take in a chunk: decimal text, the 1e-6 integer as
+/// text, LEB128 of it and of its zigzag, the codec's odd token, little-endian i32/i64.
+fn needles(v: i32) -> Vec<Vec<u8>> {
+    let leb = |mut x: u64| {
+        let mut out = Vec::new();
+        loop {
+            let b = (x & 0x7f) as u8;
+            x >>= 7;
+            if x == 0 {
+                out.push(b);
+                return out;
+            }
+            out.push(b | 0x80);
+        }
+    };
+    let zz = ((i64::from(v) << 1) ^ (i64::from(v) >> 63)) as u64;
+    vec![
+        format!("{:.6}", f64::from(v) / 1e6).into_bytes(),
+        v.to_string().into_bytes(),
+        leb(v as u32 as u64),
+        leb(zz),
+        leb(((zz - 1) << 1) | 1),
+        v.to_le_bytes().to_vec(),
+        i64::from(v).to_le_bytes().to_vec(),
+    ]
+}
+
+fn contains_any(hay: &[u8], values: &[i32]) -> bool {
+    values
+        .iter()
+        .flat_map(|v| needles(*v))
+        .any(|n| hay.windows(n.len()).any(|w| w == n.as_slice()))
+}
+
+async fn export_lines(
+    conn: &trackgate::redis_conn::RedisConn,
+    vault: Arc<Vault>,
+    p: &Pseudonym,
+) -> Vec<String> {
+    let q = ExportQuery {
+        pseudonyms: vec![p.clone()],
+        from: None,
+        to: None,
+        ttl: Duration::from_secs(86_400),
+        owned_since_ms: None,
+        format: Format::Ndjson,
+        chunk_entries: 100,
+        future_tolerance_s: 300,
+        vault,
+    };
+    let mut body = Vec::new();
+    let mut s = std::pin::pin!(trackgate::export::stream(conn.clone(), q));
+    while let Some(part) = s.next().await {
+        body.extend_from_slice(&part.unwrap());
+    }
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_history_holds_no_coordinate_and_dies_with_its_month_key() {
+    let redis = RedisServer::start();
+    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let conn = trackgate::redis_conn::connect(&test_config(&redis).redis).unwrap();
+    let p = stored_device(&gw, &conn, &keys, 1).await;
+    let mut c = redis.conn().await;
+    // DUMP and RDB compress long strings (LZF), which would hide clear bytes from a scan.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("rdbcompression")
+        .arg("no")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let tail_dump: Vec<u8> = redis::cmd("DUMP")
+        .arg(fixes_key(&p))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        contains_any(&tail_dump, &[LAT0]),
+        "the scan sees a DUMP's clear values (the live tail is not sealed yet)"
+    );
+    seal(&conn, keys.vault().clone()).await;
+    let tail: u64 = c.xlen(fixes_key(&p)).await.unwrap();
+    assert_eq!(tail, 0, "everything sealed");
+    let lats: Vec<i32> = (0..40).map(|i| LAT0 + i * 7).collect();
+    let lons: Vec<i32> = (0..40).map(|i| LON0 - i * 5).collect();
+
+    // The scan finds coordinates in a clear chunk of the same rows: it can fail.
+    let members: Vec<Vec<u8>> = c.zrange(hist_key(&p), 0, -1).await.unwrap();
+    assert!(members.len() >= 3, "{} chunks", members.len());
+    let rows: Vec<_> = members
+        .iter()
+        .flat_map(|m| hist::open(keys.vault(), &p, m).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 40);
+    assert!(
+        contains_any(&chunk::encode(&rows), &lats[..1]),
+        "the scan sees clear chunks"
+    );
+
+    // What Redis holds: the members, the key's DUMP and the RDB file written from it.
+    let dump: Vec<u8> = redis::cmd("DUMP")
+        .arg(hist_key(&p))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SAVE").query_async(&mut c).await.unwrap();
+    let rdb = std::fs::read(redis.dir().join("dump.rdb")).unwrap();
+    for (what, bytes) in [("members", members.concat()), ("DUMP", dump.clone())] {
+        assert!(!contains_any(&bytes, &lats), "a latitude in the {what}");
+        assert!(!contains_any(&bytes, &lons), "a longitude in the {what}");
+    }
+    // The RDB also holds other keys; none of them has this device's coordinates.
+    assert!(
+        !contains_any(&rdb, &lats) && !contains_any(&rdb, &lons),
+        "a coordinate in the RDB"
+    );
+
+    // With the key file's keys, the export reads them back.
+    let lines = export_lines(&conn, keys.vault().clone(), &p).await;
+    assert_eq!(lines.len(), 40);
+    assert!(lines[0].contains("51.512345"), "{}", lines[0]);
+
+    // A copy restored elsewhere after the month's key was destroyed: nothing opens.
+    let month = Month::now();
+    let pruned = Vault::new([]).unwrap();
+    for m in &members {
+        let e = hist::open(&pruned, &p, m).unwrap_err();
+        assert!(
+            matches!(e, chunk::ChunkError::Sealed(VaultError::KeyGone { month: m, .. }) if m >= month),
+            "{e:?}"
+        );
+    }
+    let copy = RedisServer::start();
+    let mut cc = copy.conn().await;
+    let _: () = redis::cmd("RESTORE")
+        .arg(hist_key(&p))
+        .arg(0)
+        .arg(&dump)
+        .query_async(&mut cc)
+        .await
+        .unwrap();
+    let copy_conn = trackgate::redis_conn::connect(&test_config(&copy).redis).unwrap();
+    assert!(
+        export_lines(&copy_conn, Arc::new(Vault::new([]).unwrap()), &p)
+            .await
+            .is_empty(),
+        "no row of the copy can be read without the key"
+    );
+    assert_eq!(
+        export_lines(&copy_conn, keys.vault().clone(), &p)
+            .await
+            .len(),
+        40,
+        "the same copy with the key: every row"
+    );
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_or_moved_chunk_is_an_error_and_the_other_chunks_still_export() {
+    let redis = RedisServer::start();
+    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let conn = trackgate::redis_conn::connect(&test_config(&redis).redis).unwrap();
+    let p = stored_device(&gw, &conn, &keys, 2).await;
+    let q = stored_device(&gw, &conn, &keys, 3).await;
+    seal(&conn, keys.vault().clone()).await;
+    let mut c = redis.conn().await;
+    let chunks: Vec<(Vec<u8>, f64)> = c.zrange_withscores(hist_key(&p), 0, -1).await.unwrap();
+    assert!(chunks.len() >= 3);
+    // One byte of the second chunk's ciphertext flipped in place.
+    let (victim, score) = chunks[1].clone();
+    let mut bad = victim.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x40;
+    let _: () = c.zrem(hist_key(&p), &victim).await.unwrap();
+    let _: () = c.zadd(hist_key(&p), &bad, score).await.unwrap();
+    let lost = hist::open(keys.vault(), &p, &victim).unwrap().len();
+    assert!(matches!(
+        hist::open(keys.vault(), &p, &bad),
+        Err(chunk::ChunkError::Sealed(VaultError::Forged))
+    ));
+    assert_eq!(
+        export_lines(&conn, keys.vault().clone(), &p).await.len(),
+        40 - lost,
+        "the other chunks export"
+    );
+    // Another device's chunk copied into this device's history does not open here.
+    let theirs: Vec<(Vec<u8>, f64)> = c.zrange_withscores(hist_key(&q), 0, 0).await.unwrap();
+    let _: () = c
+        .zadd(hist_key(&p), &theirs[0].0, theirs[0].1 + 0.5)
+        .await
+        .unwrap();
+    assert!(matches!(
+        hist::open(keys.vault(), &p, &theirs[0].0),
+        Err(chunk::ChunkError::Sealed(VaultError::Forged))
+    ));
+    assert_eq!(
+        export_lines(&conn, keys.vault().clone(), &p).await.len(),
+        40 - lost,
+        "nothing of the other device shows up"
+    );
+    gw.shutdown();
+    gw.wait().await;
+}
+
+fn trackgate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_trackgate"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn data_keys_are_made_ahead_required_to_serve_and_pruned_past_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listeners]]\nbind = \"127.0.0.1:{}\"\n[redis]\nurl = \"redis://127.0.0.1:{}\"\n[keys]\nkey_file = \"{}\"\n",
+            free_port(),
+            free_port(),
+            keys.display()
+        ),
+    )
+    .unwrap();
+    let (now, next) = (Month::now(), Month::now().next());
+
+    // A key file of the previous version: pseudonym keys only.
+    std::fs::write(
+        &keys,
+        format!(
+            "[[key]]\nversion = 1\nnot_before = \"2026-01-01T00:00:00Z\"\nsecret_hex = \"{}\"\n",
+            "ab".repeat(32)
+        ),
+    )
+    .unwrap();
+    for args in [
+        vec!["config", "validate", cfg.to_str().unwrap()],
+        vec!["serve", "--config", cfg.to_str().unwrap()],
+    ] {
+        let o = trackgate(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains(&format!("no data key for {now} and {next}"))
+                && t.contains("trackgate keys months"),
+            "{args:?} names what is missing and the fix: {t}"
+        );
+    }
+    let o = trackgate(&["keys", "months", keys.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&now.to_string()), "{}", text(&o));
+    let o = trackgate(&["config", "validate", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // A month long past every retention is destroyed by prune; this one stays.
+    let mut file = std::fs::read_to_string(&keys).unwrap();
+    file.push_str(&format!(
+        "\n[[data_key]]\nmonth = \"2020-01\"\nversion = 1\nsecret_hex = \"{}\"\n",
+        "cd".repeat(32)
+    ));
+    std::fs::write(&keys, file).unwrap();
+    let listed = text(&trackgate(&["keys", "list", keys.to_str().unwrap()]));
+    assert!(
+        listed.contains("2020-01") && !listed.contains(&"cd".repeat(32)),
+        "{listed}"
+    );
+    let o = trackgate(&[
+        "keys",
+        "prune",
+        keys.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success() && text(&o).contains("2020-01"),
+        "{}",
+        text(&o)
+    );
+    let listed = text(&trackgate(&["keys", "list", keys.to_str().unwrap()]));
+    assert!(!listed.contains("2020-01"), "{listed}");
+    assert!(
+        listed.contains(&now.to_string()) && listed.contains(&next.to_string()),
+        "{listed}"
+    );
+    let ring = KeyRing::load(&keys).unwrap();
+    assert!(ring.check_data_months(now).is_ok());
+}
