@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use futures::StreamExt;
 use redis::AsyncCommands;
 use trackgate::compact::{Compaction, compact_once};
 use trackgate::config::StorageConfig;
@@ -97,7 +96,7 @@ fn contains_any(hay: &[u8], values: &[i32]) -> bool {
         .any(|n| hay.windows(n.len()).any(|w| w == n.as_slice()))
 }
 
-async fn export_lines(
+async fn device_export(
     conn: &trackgate::redis_conn::RedisConn,
     vault: Arc<Vault>,
     p: &Pseudonym,
@@ -113,16 +112,7 @@ async fn export_lines(
         future_tolerance_s: 300,
         vault,
     };
-    let mut body = Vec::new();
-    let mut s = std::pin::pin!(trackgate::export::stream(conn.clone(), q));
-    while let Some(part) = s.next().await {
-        body.extend_from_slice(&part.unwrap());
-    }
-    String::from_utf8(body)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect()
+    common::export_lines(conn, q).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +177,7 @@ async fn sealed_history_holds_no_coordinate_and_dies_with_its_month_key() {
     );
 
     // With the key file's keys, the export reads them back.
-    let lines = export_lines(&conn, keys.vault().clone(), &p).await;
+    let lines = device_export(&conn, keys.vault().clone(), &p).await;
     assert_eq!(lines.len(), 40);
     assert!(lines[0].contains("51.512345"), "{}", lines[0]);
 
@@ -212,13 +202,13 @@ async fn sealed_history_holds_no_coordinate_and_dies_with_its_month_key() {
         .unwrap();
     let copy_conn = trackgate::redis_conn::connect(&test_config(&copy).redis).unwrap();
     assert!(
-        export_lines(&copy_conn, Arc::new(Vault::new([]).unwrap()), &p)
+        device_export(&copy_conn, Arc::new(Vault::new([]).unwrap()), &p)
             .await
             .is_empty(),
         "no row of the copy can be read without the key"
     );
     assert_eq!(
-        export_lines(&copy_conn, keys.vault().clone(), &p)
+        device_export(&copy_conn, keys.vault().clone(), &p)
             .await
             .len(),
         40,
@@ -252,7 +242,7 @@ async fn a_tampered_or_moved_chunk_is_an_error_and_the_other_chunks_still_export
         Err(chunk::ChunkError::Sealed(VaultError::Forged))
     ));
     assert_eq!(
-        export_lines(&conn, keys.vault().clone(), &p).await.len(),
+        device_export(&conn, keys.vault().clone(), &p).await.len(),
         40 - lost,
         "the other chunks export"
     );
@@ -267,7 +257,7 @@ async fn a_tampered_or_moved_chunk_is_an_error_and_the_other_chunks_still_export
         Err(chunk::ChunkError::Sealed(VaultError::Forged))
     ));
     assert_eq!(
-        export_lines(&conn, keys.vault().clone(), &p).await.len(),
+        device_export(&conn, keys.vault().clone(), &p).await.len(),
         40 - lost,
         "nothing of the other device shows up"
     );

@@ -9,7 +9,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures::StreamExt;
 use jiff::Timestamp;
 use redis::AsyncCommands;
 use trackgate::compact::{Compaction, seal_device};
@@ -71,16 +70,7 @@ async fn export(
         future_tolerance_s: 86_400,
         vault: keys.vault().clone(),
     };
-    let mut body = Vec::new();
-    let mut s = std::pin::pin!(trackgate::export::stream(conn.clone(), q));
-    while let Some(part) = s.next().await {
-        body.extend_from_slice(&part.unwrap());
-    }
-    String::from_utf8(body)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect()
+    common::export_lines(conn, q).await
 }
 
 /// A fix that varies in every field kind a tracker sends: moving position, analog

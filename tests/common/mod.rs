@@ -803,3 +803,22 @@ pub fn standalone_only(test: &str) -> bool {
     }
     true
 }
+
+/// The NDJSON export of `q` (a whole device, as `trackgate::export::stream` writes it), one
+/// string per line.
+pub async fn export_lines(
+    conn: &trackgate::redis_conn::RedisConn,
+    q: trackgate::export::ExportQuery,
+) -> Vec<String> {
+    use futures::StreamExt;
+    let mut body = Vec::new();
+    let mut s = std::pin::pin!(trackgate::export::stream(conn.clone(), q));
+    while let Some(part) = s.next().await {
+        body.extend_from_slice(&part.unwrap());
+    }
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
