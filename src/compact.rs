@@ -202,7 +202,7 @@ pub async fn seal_device<C: ConnectionLike + Send>(
     for e in &entries {
         // An entry that cannot be read stays in the tail (the sweeper trims it by its
         // receive time); it is counted and logged.
-        if let Ok(r) = tail::row_of(e, s.future_tolerance_s, "compaction") {
+        if let Ok(r) = tail::row_of(e, &s.vault, p, s.future_tolerance_s, "compaction") {
             ids.push(e.0.clone());
             rows.push(r);
         }

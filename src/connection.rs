@@ -566,7 +566,24 @@ impl Conn {
                 .increment(1);
             tracing::warn!(device = %pseudonym, command = kind, detail = %e, "record in batch skipped");
         }
-        let fixes = self.stored_fixes(&msg);
+        let fixes = match self.stored_fixes(&msg, &pseudonym) {
+            Ok(fixes) => fixes,
+            Err(e) => {
+                // No data key for this month or a later one (the key file was not extended
+                // ahead; `serve` refuses to start that way): nothing is stored, nothing
+                // confirmed, the device keeps the fixes and sends them again.
+                metrics::counter!(m::FIXES_NOT_STORED, "reason" => "no_data_key")
+                    .increment(msg.fixes.len() as u64);
+                tracing::error!(device = %pseudonym, error = %e, "fixes not stored: run `trackgate keys months` on the key file and restart");
+                let ready = AckReady {
+                    stored: false,
+                    reply: None,
+                    kind: type_label(kind),
+                    read_at,
+                };
+                return Ok(Some(Box::pin(async move { ready })));
+            }
+        };
         let reply = expected_reply(&msg, self.shared.config.protocol.confirm_cce).and_then(|r| {
             let mut out = Vec::with_capacity(48);
             r.encode(frame.flag(), frame.imei(), &mut out)
@@ -672,10 +689,18 @@ impl Conn {
             .map_or(self.shared.retention.default_ttl(), |d| d.ttl)
     }
 
-    /// The message's fixes laid out for storage, minus those already past retention.
-    fn stored_fixes(&self, msg: &Message<'_>) -> Vec<StoredFix> {
+    /// The message's fixes laid out for storage (device `p`'s, payloads sealed with this
+    /// month's data key), minus those already past retention.
+    fn stored_fixes(
+        &self,
+        msg: &Message<'_>,
+        p: &Pseudonym,
+    ) -> Result<Vec<StoredFix>, crate::store::vault::VaultError> {
         let ttl = self.device_ttl();
         let now_s = jiff::Timestamp::now().as_second();
+        let month =
+            crate::store::vault::Month::of_unix(now_s).unwrap_or(crate::store::vault::Month(0));
+        let vault = self.shared.keys.vault();
         let mut out = Vec::with_capacity(msg.fixes.len());
         for fix in &msg.fixes {
             self.shared.hot.fixes_received.increment(1);
@@ -689,12 +714,13 @@ impl Conn {
                 continue; // checked before packing: expired fixes cost nothing more
             }
             let stored = StoredFix::from_fix(msg.kind, fix);
-            out.push(match &self.device {
+            let stored = match &self.device {
                 Some(d) => stored.scrubbed_with(d.imei.expose(), &d.imei_hex),
                 None => stored,
-            });
+            };
+            out.push(stored.sealed(vault, p, month)?);
         }
-        out
+        Ok(out)
     }
 }
 

@@ -78,10 +78,15 @@ pub const CSV_COLUMNS: &[&str] = &[
     "outputs",
 ];
 
-/// One stored tail entry as the JSON record `trackgate decode` would print (same names
-/// and units); an entry that cannot be read gives an empty record.
-pub fn entry_json(id: &str, fields: &[(String, Vec<u8>)]) -> Map<String, Value> {
-    Row::from_entry(id, fields, i64::MAX)
+/// One stored tail entry of device `p` as the JSON record `trackgate decode` would print
+/// (same names and units); an entry that cannot be read gives an empty record.
+pub fn entry_json(
+    id: &str,
+    fields: &[(String, Vec<u8>)],
+    vault: &crate::store::vault::Vault,
+    p: &Pseudonym,
+) -> Map<String, Value> {
+    Row::from_entry(id, fields, i64::MAX, vault, p)
         .map(|r| r.to_json())
         .unwrap_or_default()
 }
@@ -209,7 +214,9 @@ impl Device {
             let full = page.len() == q.chunk_entries;
             rows.extend(
                 page.iter()
-                    .filter_map(|e| tail::row_of(e, q.future_tolerance_s, "export").ok())
+                    .filter_map(|e| {
+                        tail::row_of(e, &q.vault, p, q.future_tolerance_s, "export").ok()
+                    })
                     .filter(|r| filter.keeps(r)),
             );
             if !full {
@@ -399,7 +406,9 @@ mod tests {
                 (k.to_string(), bytes)
             })
             .collect();
-        let rec = entry_json("1700000000123-0", &fields);
+        let ring = crate::pseudonym::KeyRing::ephemeral();
+        let p = Pseudonym::parse("p1_aaaaaaaaaaaaaaaaaaaaaaaaaa").unwrap_or_else(|| unreachable!());
+        let rec = entry_json("1700000000123-0", &fields, ring.vault(), &p);
         assert_eq!(rec["time"], "2023-11-14T22:13:20Z");
         assert_eq!(rec["received_at"], "2023-11-14T22:13:20.123Z");
         assert_eq!(rec["type"], "AAA");

@@ -118,32 +118,78 @@ async fn device_export(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sealed_history_holds_no_coordinate_and_dies_with_its_month_key() {
     let redis = RedisServer::start();
+    let mut c = redis.conn().await;
+    // DUMP and RDB compress long strings (LZF), which would hide clear bytes from a scan;
+    // the AOF records every write from the gateway's start on (after the scratch entry
+    // below).
+    let admin = c.clone();
+    let config_set = |name: &'static str, value: &'static str| {
+        let mut c = admin.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+    };
+    config_set("rdbcompression", "no").await;
     let (gw, keys) = start_gateway(test_config(&redis)).await;
     let conn = trackgate::redis_conn::connect(&test_config(&redis).redis).unwrap();
-    let p = stored_device(&gw, &conn, &keys, 1).await;
-    let mut c = redis.conn().await;
-    // DUMP and RDB compress long strings (LZF), which would hide clear bytes from a scan.
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("rdbcompression")
-        .arg("no")
-        .query_async(&mut c)
-        .await
+    let lats: Vec<i32> = (0..40).map(|i| LAT0 + i * 7).collect();
+    let lons: Vec<i32> = (0..40).map(|i| LON0 - i * 5).collect();
+
+    // The scan sees clear values in a DUMP: a clear tail entry of the same fix can fail it.
+    let mut clear = fix_at(now_s(), 0);
+    clear.lat_e6 = Some(LAT0);
+    let clear =
+        trackgate::store::StoredFix::from_fix(trackgate_protocols::MessageKind::Aaa, &clear);
+    let d = clear
+        .fields
+        .iter()
+        .find_map(|(n, v)| match v {
+            trackgate::store::FieldValue::Bytes(b) if *n == "d" => Some(b.clone()),
+            _ => None,
+        })
         .unwrap();
-    let tail_dump: Vec<u8> = redis::cmd("DUMP")
-        .arg(fixes_key(&p))
+    let _: () = c.xadd("scratch", "*", &[("d", d)]).await.unwrap();
+    let scratch: Vec<u8> = redis::cmd("DUMP")
+        .arg("scratch")
         .query_async(&mut c)
         .await
         .unwrap();
     assert!(
-        contains_any(&tail_dump, &[LAT0]),
-        "the scan sees a DUMP's clear values (the live tail is not sealed yet)"
+        contains_any(&scratch, &[LAT0]),
+        "the scan sees a DUMP's clear values"
+    );
+    let _: () = c.del("scratch").await.unwrap();
+    config_set("appendonly", "yes").await;
+
+    // Every key's DUMP while the fixes are in the live tail, then once they are sealed.
+    let p = stored_device(&gw, &conn, &keys, 1).await;
+    let dump_all = |mut c: redis::aio::MultiplexedConnection| async move {
+        let keys: Vec<String> = c.keys("*").await.unwrap();
+        let mut all = Vec::new();
+        for k in keys {
+            let d: Vec<u8> = redis::cmd("DUMP")
+                .arg(&k)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            all.extend(d);
+        }
+        all
+    };
+    let tail_dumps = dump_all(c.clone()).await;
+    assert!(
+        !contains_any(&tail_dumps, &lats) && !contains_any(&tail_dumps, &lons),
+        "a coordinate in a DUMP of the live tail"
     );
     seal(&conn, keys.vault().clone()).await;
     let tail: u64 = c.xlen(fixes_key(&p)).await.unwrap();
     assert_eq!(tail, 0, "everything sealed");
-    let lats: Vec<i32> = (0..40).map(|i| LAT0 + i * 7).collect();
-    let lons: Vec<i32> = (0..40).map(|i| LON0 - i * 5).collect();
 
     // The scan finds coordinates in a clear chunk of the same rows: it can fail.
     let members: Vec<Vec<u8>> = c.zrange(hist_key(&p), 0, -1).await.unwrap();
@@ -158,7 +204,7 @@ async fn sealed_history_holds_no_coordinate_and_dies_with_its_month_key() {
         "the scan sees clear chunks"
     );
 
-    // What Redis holds: the members, the key's DUMP and the RDB file written from it.
+    // What Redis holds: the members, every key's DUMP, the RDB and the AOF.
     let dump: Vec<u8> = redis::cmd("DUMP")
         .arg(hist_key(&p))
         .query_async(&mut c)
@@ -166,15 +212,25 @@ async fn sealed_history_holds_no_coordinate_and_dies_with_its_month_key() {
         .unwrap();
     let _: () = redis::cmd("SAVE").query_async(&mut c).await.unwrap();
     let rdb = std::fs::read(redis.dir().join("dump.rdb")).unwrap();
-    for (what, bytes) in [("members", members.concat()), ("DUMP", dump.clone())] {
+    let mut aof = Vec::new();
+    for f in std::fs::read_dir(redis.dir().join("appendonlydir")).unwrap() {
+        aof.extend(std::fs::read(f.unwrap().path()).unwrap());
+    }
+    assert!(
+        aof.len() > 10_000,
+        "the AOF recorded the writes: {} bytes",
+        aof.len()
+    );
+    let all_dumps = dump_all(c.clone()).await;
+    for (what, bytes) in [
+        ("members", members.concat()),
+        ("DUMP", all_dumps),
+        ("RDB", rdb),
+        ("AOF", aof),
+    ] {
         assert!(!contains_any(&bytes, &lats), "a latitude in the {what}");
         assert!(!contains_any(&bytes, &lons), "a longitude in the {what}");
     }
-    // The RDB also holds other keys; none of them has this device's coordinates.
-    assert!(
-        !contains_any(&rdb, &lats) && !contains_any(&rdb, &lons),
-        "a coordinate in the RDB"
-    );
 
     // With the key file's keys, the export reads them back.
     let lines = device_export(&conn, keys.vault().clone(), &p).await;

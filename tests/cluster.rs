@@ -36,8 +36,11 @@ async fn xlen(conn: &mut RedisConn, p: &Pseudonym) -> usize {
 }
 
 /// Mileage values (the tests' per-fix marker) stored in a device's stream.
-async fn mileages(conn: &mut RedisConn, p: &Pseudonym) -> HashSet<i64> {
-    stored_mileages(conn, p).await.into_iter().collect()
+async fn mileages(conn: &mut RedisConn, keys: &KeyRing, p: &Pseudonym) -> HashSet<i64> {
+    stored_mileages(conn, keys.vault(), p)
+        .await
+        .into_iter()
+        .collect()
 }
 
 async fn http(
@@ -469,7 +472,7 @@ async fn failover_with_wait_loses_no_acknowledged_fix() {
     }
     let mut total = 0;
     for (id, acked, at) in &waited {
-        let stored = mileages(&mut conn, &pseudonym(&keys, id)).await;
+        let stored = mileages(&mut conn, &keys, &pseudonym(&keys, id)).await;
         let lost: Vec<&i64> = acked.iter().filter(|m| !stored.contains(m)).collect();
         assert!(lost.is_empty(), "{id}: acknowledged but lost: {lost:?}");
         let after = at.iter().filter(|t| **t > restarted_at).count();
@@ -824,7 +827,7 @@ async fn writers_follow_a_resharded_slot() {
         after > 5,
         "writes continued on the new primary ({after} frames)"
     );
-    let stored = mileages(&mut backend.conn(), &pseudonym(&keys, &id)).await;
+    let stored = mileages(&mut backend.conn(), &keys, &pseudonym(&keys, &id)).await;
     let lost: Vec<&i64> = acked.iter().filter(|m| !stored.contains(m)).collect();
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
     gw.shutdown();

@@ -51,8 +51,12 @@ async fn aaa_cce_ccc_are_stored_and_batches_acknowledged() {
         })
         .collect();
     let names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(names.len(), 2, "t and d only (no extras): {names:?}");
-    let rec = trackgate::export::entry_json(&first.id, &fields);
+    assert_eq!(
+        names,
+        ["t", "e"],
+        "fix time and the sealed payload: {names:?}"
+    );
+    let rec = trackgate::export::entry_json(&first.id, &fields, keys.vault(), &p);
     assert_eq!(rec["lat"], 48.137154);
     assert_eq!(rec["type"], "AAA");
     assert_eq!(rec["time"], now.to_string());

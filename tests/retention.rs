@@ -302,7 +302,7 @@ async fn a_fix_delivered_late_is_swept_by_its_fix_time() {
     })
     .await;
     assert_eq!(
-        stored_mileages(&mut conn, &p).await,
+        stored_mileages(&mut conn, keys.vault(), &p).await,
         vec![1002],
         "the fresh one stays"
     );

@@ -166,7 +166,13 @@ async fn sealed_history_exports_exactly_what_the_tail_did_in_time_order() {
                 .iter()
                 .map(|(k, v)| (k.clone(), redis::from_redis_value(v.clone()).unwrap()))
                 .collect();
-            serde_json::Value::Object(trackgate::export::entry_json(&e.id, &fields)).to_string()
+            serde_json::Value::Object(trackgate::export::entry_json(
+                &e.id,
+                &fields,
+                keys.vault(),
+                &p,
+            ))
+            .to_string()
         })
         .collect();
     v1.sort();

@@ -15,6 +15,7 @@ use trackgate::config::RedisConfig;
 use trackgate::pseudonym::{KeyRing, Pseudonym};
 use trackgate::sink::WriteJob;
 use trackgate::store::StoredFix;
+use trackgate::store::vault::Vault;
 use trackgate_protocols::MessageKind;
 
 const LONG: Duration = Duration::from_secs(15);
@@ -74,7 +75,7 @@ async fn a_device_s_jobs_wait_behind_its_failed_one_and_keep_their_order() {
     }
     let mut conn = redis.conn().await;
     assert_eq!(
-        stored_mileages(&mut conn, &p).await,
+        stored_mileages(&mut conn, &Vault::empty(), &p).await,
         (1000..=1006).collect::<Vec<i64>>(),
         "each fix once, in the order read"
     );
@@ -127,7 +128,11 @@ async fn a_writer_holds_at_most_held_max_jobs_then_pushes_back() {
     let mut conn = redis.conn().await;
     for (n, p) in devices.iter().enumerate() {
         let want: Vec<i64> = if n == 0 { vec![1000, 1001] } else { vec![1001] };
-        assert_eq!(stored_mileages(&mut conn, p).await, want, "device {n}");
+        assert_eq!(
+            stored_mileages(&mut conn, &Vault::empty(), p).await,
+            want,
+            "device {n}"
+        );
     }
 }
 
@@ -179,5 +184,8 @@ async fn expiry_is_pushed_out_once_per_upkeep_interval_and_follows_a_ttl_change(
     );
     let tt: i64 = conn.hget(meta_key(&p), "tt").await.unwrap();
     assert_eq!(tt, 600_000);
-    assert_eq!(stored_mileages(&mut conn, &p).await, vec![1000, 1001, 1002]);
+    assert_eq!(
+        stored_mileages(&mut conn, &Vault::empty(), &p).await,
+        vec![1000, 1001, 1002]
+    );
 }

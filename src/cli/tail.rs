@@ -53,7 +53,7 @@ pub(super) fn run(args: &TailArgs) -> ExitCode {
     }
 }
 
-fn devices(args: &TailArgs, config: &Config) -> Result<Vec<Pseudonym>, String> {
+fn devices(args: &TailArgs, keys: &KeyRing) -> Result<Vec<Pseudonym>, String> {
     if !args.pseudonym.is_empty() {
         return args
             .pseudonym
@@ -61,7 +61,6 @@ fn devices(args: &TailArgs, config: &Config) -> Result<Vec<Pseudonym>, String> {
             .map(|p| Pseudonym::parse(p).ok_or_else(|| format!("not a pseudonym: {p}")))
             .collect();
     }
-    let keys = KeyRing::load(&config.keys.key_file).map_err(|e| e.to_string())?;
     let mut line = String::new();
     std::io::stdin()
         .lock()
@@ -74,7 +73,9 @@ fn devices(args: &TailArgs, config: &Config) -> Result<Vec<Pseudonym>, String> {
 async fn follow(args: &TailArgs) -> Result<(), String> {
     let config = Config::load(&args.config.config).map_err(|e| e.to_string())?;
     let tolerance = config.storage.future_tolerance_s();
-    let devices = devices(args, &config)?;
+    // The key file: IMEIs become pseudonyms, and sealed payloads open with its data keys.
+    let keys = KeyRing::load(&config.keys.key_file).map_err(|e| e.to_string())?;
+    let devices = devices(args, &keys)?;
     let mut conn = crate::redis_conn::connect(&config.redis).map_err(|e| e.to_string())?;
     // Where each key is read from: its start, or its newest entry now (`$` would skip
     // what arrives while another key is being read).
@@ -121,7 +122,7 @@ async fn follow(args: &TailArgs) -> Result<(), String> {
                     .chunks_exact(2)
                     .map(|kv| (String::from_utf8_lossy(&kv[0]).into_owned(), kv[1].clone()))
                     .collect();
-                if let Ok(row) = Row::from_entry(&id, &fields, tolerance) {
+                if let Ok(row) = Row::from_entry(&id, &fields, tolerance, keys.vault(), p) {
                     let mut rec = row.to_json();
                     rec.insert("fix_id".into(), serde_json::json!(id));
                     let mut lock = out.lock();

@@ -225,8 +225,11 @@ pub fn resend_digest(fix_time_s: i64, packed: &[u8], extras: Option<&[u8]>) -> i
 pub struct StoredFix {
     /// Fix time, Unix seconds (also in `fields` as `t`): retention checks it at ingest.
     pub fix_time_s: Option<i64>,
-    /// At most three fields (`t`, `d`, `x`), kept inline: one allocation less per fix.
+    /// At most three fields (`t`, `d`, `x`; `t`, `e` once sealed), kept inline: one
+    /// allocation less per fix.
     pub fields: smallvec::SmallVec<[(&'static str, FieldValue); 3]>,
+    /// The resend digest, computed before [`StoredFix::sealed`] hid the values.
+    digest: Option<i64>,
 }
 
 /// Field name of the fix time (Unix seconds).
@@ -235,6 +238,32 @@ pub const F_TIME: &str = "t";
 pub const F_PACKED: &str = "d";
 /// Field name of the extras (JSON).
 pub const F_EXTRAS: &str = "x";
+/// Field name of the sealed payload ([`StoredFix::sealed`]): `d` and `x` in an envelope.
+pub const F_SEALED: &str = "e";
+
+/// The plaintext of a sealed tail payload: LEB128 length of `d`, `d`, then `x` (if any).
+pub(crate) fn sealed_plaintext(packed: &[u8], extras: Option<&[u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + packed.len() + extras.map_or(0, <[u8]>::len));
+    put_varint(&mut out, packed.len() as u64);
+    out.extend_from_slice(packed);
+    out.extend_from_slice(extras.unwrap_or_default());
+    out
+}
+
+/// [`sealed_plaintext`] split again into `d` and `x`; `None` if it is malformed.
+pub(crate) fn split_sealed_plaintext(plain: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    let mut pos = 0;
+    let n = usize::try_from(get_varint(plain, &mut pos)?).ok()?;
+    let d = plain.get(pos..pos.checked_add(n)?)?;
+    let x = &plain[pos + n..];
+    Some((d, (!x.is_empty()).then_some(x)))
+}
+
+/// What a sealed tail payload's additional data binds besides the device: its fix time as
+/// stored in `t`, or `-` without one.
+pub(crate) fn tail_bind(fix_time_s: Option<i64>) -> Vec<u8> {
+    fix_time_s.map_or_else(|| b"-".to_vec(), |t| t.to_string().into_bytes())
+}
 
 impl StoredFix {
     /// Lay out `fix` (from a message of `kind`) for storage.
@@ -281,7 +310,47 @@ impl StoredFix {
         if let Some(x) = trackgate_protocols::json::extras_json(fix) {
             fields.push((F_EXTRAS, FieldValue::Text(x.to_string())));
         }
-        StoredFix { fix_time_s, fields }
+        StoredFix {
+            fix_time_s,
+            fields,
+            digest: None,
+        }
+    }
+
+    /// Seal the payload (`d`, `x`) for device `p` with the data key of `month` (the month
+    /// it is received in; see [`crate::store::vault`]): the entry keeps `t` in clear (the
+    /// scripts trim and purge by it) and gets `e`. Its resend digest is kept first.
+    pub fn sealed(
+        mut self,
+        vault: &crate::store::vault::Vault,
+        p: &crate::pseudonym::Pseudonym,
+        month: crate::store::vault::Month,
+    ) -> Result<StoredFix, crate::store::vault::VaultError> {
+        let digest = self.resend_digest();
+        let field = |name: &str| {
+            self.fields
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| match v {
+                    FieldValue::Bytes(b) => b.as_slice(),
+                    FieldValue::Text(t) => t.as_bytes(),
+                    FieldValue::Int(_) => &[][..],
+                })
+        };
+        let plain = sealed_plaintext(field(F_PACKED).unwrap_or_default(), field(F_EXTRAS));
+        let mut envelope = Vec::with_capacity(plain.len() + crate::store::vault::OVERHEAD);
+        vault.seal_into(
+            crate::store::vault::Purpose::Tail,
+            p,
+            &tail_bind(self.fix_time_s),
+            month,
+            &plain,
+            &mut envelope,
+        )?;
+        self.fields.retain(|(n, _)| *n == F_TIME);
+        self.fields.push((F_SEALED, FieldValue::Bytes(envelope)));
+        self.digest = digest;
+        Ok(self)
     }
 
     /// Replace the device's own IMEI wherever a device-supplied extra repeats it (some
@@ -320,6 +389,9 @@ impl StoredFix {
     /// The fix's resend digest ([`resend_digest`]) from its stored fields; `None` without
     /// a fix time.
     pub fn resend_digest(&self) -> Option<i64> {
+        if self.digest.is_some() {
+            return self.digest;
+        }
         let t = self.fix_time_s?;
         let field = |name: &str| {
             self.fields

@@ -12,7 +12,12 @@
 
 use serde_json::{Map, Value, json};
 
-use super::fix::{F_EXTRAS, F_PACKED, F_TIME, KINDS, PACKED_FIELDS, pack_values, unpack_values};
+use super::fix::{
+    F_EXTRAS, F_PACKED, F_SEALED, F_TIME, KINDS, PACKED_FIELDS, pack_values,
+    split_sealed_plaintext, tail_bind, unpack_values,
+};
+use super::vault::{Purpose, Vault};
+use crate::pseudonym::Pseudonym;
 
 /// Number of packed values per row (see [`PACKED_FIELDS`]).
 pub const VALUES: usize = PACKED_FIELDS.len();
@@ -45,6 +50,8 @@ pub enum RowError {
     Time,
     #[error("packed values missing, of an unknown layout version, or damaged")]
     Packed,
+    #[error("sealed payload: {0}")]
+    Sealed(#[from] super::vault::VaultError),
 }
 
 impl RowError {
@@ -54,6 +61,7 @@ impl RowError {
             RowError::Id => "id",
             RowError::Time => "time",
             RowError::Packed => "packed",
+            RowError::Sealed(e) => e.label(),
         }
     }
 }
@@ -76,11 +84,15 @@ pub fn parse_id(id: &str) -> Option<(i64, u64)> {
 }
 
 impl Row {
-    /// Read a tail entry (`id`, fields as stored).
+    /// Read a tail entry (`id`, fields as stored) of device `p`: a sealed payload (`e`) is
+    /// opened with `vault`; clear `d` and `x` (entries written before payloads were
+    /// sealed) are read as they are.
     pub fn from_entry(
         id: &str,
         fields: &[(String, Vec<u8>)],
         future_tolerance_s: i64,
+        vault: &Vault,
+        p: &Pseudonym,
     ) -> Result<Row, RowError> {
         let (recv_ms, seq) = parse_id(id).ok_or(RowError::Id)?;
         let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v);
@@ -93,9 +105,18 @@ impl Row {
                     .ok_or(RowError::Time)?,
             ),
         };
-        let (kind, values) = get(F_PACKED)
-            .and_then(|d| unpack_values(d))
-            .ok_or(RowError::Packed)?;
+        let opened;
+        let (d, x) = match get(F_SEALED) {
+            Some(e) => {
+                opened = vault.open(Purpose::Tail, p, &tail_bind(fix_time_s), e)?;
+                split_sealed_plaintext(&opened).ok_or(RowError::Packed)?
+            }
+            None => (
+                get(F_PACKED).ok_or(RowError::Packed)?.as_slice(),
+                get(F_EXTRAS).map(Vec::as_slice),
+            ),
+        };
+        let (kind, values) = unpack_values(d).ok_or(RowError::Packed)?;
         Ok(Row {
             recv_ms,
             seq,
@@ -103,7 +124,7 @@ impl Row {
             fix_time_s,
             kind,
             values,
-            extras: get(F_EXTRAS).cloned(),
+            extras: x.map(<[u8]>::to_vec),
         })
     }
 
@@ -205,6 +226,14 @@ mod tests {
             .collect()
     }
 
+    fn ring() -> crate::pseudonym::KeyRing {
+        crate::pseudonym::KeyRing::ephemeral()
+    }
+
+    fn device(c: &str) -> Pseudonym {
+        Pseudonym::parse(&format!("p1_{}", c.repeat(26))).unwrap_or_else(|| unreachable!())
+    }
+
     #[test]
     fn a_tail_entry_reads_back_to_the_same_packed_bytes_and_extras()
     -> Result<(), Box<dyn std::error::Error>> {
@@ -218,7 +247,8 @@ mod tests {
         fix.push_extra(ExtraKey::Named("battery_pct"), ExtraValue::Int(96));
         let stored = StoredFix::from_fix(MessageKind::Ccc, &fix);
         let fields = as_fields(&stored);
-        let row = Row::from_entry("1700000000123-7", &fields, 3600)?;
+        let (ring, p) = (ring(), device("a"));
+        let row = Row::from_entry("1700000000123-7", &fields, 3600, ring.vault(), &p)?;
         assert_eq!(
             (row.recv_ms, row.seq, row.time),
             (1_700_000_000_123, 7, 1_700_000_000)
@@ -231,6 +261,39 @@ mod tests {
         assert_eq!(Some(row.packed()), d);
         assert_eq!(row.extras.as_deref(), Some(&br#"{"battery_pct":96}"#[..]));
         assert_eq!(row.to_json()["type"], "CCC");
+        // Sealed: `t` in clear, `d` and `x` in one envelope that reads back the same row
+        // for this device only, with this fix time only.
+        let month = super::super::vault::Month::now();
+        let sealed = StoredFix::from_fix(MessageKind::Ccc, &fix).sealed(ring.vault(), &p, month)?;
+        assert_eq!(
+            sealed.resend_digest(),
+            stored.resend_digest(),
+            "digest of the clear values"
+        );
+        let sealed_fields = as_fields(&sealed);
+        let names: Vec<&str> = sealed_fields.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["t", "e"]);
+        let again = Row::from_entry("1700000000123-7", &sealed_fields, 3600, ring.vault(), &p)?;
+        assert_eq!(again, row);
+        assert!(matches!(
+            Row::from_entry(
+                "1700000000123-7",
+                &sealed_fields,
+                3600,
+                ring.vault(),
+                &device("b")
+            ),
+            Err(RowError::Sealed(super::super::vault::VaultError::Forged))
+        ));
+        let mut moved = sealed_fields.clone();
+        moved[0].1 = b"1700000001".to_vec();
+        assert!(
+            matches!(
+                Row::from_entry("1700000000123-7", &moved, 3600, ring.vault(), &p),
+                Err(RowError::Sealed(super::super::vault::VaultError::Forged))
+            ),
+            "the fix time is bound"
+        );
         Ok(())
     }
 
@@ -248,15 +311,26 @@ mod tests {
 
     #[test]
     fn damaged_entries_are_typed_errors() {
+        let (ring, p) = (ring(), device("a"));
+        let v = ring.vault();
         let ok = vec![("d".to_string(), vec![PACKED_VERSION, 0, 0])];
-        assert!(Row::from_entry("1-0", &ok, 0).is_ok());
-        assert_eq!(Row::from_entry("x", &ok, 0), Err(RowError::Id));
+        assert!(Row::from_entry("1-0", &ok, 0, v, &p).is_ok());
+        assert_eq!(Row::from_entry("x", &ok, 0, v, &p), Err(RowError::Id));
         let bad_t = vec![("t".to_string(), b"abc".to_vec()), ok[0].clone()];
-        assert_eq!(Row::from_entry("1-0", &bad_t, 0), Err(RowError::Time));
+        assert_eq!(
+            Row::from_entry("1-0", &bad_t, 0, v, &p),
+            Err(RowError::Time)
+        );
         let bad_d = vec![("d".to_string(), vec![9, 0, 0])];
-        assert_eq!(Row::from_entry("1-0", &bad_d, 0), Err(RowError::Packed));
+        assert_eq!(
+            Row::from_entry("1-0", &bad_d, 0, v, &p),
+            Err(RowError::Packed)
+        );
         let trailing = vec![("d".to_string(), vec![PACKED_VERSION, 0, 0, 0])];
-        assert_eq!(Row::from_entry("1-0", &trailing, 0), Err(RowError::Packed));
+        assert_eq!(
+            Row::from_entry("1-0", &trailing, 0, v, &p),
+            Err(RowError::Packed)
+        );
     }
 
     #[test]

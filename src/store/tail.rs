@@ -4,6 +4,7 @@ use redis::aio::ConnectionLike;
 
 use super::keys::fixes_key;
 use super::row::{Row, RowError};
+use super::vault::Vault;
 use crate::pseudonym::Pseudonym;
 
 /// A tail entry as stored: id and (field, value) pairs.
@@ -41,11 +42,18 @@ pub async fn range<C: ConnectionLike + Send>(
         .collect())
 }
 
-/// `entry` as a row; an entry that cannot be read is counted
+/// `entry` (of device `p`) as a row, its payload opened with `vault` if sealed; an entry
+/// that cannot be read (damaged, or its data key is gone) is counted
 /// (`trackgate_tail_entry_errors_total` by kind and `role`) and logged without
 /// identifiers.
-pub fn row_of(entry: &Entry, future_tolerance_s: i64, role: &'static str) -> Result<Row, RowError> {
-    Row::from_entry(&entry.0, &entry.1, future_tolerance_s).inspect_err(|e| {
+pub fn row_of(
+    entry: &Entry,
+    vault: &Vault,
+    p: &Pseudonym,
+    future_tolerance_s: i64,
+    role: &'static str,
+) -> Result<Row, RowError> {
+    Row::from_entry(&entry.0, &entry.1, future_tolerance_s, vault, p).inspect_err(|e| {
         metrics::counter!(crate::metrics::TAIL_ENTRY_ERRORS, "kind" => e.label(), "role" => role)
             .increment(1);
         tracing::warn!(error = %e, role, "live-tail entry cannot be read; skipped");

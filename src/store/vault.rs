@@ -5,7 +5,9 @@
 //! RDB, replicas and backups alike (crypto-shredding).
 //!
 //! An envelope is `month u16 BE · key version u8 · nonce (12 random bytes) · ciphertext ·
-//! tag (16)`: 31 bytes more than the plaintext. The additional data binds the purpose,
+//! tag (16)`: 31 bytes more than the plaintext. Nonces come from the thread's CSPRNG
+//! (`rand::rng()`, ChaCha seeded by the OS): a syscall per sealed fix would cost more than
+//! the sealing. The additional data binds the purpose,
 //! the device's pseudonym and the caller's `bind` bytes (for a chunk: its clear header),
 //! so an envelope moved to another device or entry does not open.
 //!
@@ -16,8 +18,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use rand::RngCore as _;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::pseudonym::Pseudonym;
 
@@ -103,12 +105,15 @@ impl VaultError {
 pub enum Purpose {
     /// A history chunk; bind = its clear header.
     Chunk,
+    /// A live-tail entry's payload; bind = its fix time as stored (`t`), or `-`.
+    Tail,
 }
 
 impl Purpose {
     fn tag(self) -> &'static [u8] {
         match self {
             Purpose::Chunk => b"chunk",
+            Purpose::Tail => b"tail",
         }
     }
 }
@@ -119,7 +124,6 @@ pub const OVERHEAD: usize = 3 + NONCE_LEN + 16;
 /// The data keys of one key file. Cheap to share behind an `Arc`.
 pub struct Vault {
     keys: BTreeMap<(Month, u8), LessSafeKey>,
-    rng: SystemRandom,
 }
 
 impl fmt::Debug for Vault {
@@ -145,17 +149,13 @@ impl Vault {
                 return Err(format!("data key {month} v{version} appears twice"));
             }
         }
-        Ok(Vault {
-            keys,
-            rng: SystemRandom::new(),
-        })
+        Ok(Vault { keys })
     }
 
     /// A vault without keys: it seals nothing and opens nothing.
     pub fn empty() -> Vault {
         Vault {
             keys: BTreeMap::new(),
-            rng: SystemRandom::new(),
         }
     }
 
@@ -214,7 +214,7 @@ impl Vault {
     ) -> Result<(), VaultError> {
         let (m, v, key) = self.sealing_key(month)?;
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).map_err(|_| VaultError::Forged)?;
+        rand::rng().fill_bytes(&mut nonce);
         let start = out.len();
         out.extend_from_slice(&m.0.to_be_bytes());
         out.push(v);

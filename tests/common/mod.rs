@@ -393,24 +393,24 @@ pub fn start_writers(cfg: &trackgate::config::RedisConfig) -> trackgate::sink::W
 }
 
 /// The mileage values (the tests' per-fix marker) stored in a device's stream, in stream
-/// order.
+/// order: sealed payloads are opened with `vault` (writers driven directly by a test
+/// store clear ones).
 pub async fn stored_mileages<C: redis::aio::ConnectionLike + Send + Sync>(
     conn: &mut C,
+    vault: &trackgate::store::vault::Vault,
     p: &Pseudonym,
 ) -> Vec<i64> {
-    use trackgate::store::{F_PACKED, PACKED_FIELDS, fixes_key, unpack};
-    let r: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(p)).await.unwrap();
+    use trackgate::store::{PACKED_FIELDS, tail};
     let mileage = PACKED_FIELDS
         .iter()
         .position(|(n, _)| *n == "mileage_m")
         .unwrap();
-    r.ids
+    tail::range(conn, p, "-", "+", 1_000_000)
+        .await
+        .unwrap()
         .iter()
-        .filter_map(|e| {
-            let d: Vec<u8> = redis::from_redis_value(e.map.get(F_PACKED)?.clone()).ok()?;
-            let (_, values) = unpack(&d)?;
-            values.iter().find(|(i, _)| *i == mileage).map(|(_, v)| *v)
-        })
+        .filter_map(|e| tail::row_of(e, vault, p, i64::MAX, "test").ok())
+        .filter_map(|r| r.values[mileage])
         .collect()
 }
 
