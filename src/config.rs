@@ -168,6 +168,14 @@ pub struct PurgeConfig {
     /// this long before the worker writes the ones still owed (a line may then appear
     /// twice, never not at all).
     pub audit_grace_ms: u64,
+    /// After purges complete, every primary's AOF and RDB are rewritten at most this
+    /// often (`BGREWRITEAOF`, `BGSAVE`), so the purged data also leaves Redis' files; the
+    /// receipt says when (`disk_rewritten_at`). Keep it well under a business day (the
+    /// purge deadline). `0` never rewrites.
+    pub disk_rewrite_interval_s: u64,
+    /// How long one rewrite may take on a primary before the attempt counts as failed
+    /// (and is tried again).
+    pub disk_rewrite_wait_s: u64,
 }
 
 impl Default for PurgeConfig {
@@ -179,6 +187,8 @@ impl Default for PurgeConfig {
             fast_window_margin_ms: 10 * 60 * 1000,
             range_chunk_entries: 2000,
             audit_grace_ms: 60_000,
+            disk_rewrite_interval_s: 3600,
+            disk_rewrite_wait_s: 600,
         }
     }
 }

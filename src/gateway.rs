@@ -197,6 +197,23 @@ impl Gateway {
             hex::encode(rand::random::<[u8; 8]>()),
             shutdown.clone(),
         ));
+        // After purges, the primaries' AOF and RDB are rewritten (`purge.disk_rewrite_*`),
+        // checked as often as the purge worker runs.
+        let disk_rewrites = (config.purge.disk_rewrite_interval_s > 0).then(|| {
+            tokio::spawn(crate::disk::run(
+                conn.clone(),
+                Duration::from_secs(config.purge.disk_rewrite_interval_s),
+                Duration::from_secs(config.purge.disk_rewrite_wait_s),
+                Duration::from_secs(
+                    config
+                        .purge
+                        .worker_interval_s
+                        .min(config.purge.disk_rewrite_interval_s),
+                ),
+                hex::encode(rand::random::<[u8; 8]>()),
+                shutdown.clone(),
+            ))
+        });
         let upkeep = prometheus.map(|h| {
             let stop = shutdown.clone();
             tokio::spawn(async move {
@@ -255,6 +272,7 @@ impl Gateway {
             // them (a sweep of many keys, an HTTP client that never finishes its request).
             let late = deadline.max(tokio::time::Instant::now());
             let mut background = vec![sweeper, purge_worker, compactor, policy_checks];
+            background.extend(disk_rewrites);
             background.extend(http_task);
             background.extend(upkeep);
             for mut t in background {

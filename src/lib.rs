@@ -12,6 +12,7 @@ pub mod cli;
 pub mod compact;
 pub mod config;
 pub mod connection;
+pub mod disk;
 pub mod export;
 pub mod fd_limit;
 pub mod gateway;

@@ -68,6 +68,10 @@ pub const COMPACTION_CONFLICTS: &str = "trackgate_compaction_conflicts_total";
 /// retention): tail entries (`trackgate_tail_entry_errors_total`) and history chunks.
 pub const TAIL_ENTRY_ERRORS: &str = "trackgate_tail_entry_errors_total";
 pub const CHUNK_ERRORS: &str = "trackgate_chunk_errors_total";
+/// Rewrites of Redis' files after purges, by `outcome` (done, failed), and the ticks
+/// skipped because another gateway held the lease.
+pub const DISK_REWRITES: &str = "trackgate_disk_rewrites_total";
+pub const DISK_REWRITES_SKIPPED: &str = "trackgate_disk_rewrites_skipped_total";
 /// Data-key months the key file still holds past the longest retention (each should have
 /// been destroyed with `trackgate keys prune`).
 pub const DATA_KEYS_OVERDUE: &str = "trackgate_data_keys_overdue";

@@ -38,7 +38,7 @@ use crate::pseudonym::Pseudonym;
 use crate::registry::Customer;
 use crate::store::fixes_key;
 use crate::store::hist;
-use crate::store::keys::{purge_idem_key as idem_key, purge_key};
+use crate::store::keys::{PURGE_DISK_KEY, purge_idem_key as idem_key, purge_key};
 use crate::store::scripts::{self, RangeStep, RangeStepDone};
 use crate::store::vault::Vault;
 
@@ -134,6 +134,11 @@ pub struct Receipt {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub completed_at: Option<Timestamp>,
+    /// When the purged data was also gone from every Redis primary's AOF and RDB (the
+    /// end of the first rewrite that started after completion); absent until then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub disk_rewritten_at: Option<Timestamp>,
     pub deleted_fixes: u64,
     #[serde(skip)]
     #[schema(ignore)]
@@ -327,6 +332,18 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                 .and_then(|v| Timestamp::from_second(v).ok())
         };
         let from = s("from_s");
+        let disk_rewritten_at = match ms("completed_ms") {
+            Some(done) => {
+                let (started, ended): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+                    .arg(PURGE_DISK_KEY)
+                    .arg(crate::disk::F_STARTED)
+                    .arg(crate::disk::F_DONE)
+                    .query_async(&mut conn)
+                    .await?;
+                crate::disk::rewritten_at(done, started, ended).map(ts_ms)
+            }
+            None => None,
+        };
         Ok(Some(Receipt {
             id: id.into(),
             state: h.get("state").cloned().unwrap_or_default(),
@@ -337,6 +354,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             cutoff: ts_ms(ms("cutoff_ms").unwrap_or(0)),
             deadline: ts_ms(ms("deadline_ms").unwrap_or(0)),
             completed_at: ms("completed_ms").map(ts_ms),
+            disk_rewritten_at,
             deleted_fixes: h.get("deleted").and_then(|v| v.parse().ok()).unwrap_or(0),
             customer: customer.clone(),
         }))
@@ -404,6 +422,9 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .sadd(UNAUDITED_KEY, id)
             .ignore()
             .xadd(JOURNAL_KEY, "*", &[("id", id), ("event", "completed")])
+            .ignore()
+            // Redis' files still hold it: the next disk rewrite (`crate::disk`) is owed.
+            .hset_nx(PURGE_DISK_KEY, crate::disk::F_DIRTY, now.as_millisecond())
             .ignore();
         let _: () = tx.query_async(&mut conn).await?;
         metrics::counter!(crate::metrics::PURGES_COMPLETED).increment(1);

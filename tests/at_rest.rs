@@ -414,3 +414,130 @@ fn data_keys_are_made_ahead_required_to_serve_and_pruned_past_the_retention() {
     let ring = KeyRing::load(&keys).unwrap();
     assert!(ring.check_data_months(now).is_ok());
 }
+
+/// The `e` (sealed payload) and `t` (fix time) values of a device's tail entries.
+async fn tail_values(conn: &mut redis::aio::MultiplexedConnection, p: &Pseudonym) -> Vec<Vec<u8>> {
+    let r: redis::streams::StreamRangeReply = conn.xrange_all(fixes_key(p)).await.unwrap();
+    r.ids
+        .iter()
+        .flat_map(|e| {
+            ["e", "t"]
+                .iter()
+                .filter_map(|f| redis::from_redis_value::<Vec<u8>>(e.map.get(*f)?.clone()).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every byte of the AOF files and the RDB of `redis`.
+fn files_of(redis: &RedisServer) -> Vec<u8> {
+    let mut all = std::fs::read(redis.dir().join("dump.rdb")).unwrap_or_default();
+    if let Ok(dir) = std::fs::read_dir(redis.dir().join("appendonlydir")) {
+        for f in dir {
+            all.extend(std::fs::read(f.unwrap().path()).unwrap());
+        }
+    }
+    all
+}
+
+fn holds(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_purge_leaves_the_aof_and_rdb_and_its_receipt_says_when() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn().await;
+    for (name, value) in [
+        ("rdbcompression", "no"),
+        ("appendonly", "yes"),
+        ("save", "3600 1"),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let mut cfg = test_config(&redis);
+    cfg.purge.disk_rewrite_interval_s = 1;
+    cfg.purge.worker_interval_s = 1;
+    let (gw, keys) = start_gateway(cfg).await;
+    let conn = trackgate::redis_conn::connect(&test_config(&redis).redis).unwrap();
+    let gone = stored_device(&gw, &conn, &keys, 4).await;
+    let kept = stored_device(&gw, &conn, &keys, 5).await;
+    let gone_values = tail_values(&mut c, &gone).await;
+    let kept_values = tail_values(&mut c, &kept).await;
+    let envelopes: Vec<&Vec<u8>> = gone_values.iter().filter(|v| v.len() > 31).collect();
+    assert_eq!(envelopes.len(), 40);
+    let _: () = redis::cmd("SAVE").query_async(&mut c).await.unwrap();
+    let before = files_of(&redis);
+    assert!(
+        envelopes.iter().all(|e| holds(&before, e)),
+        "the files hold the device's writes before the purge"
+    );
+
+    let customer = trackgate::registry::Customer::new("acme", "ACME", "Europe/Berlin");
+    trackgate::registry::Registry::new(conn.clone(), 365 * 86_400)
+        .add_customer(&customer)
+        .await
+        .unwrap();
+    let purger = trackgate::purge::Purger::new(conn.clone(), Duration::from_secs(86_400))
+        .with_vault(keys.vault().clone());
+    let receipt = purger
+        .request(
+            &customer,
+            &trackgate::purge::PurgeRequest {
+                pseudonyms: vec![gone.clone()],
+                range: None,
+                idempotency_key: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(receipt.state, "completed");
+    assert!(receipt.disk_rewritten_at.is_none(), "not yet rewritten");
+    let mut done = None;
+    for _ in 0..200 {
+        let r = purger.receipt(&receipt.id).await.unwrap().unwrap();
+        if let Some(at) = r.disk_rewritten_at {
+            done = Some(at);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let disk: std::collections::HashMap<String, String> =
+        c.hgetall("tg:{purge}:disk").await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("persistence")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let done = done.unwrap_or_else(|| {
+        panic!("the receipt says when the files were rewritten: {disk:?} {info}")
+    });
+    assert!(done >= receipt.completed_at.unwrap());
+
+    let after = files_of(&redis);
+    for e in &envelopes {
+        assert!(
+            !holds(&after, e),
+            "a purged fix's ciphertext is still in Redis' files"
+        );
+    }
+    for t in gone_values.iter().filter(|v| v.len() <= 12) {
+        assert!(
+            !holds(&after, t),
+            "a purged fix's clear fix time is still in Redis' files"
+        );
+    }
+    let kept_envelopes: Vec<&Vec<u8>> = kept_values.iter().filter(|v| v.len() > 31).collect();
+    assert!(
+        kept_envelopes.iter().all(|e| holds(&after, e)),
+        "the other device's data is still there"
+    );
+    gw.shutdown();
+    gw.wait().await;
+}

@@ -112,6 +112,11 @@ pub fn purge_key(rest: &str) -> String {
 
 /// Ids of purges not yet completed.
 pub const PURGE_PENDING_KEY: &str = "tg:{purge}:pending";
+/// Hash: whether purges completed since Redis' files were last rewritten, and when the
+/// last rewrite started and ended (`crate::disk`).
+pub const PURGE_DISK_KEY: &str = "tg:{purge}:disk";
+/// Lease of the gateway that rewrites Redis' files after purges.
+pub const PURGE_DISK_LEASE_KEY: &str = "tg:{purge}:disk_lease";
 /// Stream of purge events (requested, completed).
 pub const PURGE_JOURNAL_KEY: &str = "tg:{purge}:journal";
 /// Ids of completed purges whose `purge.completed` audit line may not be written yet
