@@ -45,6 +45,24 @@ pub struct Config {
     pub http: HttpConfig,
     pub purge: PurgeConfig,
     pub storage: StorageConfig,
+    pub audit: AuditConfig,
+}
+
+/// The audit trail (`tg:audit`, hash-chained: `crate::audit`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Lines older than this are trimmed by the sweeper (archive them first with
+    /// `trackgate audit export`). `0` keeps them forever.
+    pub retention_s: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            retention_s: 400 * 86_400,
+        }
+    }
 }
 
 /// Storage layout: the live tail and the compressed history (DESIGN §5).
@@ -208,6 +226,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             purge: PurgeConfig::default(),
             storage: StorageConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }

@@ -89,7 +89,8 @@ impl Gateway {
             .with_early_resync(true);
         let retention = Retention::new(&config.retention)
             .with_future_tolerance(&config.storage)
-            .with_vault(vault.clone());
+            .with_vault(vault.clone())
+            .with_audit(&config.audit);
         let shared = Arc::new(Shared {
             config: config.clone(),
             keys,

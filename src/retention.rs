@@ -57,6 +57,8 @@ pub struct Retention {
     /// Opens and seals the history chunks the sweeper rewrites (none without
     /// [`Retention::with_vault`]: a sealed chunk is then only removed whole).
     vault: Arc<Vault>,
+    /// `audit.retention_s`: the sweeper trims older audit lines (`None`: never).
+    audit_retention: Option<Duration>,
 }
 
 impl Retention {
@@ -68,7 +70,15 @@ impl Retention {
             sweep_late_chunk: config.sweep_late_chunk_entries,
             future_tolerance_s: crate::config::StorageConfig::default().future_tolerance_s(),
             vault: Arc::new(Vault::empty()),
+            audit_retention: None,
         }
+    }
+
+    /// Trim audit lines older than `audit.retention_s` on every sweep.
+    pub fn with_audit(mut self, audit: &crate::config::AuditConfig) -> Self {
+        self.audit_retention =
+            (audit.retention_s > 0).then(|| Duration::from_secs(audit.retention_s));
+        self
     }
 
     /// Rewrite sealed history chunks with these data keys.
@@ -273,6 +283,13 @@ pub async fn sweep_once(conn: &RedisConn, retention: &Retention) -> redis::Redis
         }
     }
     metrics::counter!(m::RETENTION_TRIMMED).increment(trimmed);
+    if let Some(keep) = retention.audit_retention {
+        let mut c = conn.clone();
+        let lines = crate::audit::trim(&mut c, keep).await?;
+        if lines > 0 {
+            tracing::info!(lines, "audit lines past audit.retention_s trimmed");
+        }
+    }
     Ok(trimmed)
 }
 

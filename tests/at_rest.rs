@@ -541,3 +541,115 @@ async fn a_completed_purge_leaves_the_aof_and_rdb_and_its_receipt_says_when() {
     gw.shutdown();
     gw.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_is_a_hash_chain_that_names_its_first_break_and_is_bounded() {
+    let redis = RedisServer::start();
+    let conn = trackgate::redis_conn::connect(&test_config(&redis).redis).unwrap();
+    // A line from before the chain existed (previous version): kept, counted, not a break.
+    let mut c = redis.conn().await;
+    let _: () = c
+        .xadd(
+            trackgate::audit::AUDIT_KEY,
+            "*",
+            &[("actor", "admin"), ("action", "old")],
+        )
+        .await
+        .unwrap();
+    // Two gateways appending at once: one chain, no fork.
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let mut conn = conn.clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    let detail = format!("writer {w} line {i}");
+                    trackgate::audit::append(
+                        &mut conn,
+                        &trackgate::audit::AuditEvent {
+                            actor: "admin",
+                            action: "test",
+                            devices: "",
+                            outcome: "ok",
+                            detail: &detail,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[redis]\nurl = \"{}\"\n[keys]\nkey_file = \"unused\"\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let o = trackgate(&["audit", "verify", "--config", cfg]);
+    assert!(
+        o.status.success() && text(&o).contains("intact: 51 lines (1 from before the chain)"),
+        "{}",
+        text(&o)
+    );
+    let exported = trackgate(&["audit", "export", "--config", cfg]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&exported.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 51);
+    assert!(
+        lines[1]["h"].as_str().is_some_and(|h| h.len() == 64),
+        "{}",
+        lines[1]
+    );
+    assert_eq!(lines[2]["prev"], lines[1]["h"]);
+
+    // A line removed from the middle: the line after it is the first break.
+    let victim = lines[20]["id"].as_str().unwrap();
+    let _: () = c
+        .xdel(trackgate::audit::AUDIT_KEY, &[victim])
+        .await
+        .unwrap();
+    let o = trackgate(&["audit", "verify", "--config", cfg]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let next = lines[21]["id"].as_str().unwrap();
+    assert!(
+        text(&o).contains(&format!("broken at line {next}: prev is not the hash")),
+        "{}",
+        text(&o)
+    );
+
+    // Retention trims the oldest lines (the break with them); what is left verifies.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut conn2 = conn.clone();
+    trackgate::audit::append(
+        &mut conn2,
+        &trackgate::audit::AuditEvent {
+            actor: "admin",
+            action: "test",
+            devices: "",
+            outcome: "ok",
+            detail: "after",
+        },
+    )
+    .await
+    .unwrap();
+    let trimmed = trackgate::audit::trim(&mut conn2, Duration::from_millis(10))
+        .await
+        .unwrap();
+    assert_eq!(trimmed, 50, "every line but the newest");
+    let o = trackgate(&["audit", "verify", "--config", cfg]);
+    assert!(
+        o.status.success() && text(&o).contains("intact: 1 lines"),
+        "{}",
+        text(&o)
+    );
+}

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod admin;
+mod audit;
 mod bench;
 mod client;
 mod config_cmd;
@@ -69,6 +70,9 @@ pub enum Command {
     /// Follow a device's new fixes in its live tail (Redis), as JSON lines: the reference
     /// consumer of docs/storage-format.md. The IMEI is read from standard input.
     Tail(TailArgs),
+    /// The audit trail: verify its hash chain, export it for archiving.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Run a parsed command line; the exit code is the process's.
@@ -81,6 +85,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Decode(args) => decode::run(&args),
         Command::Config(cmd) => config_cmd::run(&cmd),
         Command::Keys(cmd) => keys::run(&cmd),
+        Command::Audit(cmd) => audit::run(&cmd),
         Command::Customer(cmd) => admin::customer(&cmd),
         Command::Token(cmd) => admin::token(&cmd),
         Command::Device(cmd) => admin::device(&cmd),

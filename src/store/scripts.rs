@@ -38,6 +38,24 @@ static SWEEP_STREAM: Lua = lua!("scripts/sweep_stream.lua");
 static ASSIGN: Lua = lua!("scripts/assign.lua");
 static UNASSIGN: Lua = lua!("scripts/unassign.lua");
 static DROP_EMPTY_STREAM: Lua = lua!("scripts/drop_empty_stream.lua");
+static AUDIT_APPEND: Lua = lua!("scripts/audit_append.lua");
+
+/// Append an audit line with hash `h` chained to `prev` (see `scripts/audit_append.lua`)
+/// if the stream's last line still has hash `prev`; false when another line came first.
+pub async fn audit_append<C: ConnectionLike + Send>(
+    conn: &mut C,
+    prev: &str,
+    h: &str,
+    fields: &[(&str, &str)],
+) -> redis::RedisResult<bool> {
+    let mut call = AUDIT_APPEND.key(super::keys::AUDIT_KEY);
+    call.arg(prev).arg(h);
+    for (k, v) in fields {
+        call.arg(*k).arg(*v);
+    }
+    let applied: i64 = call.invoke_async(conn).await?;
+    Ok(applied == 1)
+}
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
