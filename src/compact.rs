@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::AsyncCommands;
 use redis::aio::ConnectionLike;
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +31,9 @@ use crate::store::hist::{self, StoredChunk};
 use crate::store::row::Row;
 use crate::store::scripts::{self, Swap};
 use crate::store::vault::Vault;
-use crate::store::{COMPACT_LEASE_KEY, FIXES_PATTERN, pseudonym_of_key, tail};
+use crate::store::{
+    CLEAR_CHUNKS_SEALED_KEY, COMPACT_LEASE_KEY, FIXES_PATTERN, HIST_PATTERN, pseudonym_of_key, tail,
+};
 
 /// Compaction settings, from `[storage]`.
 #[derive(Debug, Clone)]
@@ -382,8 +385,81 @@ pub async fn seal_everything(
     }
 }
 
+/// Seal every history chunk still in clear (written before payloads were sealed at rest:
+/// an upgraded store) under its month's data key, each in one atomic swap; a chunk that
+/// changed meanwhile, or cannot be decoded, is left (counted, next run). Once a run finds
+/// none, [`CLEAR_CHUNKS_SEALED_KEY`] is set and later runs return at once. Returns the
+/// chunks sealed.
+pub async fn seal_clear_chunks(conn: &RedisConn, s: &Compaction) -> redis::RedisResult<u64> {
+    let mut keyed = conn.clone();
+    let done: bool = keyed.exists(CLEAR_CHUNKS_SEALED_KEY).await?;
+    if done {
+        return Ok(0);
+    }
+    let mut sealed = 0u64;
+    let mut left = 0u64;
+    for target in conn.scan_targets().await? {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys) = conn
+                .scan_page(&target, cursor, HIST_PATTERN, s.scan_count, "zset")
+                .await?;
+            for key in keys {
+                let Some(p) = pseudonym_of_key(&key) else {
+                    continue;
+                };
+                let clear: Vec<StoredChunk> =
+                    hist::chunks_by_score(&mut keyed, &p, "-inf", "+inf", 0, usize::MAX)
+                        .await?
+                        .into_iter()
+                        .filter(|c| c.bytes.first() == Some(&crate::store::chunk::VERSION))
+                        .collect();
+                for c in clear {
+                    let Ok(rows) = c.rows(&s.vault, "compaction") else {
+                        left += 1;
+                        continue;
+                    };
+                    let Ok(new_chunks) =
+                        hist::encode_chunks(&s.vault, &p, &rows, crate::store::chunk::MAX_ROWS)
+                    else {
+                        left += 1;
+                        continue;
+                    };
+                    let swap = Swap {
+                        old_chunks: vec![c.bytes],
+                        new_chunks,
+                        ..Swap::default()
+                    };
+                    if scripts::swap(&mut keyed, &p, &swap).await? {
+                        sealed += 1;
+                    } else {
+                        left += 1;
+                    }
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    if left == 0 {
+        let _: () = keyed.set(CLEAR_CHUNKS_SEALED_KEY, 1).await?;
+    }
+    if sealed > 0 || left > 0 {
+        tracing::info!(
+            sealed,
+            left,
+            "history chunks written in clear sealed at rest"
+        );
+    }
+    Ok(sealed)
+}
+
 /// Compact every `s.interval` until `stop`, when this gateway (`instance`) holds the
-/// compaction lease (a pass is idempotent: stopping half-way loses nothing).
+/// compaction lease (a pass is idempotent: stopping half-way loses nothing). Each pass
+/// first seals chunks left in clear by an older version ([`seal_clear_chunks`]; at once
+/// once none is left).
 pub async fn run_compactor(
     conn: RedisConn,
     s: Compaction,
@@ -402,6 +478,9 @@ pub async fn run_compactor(
             };
             if !lease.take(&mut conn, instance, s.interval).await {
                 return;
+            }
+            if let Err(e) = seal_clear_chunks(&conn, s).await {
+                tracing::warn!(error = %e, "sealing chunks left in clear failed; will retry next interval");
             }
             match compact_once(&conn, s).await {
                 Ok(sealed) => {

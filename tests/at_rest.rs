@@ -653,3 +653,47 @@ async fn the_audit_trail_is_a_hash_chain_that_names_its_first_break_and_is_bound
         text(&o)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_an_older_version_left_in_clear_are_sealed_in_place_and_read_the_same() {
+    let redis = RedisServer::start();
+    let (gw, keys) = start_gateway(test_config(&redis)).await;
+    let conn = trackgate::redis_conn::connect(&test_config(&redis).redis).unwrap();
+    let p = stored_device(&gw, &conn, &keys, 6).await;
+    // Seal, then turn the chunks back into what a previous version wrote: clear ones.
+    seal(&conn, keys.vault().clone()).await;
+    let mut c = redis.conn().await;
+    let sealed: Vec<(Vec<u8>, f64)> = c.zrange_withscores(hist_key(&p), 0, -1).await.unwrap();
+    for (m, score) in &sealed {
+        let plain = chunk::encode(&hist::open(keys.vault(), &p, m).unwrap());
+        let _: () = c.zrem(hist_key(&p), m).await.unwrap();
+        let _: () = c.zadd(hist_key(&p), plain, *score).await.unwrap();
+    }
+    let before = device_export(&conn, keys.vault().clone(), &p).await;
+    assert_eq!(before.len(), 40, "clear chunks are read");
+    // The gateway's own first pass found nothing in clear and said so; a store upgraded
+    // from the previous version has no such marker.
+    let marker: bool = c.exists("tg:{compact}:clear_chunks_sealed").await.unwrap();
+    assert!(marker);
+    let _: () = c.del("tg:{compact}:clear_chunks_sealed").await.unwrap();
+    let s = Compaction::new(&StorageConfig::default(), keys.vault().clone());
+    let n = trackgate::compact::seal_clear_chunks(&conn, &s)
+        .await
+        .unwrap();
+    assert_eq!(n as usize, sealed.len());
+    let members: Vec<Vec<u8>> = c.zrange(hist_key(&p), 0, -1).await.unwrap();
+    assert!(
+        members.iter().all(|m| m[0] == chunk::VERSION_SEALED),
+        "every chunk sealed"
+    );
+    assert_eq!(device_export(&conn, keys.vault().clone(), &p).await, before);
+    assert_eq!(
+        trackgate::compact::seal_clear_chunks(&conn, &s)
+            .await
+            .unwrap(),
+        0,
+        "nothing left: later runs stop at the marker"
+    );
+    gw.shutdown();
+    gw.wait().await;
+}

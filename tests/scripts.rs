@@ -678,20 +678,43 @@ async fn an_audit_line_is_appended_only_onto_the_hash_it_was_chained_to() {
     let redis = RedisServer::start();
     let mut conn = redis.conn().await;
     let fields = [("ts", "1"), ("actor", "admin")];
-    assert!(scripts::audit_append(&mut conn, "", "h1", &fields).await.unwrap());
+    assert!(
+        scripts::audit_append(&mut conn, "", "h1", &fields)
+            .await
+            .unwrap()
+    );
     // Another gateway's line came first: this one was hashed onto a stale last line.
-    assert!(!scripts::audit_append(&mut conn, "", "h2", &fields).await.unwrap());
-    assert!(scripts::audit_append(&mut conn, "h1", "h2", &fields).await.unwrap());
+    assert!(
+        !scripts::audit_append(&mut conn, "", "h2", &fields)
+            .await
+            .unwrap()
+    );
+    assert!(
+        scripts::audit_append(&mut conn, "h1", "h2", &fields)
+            .await
+            .unwrap()
+    );
     let lines: redis::streams::StreamRangeReply =
         conn.xrange_all(trackgate::audit::AUDIT_KEY).await.unwrap();
     let chain: Vec<(String, String)> = lines
         .ids
         .iter()
-        .map(|e| (e.get::<String>("prev").unwrap(), e.get::<String>("h").unwrap()))
+        .map(|e| {
+            (
+                e.get::<String>("prev").unwrap(),
+                e.get::<String>("h").unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         chain,
-        [("".to_string(), "h1".to_string()), ("h1".into(), "h2".into())]
+        [
+            ("".to_string(), "h1".to_string()),
+            ("h1".into(), "h2".into())
+        ]
     );
-    assert_eq!(lines.ids[1].get::<String>("actor").as_deref(), Some("admin"));
+    assert_eq!(
+        lines.ids[1].get::<String>("actor").as_deref(),
+        Some("admin")
+    );
 }

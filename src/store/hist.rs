@@ -317,6 +317,36 @@ mod tests {
     }
 
     #[test]
+    fn losing_a_month_key_loses_that_month_only() -> Result<(), ChunkError> {
+        let this = Month::now();
+        let last = Month(this.0 - 1);
+        let secrets = [[7u8; 32], [9u8; 32]];
+        let both = Vault::new([(last, 1, &secrets[0][..]), (this, 1, &secrets[1][..])])
+            .map_err(|_| ChunkError::Header)?;
+        let p = device("a");
+        let t = this.start_unix();
+        let rows: Vec<Row> = [t - 120, t - 60, t, t + 60]
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| row(t, i as i64, i as i64))
+            .collect();
+        let chunks = encode_chunks(&both, &p, &rows, 100)?;
+        assert_eq!(chunks.len(), 2, "one chunk a month");
+        let without_last =
+            Vault::new([(this, 1, &secrets[1][..])]).map_err(|_| ChunkError::Header)?;
+        let read: Vec<Result<usize, ChunkError>> = chunks
+            .iter()
+            .map(|(_, b)| open(&without_last, &p, b).map(|r| r.len()))
+            .collect();
+        assert!(
+            matches!(read[0], Err(ChunkError::Sealed(_))),
+            "last month is gone"
+        );
+        assert_eq!(read[1], Ok(2), "this month reads");
+        Ok(())
+    }
+
+    #[test]
     fn a_sealed_chunk_holds_no_clear_value_and_opens_only_for_its_device_and_header()
     -> Result<(), ChunkError> {
         let (ring, p) = (ring(), device("a"));

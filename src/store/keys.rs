@@ -35,6 +35,9 @@ pub const HIST_PATTERN: &str = "tg:{*}:hist";
 
 /// The compactor's lease: one gateway compacts per interval.
 pub const COMPACT_LEASE_KEY: &str = "tg:{compact}:lease";
+/// Set once a compaction pass found no history chunk in clear (written before payloads
+/// were sealed at rest): later gateways skip that scan.
+pub const CLEAR_CHUNKS_SEALED_KEY: &str = "tg:{compact}:clear_chunks_sealed";
 
 /// `tg:{P}:meta`, owner, retention override, last seen, key version.
 pub fn meta_key(p: &Pseudonym) -> String {
