@@ -203,6 +203,7 @@ impl Gateway {
         let disk_rewrites = (config.purge.disk_rewrite_interval_s > 0).then(|| {
             tokio::spawn(crate::disk::run(
                 conn.clone(),
+                config.redis.clone(),
                 Duration::from_secs(config.purge.disk_rewrite_interval_s),
                 Duration::from_secs(config.purge.disk_rewrite_wait_s),
                 Duration::from_secs(

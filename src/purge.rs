@@ -134,8 +134,9 @@ pub struct Receipt {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub completed_at: Option<Timestamp>,
-    /// When the purged data was also gone from every Redis primary's AOF and RDB (the
-    /// end of the first rewrite that started after completion); absent until then.
+    /// When the purged data was also gone from the AOF and RDB of every Redis primary and
+    /// replica (the end of the first rewrite that started after completion); absent until
+    /// then.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub disk_rewritten_at: Option<Timestamp>,

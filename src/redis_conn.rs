@@ -166,17 +166,23 @@ fn tls_certificates(config: &RedisConfig) -> RedisResult<Option<redis::TlsCertif
     )
 }
 
-fn connect_standalone(config: &RedisConfig) -> RedisResult<ConnectionManager> {
+/// A client for the one server at `config.url`, with the configured password and TLS
+/// settings.
+pub fn client(config: &RedisConfig) -> RedisResult<redis::Client> {
     use redis::IntoConnectionInfo;
     let mut info = config.url.as_str().into_connection_info()?;
     if let Some(pw) = &config.password {
         let settings = info.redis_settings().clone().set_password(pw);
         info = info.set_redis_settings(settings);
     }
-    let client = match tls_certificates(config)? {
-        Some(certs) => redis::Client::build_with_tls(info, certs)?,
-        None => redis::Client::open(info)?,
-    };
+    match tls_certificates(config)? {
+        Some(certs) => redis::Client::build_with_tls(info, certs),
+        None => redis::Client::open(info),
+    }
+}
+
+fn connect_standalone(config: &RedisConfig) -> RedisResult<ConnectionManager> {
+    let client = client(config)?;
     let cm = redis::aio::ConnectionManagerConfig::new()
         .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
         .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))

@@ -447,19 +447,23 @@ fn holds(hay: &[u8], needle: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completed_purge_leaves_the_aof_and_rdb_and_its_receipt_says_when() {
     let redis = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&redis);
     let mut c = redis.conn().await;
-    for (name, value) in [
-        ("rdbcompression", "no"),
-        ("appendonly", "yes"),
-        ("save", "3600 1"),
-    ] {
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(name)
-            .arg(value)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+    for server in [&redis, &replica] {
+        let mut c = server.conn().await;
+        for (name, value) in [
+            ("rdbcompression", "no"),
+            ("appendonly", "yes"),
+            ("save", "3600 1"),
+        ] {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
     }
     let mut cfg = test_config(&redis);
     cfg.purge.disk_rewrite_interval_s = 1;
@@ -472,12 +476,22 @@ async fn a_completed_purge_leaves_the_aof_and_rdb_and_its_receipt_says_when() {
     let kept_values = tail_values(&mut c, &kept).await;
     let envelopes: Vec<&Vec<u8>> = gone_values.iter().filter(|v| v.len() > 31).collect();
     assert_eq!(envelopes.len(), 40);
-    let _: () = redis::cmd("SAVE").query_async(&mut c).await.unwrap();
-    let before = files_of(&redis);
-    assert!(
-        envelopes.iter().all(|e| holds(&before, e)),
-        "the files hold the device's writes before the purge"
-    );
+    for server in [&redis, &replica] {
+        // The replica has applied every write before its snapshot.
+        let mut sc = server.conn().await;
+        let _: () = redis::cmd("WAIT")
+            .arg(1)
+            .arg(5000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SAVE").query_async(&mut sc).await.unwrap();
+        let before = files_of(server);
+        assert!(
+            envelopes.iter().all(|e| holds(&before, e)),
+            "the files hold the device's writes before the purge"
+        );
+    }
 
     let customer = trackgate::registry::Customer::new("acme", "ACME", "Europe/Berlin");
     trackgate::registry::Registry::new(conn.clone(), 365 * 86_400)
