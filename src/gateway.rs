@@ -62,11 +62,8 @@ impl Gateway {
     /// Bind everything and start serving.
     pub async fn start(config: Config, keys: Arc<KeyRing>) -> Result<Gateway, StartError> {
         let vault = keys.vault().clone();
+        let keys_for_checks = keys.clone();
         let prometheus = metrics::install();
-        // Data keys past the longest retention (`serve` also logs which).
-        let overdue =
-            keys.overdue_months(jiff::Timestamp::now().as_second(), config.data_key_keep());
-        ::metrics::gauge!(crate::metrics::DATA_KEYS_OVERDUE).set(overdue.len() as f64);
         let config = Arc::new(config);
         let conn = redis_conn::connect(&config.redis)?;
         // Before any device is accepted: an evicting Redis would delete what we ACK.
@@ -216,6 +213,32 @@ impl Gateway {
                 shutdown.clone(),
             ))
         });
+        // Data keys past the longest retention: a gauge, and a warning every hour while
+        // the key file still holds any (months end while a gateway runs).
+        let key_check = {
+            let (keys, keep, stop) = (
+                keys_for_checks.clone(),
+                config.data_key_keep(),
+                shutdown.clone(),
+            );
+            tokio::spawn(crate::periodic::every(
+                Duration::from_secs(3600),
+                stop,
+                move || {
+                    let keys = keys.clone();
+                    async move {
+                        let overdue = keys.overdue_months(jiff::Timestamp::now().as_second(), keep);
+                        ::metrics::gauge!(crate::metrics::DATA_KEYS_OVERDUE)
+                            .set(overdue.len() as f64);
+                        if !overdue.is_empty() {
+                            let months: Vec<String> =
+                                overdue.iter().map(|m| m.to_string()).collect();
+                            tracing::warn!(months = %months.join(","), "the key file still holds data keys past the longest retention; destroy them with `trackgate keys prune`");
+                        }
+                    }
+                },
+            ))
+        };
         let upkeep = prometheus.map(|h| {
             let stop = shutdown.clone();
             tokio::spawn(async move {
@@ -275,6 +298,7 @@ impl Gateway {
             let late = deadline.max(tokio::time::Instant::now());
             let mut background = vec![sweeper, purge_worker, compactor, policy_checks];
             background.extend(disk_rewrites);
+            background.push(key_check);
             background.extend(http_task);
             background.extend(upkeep);
             for mut t in background {

@@ -471,6 +471,27 @@ mod tests {
     }
 
     #[test]
+    fn months_past_the_longest_retention_are_overdue_and_this_one_is_required() -> TestResult {
+        let mut file = KeyFile {
+            keys: vec![new_entry(1, Timestamp::UNIX_EPOCH)],
+            data_keys: Vec::new(),
+        };
+        let old = Month::parse("2020-01").ok_or("month")?;
+        add_months(&mut file, old, 0);
+        let ring = KeyRing::from_file(&file)?;
+        let now = Month::now();
+        assert!(ring.check_data_months(now).is_err(), "no key for this month");
+        add_months(&mut file, now, MONTHS_AHEAD);
+        let ring = KeyRing::from_file(&file)?;
+        assert!(ring.check_data_months(now).is_ok());
+        let keep = std::time::Duration::from_secs(90 * 86_400);
+        let now_s = Timestamp::now().as_second();
+        assert_eq!(ring.overdue_months(now_s, keep), [old]);
+        assert_eq!(months_due(&file, now_s, keep), [old]);
+        Ok(())
+    }
+
+    #[test]
     fn known_answer() -> TestResult {
         // HMAC-SHA256 with a fixed key: guards the construction against accidental change.
         let entry = KeyEntry {

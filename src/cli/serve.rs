@@ -20,19 +20,11 @@ pub struct ServeArgs {
 
 /// The key file of `config`, refused unless it holds data keys for this month and the
 /// next (payloads are sealed with them; DESIGN §9). Data keys that should have been
-/// destroyed are a warning (and, once serving, the metric `trackgate_data_keys_overdue`).
+/// destroyed are the gateway's warning and metric (`trackgate_data_keys_overdue`).
 pub(super) fn load_keys(config: &Config) -> Result<KeyRing, String> {
     let keys = KeyRing::load(&config.keys.key_file).map_err(|e| e.to_string())?;
     keys.check_data_months(crate::store::vault::Month::now())
         .map_err(|e| format!("{}: {e}", config.keys.key_file.display()))?;
-    let overdue = keys.overdue_months(jiff::Timestamp::now().as_second(), config.data_key_keep());
-    if !overdue.is_empty() {
-        let months: Vec<String> = overdue.iter().map(|m| m.to_string()).collect();
-        tracing::warn!(
-            months = %months.join(","),
-            "the key file still holds data keys past the longest retention; destroy them with `trackgate keys prune`"
-        );
-    }
     Ok(keys)
 }
 
