@@ -480,7 +480,10 @@ mod tests {
         add_months(&mut file, old, 0);
         let ring = KeyRing::from_file(&file)?;
         let now = Month::now();
-        assert!(ring.check_data_months(now).is_err(), "no key for this month");
+        assert!(
+            ring.check_data_months(now).is_err(),
+            "no key for this month"
+        );
         add_months(&mut file, now, MONTHS_AHEAD);
         let ring = KeyRing::from_file(&file)?;
         assert!(ring.check_data_months(now).is_ok());

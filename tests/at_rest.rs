@@ -105,7 +105,7 @@ async fn device_export(
         pseudonyms: vec![p.clone()],
         from: None,
         to: None,
-        ttl: Duration::from_secs(86_400),
+        ttl: Duration::from_secs(90 * 86_400),
         owned_since_ms: None,
         format: Format::Ndjson,
         chunk_entries: 100,
@@ -702,6 +702,96 @@ async fn chunks_an_older_version_left_in_clear_are_sealed_in_place_and_read_the_
         0,
         "nothing left: later runs stop at the marker"
     );
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_keys_prune_an_rdb_copy_of_a_past_month_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("keys.toml");
+    KeyRing::generate(&key_file).unwrap();
+    // Last month's key, as `keys months` made it a month ago.
+    let last = Month(Month::now().0 - 1);
+    let mut file = std::fs::read_to_string(&key_file).unwrap();
+    file.push_str(&format!(
+        "\n[[data_key]]\nmonth = \"{last}\"\nversion = 1\nsecret_hex = \"{}\"\n",
+        "5a".repeat(32)
+    ));
+    std::fs::write(&key_file, file).unwrap();
+    let keys = Arc::new(KeyRing::load(&key_file).unwrap());
+
+    // A device's fixes from the end of last month and from this one, sealed.
+    let redis = RedisServer::start();
+    let gw = trackgate::gateway::Gateway::start(test_config(&redis), keys.clone())
+        .await
+        .unwrap();
+    let conn = trackgate::redis_conn::connect(&test_config(&redis).redis).unwrap();
+    let id = imei(810);
+    let p = pseudonym(&keys, &id);
+    let this_start = Month::now().start_unix();
+    let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
+    let times: Vec<i64> = (0..10)
+        .map(|i| this_start - 3_600 + i * 600)
+        .filter(|s| *s < now_s().as_second())
+        .collect();
+    for (i, s) in times.iter().enumerate() {
+        let f = fix_at(jiff::Timestamp::from_second(*s).unwrap(), i as i32);
+        t.send(&aaa_frame(&id, &f)).await;
+    }
+    let key = fixes_key(&p);
+    let n = times.len() as u64;
+    eventually(Duration::from_secs(10), "all fixes stored", || {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move { conn.xlen::<_, u64>(&key).await.unwrap() == n }
+    })
+    .await;
+    seal(&conn, keys.vault().clone()).await;
+    let in_last = times.iter().filter(|s| **s < this_start).count();
+    assert_eq!(
+        device_export(&conn, keys.vault().clone(), &p).await.len(),
+        times.len()
+    );
+
+    // An RDB copy, then `trackgate keys prune` with a retention that last month is past.
+    let mut c = redis.conn().await;
+    let _: () = redis::cmd("SAVE").query_async(&mut c).await.unwrap();
+    let mut copy = RedisServer::start();
+    copy.kill();
+    std::fs::copy(redis.dir().join("dump.rdb"), copy.dir().join("dump.rdb")).unwrap();
+    copy.restart();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[redis]\nurl = \"{}\"\n[keys]\nkey_file = \"{}\"\ndata_key_grace_s = 0\n[retention]\nttl_s = 1\nmax_customer_ttl_s = 1\nsweep_interval_s = 1\n",
+            copy.url(),
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let o = trackgate(&[
+        "keys",
+        "prune",
+        key_file.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success() && text(&o).contains(&last.to_string()),
+        "{}",
+        text(&o)
+    );
+    let pruned = KeyRing::load(&key_file).unwrap();
+    let copy_conn = trackgate::redis_conn::connect(&test_config(&copy).redis).unwrap();
+    let read = device_export(&copy_conn, pruned.vault().clone(), &p).await;
+    assert_eq!(
+        read.len(),
+        times.len() - in_last,
+        "the copy gives up this month's fixes only: {in_last} of last month are gone"
+    );
+    assert!(in_last > 0);
     gw.shutdown();
     gw.wait().await;
 }
