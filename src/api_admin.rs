@@ -39,6 +39,7 @@ pub fn router(state: V1State, admin_sha256: String) -> Router {
             put(crate::api_v1::imei_in_url).delete(crate::api_v1::imei_in_url),
         )
         .route("/v1/audit", get(audit_trail))
+        .route("/v1/admin/devices/state", post(set_device_state))
         .with_state(AdminState {
             v1: state,
             admin_sha256,
@@ -364,6 +365,44 @@ async fn assign(
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(r) => r,
     }
+}
+
+#[utoipa::path(post, path = "/v1/admin/devices/state", request_body = crate::api_v1::DeviceState,
+    responses((status = 200, description = "Set; every gateway's open connections follow within retention.owner_refresh_s (a blocked device's are closed)", body = crate::api_v1::DeviceState), (status = 400, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 401, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 429, body = crate::api_v1::Problem, content_type = "application/problem+json"), (status = 503, body = crate::api_v1::Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+/// Set any device's collection state, `blocked` included (audited).
+async fn set_device_state(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Json<crate::api_v1::DeviceState>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return r;
+    }
+    let Ok(Json(body)) = body else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Body must be {imei, state: active|paused|blocked}",
+            None,
+        );
+    };
+    let (imei, devices) = match device(&s, &body.imei) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    if let Err(r) = audited(&s, "device.state", &devices, body.state.as_str()).await {
+        return r;
+    }
+    let pseudonyms = s.v1.keys.all_pseudonyms(&imei);
+    let mut conn = s.v1.audit_conn.clone();
+    if crate::collection::set(&mut conn, &pseudonyms, body.state)
+        .await
+        .is_err()
+    {
+        return crate::api_v1::unavailable_response("Redis unreachable");
+    }
+    (StatusCode::OK, Json(body)).into_response()
 }
 
 #[utoipa::path(post, path = "/v1/admin/owners/unassign", request_body = Device,

@@ -43,12 +43,12 @@ pub struct V1State {
 #[openapi(
     info(title = "trackgate privacy API", description = "Purge and export of a customer's own devices' location data."),
     paths(
-        create_purge, get_purge, export_fixes,
+        create_purge, get_purge, export_fixes, set_device_state,
         crate::api_admin::add_customer, crate::api_admin::set_holidays, crate::api_admin::issue_token,
         crate::api_admin::revoke_token, crate::api_admin::assign, crate::api_admin::unassign,
-        crate::api_admin::audit_trail
+        crate::api_admin::audit_trail, crate::api_admin::set_device_state
     ),
-    components(schemas(PurgeBody, ExportBody, Receipt, Problem, crate::api_admin::NewCustomer, crate::api_admin::IssuedToken, crate::api_admin::Owner, crate::api_admin::Device)),
+    components(schemas(PurgeBody, ExportBody, Receipt, Problem, DeviceState, crate::collection::Collection, crate::api_admin::NewCustomer, crate::api_admin::IssuedToken, crate::api_admin::Owner, crate::api_admin::Device)),
     modifiers(&BearerAuth)
 )]
 #[derive(Debug)]
@@ -79,6 +79,7 @@ pub fn router(state: V1State) -> Router {
         .route("/v1/purges/{id}", get(get_purge))
         .route("/v1/exports", post(export_fixes))
         .route("/v1/devices/{imei}/fixes", get(imei_in_url))
+        .route("/v1/devices/state", post(set_device_state))
         .with_state(state)
 }
 
@@ -146,6 +147,10 @@ pub(crate) fn imei_from_body(imei: &str) -> Result<Imei, Response> {
 
 fn not_found() -> Response {
     problem(StatusCode::NOT_FOUND, "not_found", "Not found", None)
+}
+
+pub(crate) fn unavailable_response(detail: &str) -> Response {
+    unavailable(detail)
 }
 
 fn unavailable(detail: &str) -> Response {
@@ -229,6 +234,98 @@ async fn owned_device(
     Err(not_found())
 }
 
+/// `POST /v1/devices/state` body (and the admin's `POST /v1/admin/devices/state`).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceState {
+    /// The device's IMEI (14-15 digits).
+    pub imei: String,
+    /// `active` (stored), `paused` (acknowledged, not stored); `blocked` (connection
+    /// closed) is the admin's alone.
+    pub state: crate::collection::Collection,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/devices/state",
+    request_body = DeviceState,
+    responses(
+        (status = 200, description = "The state is set; every gateway's open connections follow within retention.owner_refresh_s", body = DeviceState),
+        (status = 400, description = "Bad request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`blocked` is set and lifted by the admin only", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device of the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many failed authentications from this address", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Redis unreachable; nothing changed; retry", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+/// Pause or resume collection for one of the caller's devices: a paused device's frames
+/// are acknowledged as usual and nothing is stored.
+async fn set_device_state(
+    State(state): State<V1State>,
+    headers: HeaderMap,
+    body: Result<Json<DeviceState>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    use crate::collection::{self, Collection};
+    let customer_id = match caller(&state, &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Ok(Json(body)) = body else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Body must be JSON {imei, state: active|paused}",
+            None,
+        );
+    };
+    let imei = match imei_from_body(&body.imei) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let action = match body.state {
+        Collection::Paused => "device.pause",
+        _ => "device.resume",
+    };
+    let pseudonyms = match owned_device(&state, &customer_id, &imei, action).await {
+        Ok(o) => o.pseudonyms,
+        Err(r) => return r,
+    };
+    let mut conn = state.audit_conn.clone();
+    let current = match collection::state_of(&mut conn, &pseudonyms).await {
+        Ok(c) => c,
+        Err(_) => return unavailable("Redis unreachable"),
+    };
+    if body.state == Collection::Blocked || current == Collection::Blocked {
+        return problem(
+            StatusCode::FORBIDDEN,
+            "blocked_by_admin",
+            "Blocking is set and lifted by the operator only",
+            None,
+        );
+    }
+    let devices: Vec<&str> = pseudonyms.iter().map(|p| p.as_str()).collect();
+    let event = AuditEvent {
+        actor: &format!("customer:{customer_id}"),
+        action,
+        devices: &devices.join(","),
+        outcome: "ok",
+        detail: body.state.as_str(),
+    };
+    // Audited first: a change that cannot be audited is not made.
+    if audit::append(&mut conn, &event).await.is_err() {
+        return unavailable("audit trail unreachable; nothing changed");
+    }
+    if collection::set(&mut conn, &pseudonyms, body.state)
+        .await
+        .is_err()
+    {
+        return unavailable("Redis unreachable");
+    }
+    (StatusCode::OK, Json(body)).into_response()
+}
+
 /// `POST /v1/purges` body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -240,6 +337,10 @@ pub struct PurgeBody {
     pub from: Option<Timestamp>,
     #[schema(value_type = Option<String>, format = DateTime)]
     pub to: Option<Timestamp>,
+    /// Also pause collection for the device (as `POST /v1/devices/state`), before the purge
+    /// runs: nothing it sends afterwards is stored until it is resumed.
+    #[serde(default)]
+    pub pause: bool,
 }
 
 /// Request a purge of one of the caller's devices (whole, or a fix-time range).
@@ -302,6 +403,38 @@ async fn create_purge(
         Ok(None) => return not_found(),
         Err(_) => return unavailable("registry unreachable"),
     };
+    if body.pause {
+        let mut conn = state.audit_conn.clone();
+        let devices: Vec<&str> = pseudonyms.iter().map(|p| p.as_str()).collect();
+        let event = AuditEvent {
+            actor: &format!("customer:{customer_id}"),
+            action: "device.pause",
+            devices: &devices.join(","),
+            outcome: "ok",
+            detail: "with a purge request",
+        };
+        // A blocked device stays blocked (only the operator lifts that).
+        let paused = match crate::collection::state_of(&mut conn, &pseudonyms).await {
+            Ok(crate::collection::Collection::Active) => {
+                match audit::append(&mut conn, &event).await {
+                    Ok(()) => {
+                        crate::collection::set(
+                            &mut conn,
+                            &pseudonyms,
+                            crate::collection::Collection::Paused,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if paused.is_err() {
+            return unavailable("could not pause the device; nothing was done");
+        }
+    }
     let idempotency_key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())

@@ -26,6 +26,7 @@ use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use trackgate_protocols::{FrameError, Framer, Message, MessageKind, Scan, decode, expected_reply};
 
+use crate::collection::Collection;
 use crate::config::Config;
 use crate::metrics as m;
 use crate::pseudonym::{Imei, KeyRing, Pseudonym};
@@ -225,6 +226,8 @@ struct Device {
     /// script resets the expiry and trims when a device's retention changes; the sweeper
     /// then trims exactly).
     ttl: Duration,
+    /// Whether its fixes are stored (`crate::collection`), looked up with the retention.
+    collection: Collection,
     /// When to look the retention up next: `retention.owner_refresh_s` after a success,
     /// `redis.retry_backoff_max_ms` after a failure.
     next_lookup: Instant,
@@ -244,6 +247,8 @@ pub enum CloseReason {
     AckTimeout,
     Shutdown,
     QueueClosed,
+    /// The device is blocked (`crate::collection`).
+    Blocked,
 }
 
 impl CloseReason {
@@ -260,6 +265,7 @@ impl CloseReason {
             CloseReason::AckTimeout => "ack_timeout",
             CloseReason::Shutdown => "shutdown",
             CloseReason::QueueClosed => "queue_closed",
+            CloseReason::Blocked => "blocked",
         }
     }
 }
@@ -518,7 +524,11 @@ impl Conn {
                 owners.sort_by_key(|p| std::cmp::Reverse(p.key_version()));
                 let looked_up = self.lookup_ttl(&owners).await;
                 owners.retain(|p| *p != pseudonym);
-                let ttl = looked_up.unwrap_or_else(|| self.shared.retention.provisional_ttl());
+                let ttl =
+                    looked_up.map_or_else(|| self.shared.retention.provisional_ttl(), |(t, _)| t);
+                // A failed lookup stores provisionally (as before this state existed); the
+                // next frames look again.
+                let collection = looked_up.map_or(Collection::Active, |(_, c)| c);
                 if looked_up.is_none() {
                     tracing::warn!(device = %pseudonym, ttl_s = ttl.as_secs(), "retention lookup failed: the longest retention applies provisionally, corrected with the next frame that finds it");
                 }
@@ -529,12 +539,22 @@ impl Conn {
                     pseudonym: pseudonym.clone(),
                     older: owners.into_boxed_slice(),
                     ttl,
+                    collection,
                     next_lookup: self.next_lookup(looked_up.is_some()),
                 });
                 pseudonym
             }
         };
         self.refresh_ttl(read_at).await;
+        let collection = self
+            .device
+            .as_ref()
+            .map_or(Collection::Active, |d| d.collection);
+        if collection == Collection::Blocked {
+            metrics::counter!(m::CONNECTIONS_BLOCKED).increment(1);
+            tracing::info!(device = %pseudonym, "device blocked: connection closed");
+            return Err(CloseReason::Blocked);
+        }
         let msg = match decode(&frame) {
             Ok(msg) => msg,
             Err(e) => {
@@ -566,7 +586,15 @@ impl Conn {
                 .increment(1);
             tracing::warn!(device = %pseudonym, command = kind, detail = %e, "record in batch skipped");
         }
-        let fixes = match self.stored_fixes(&msg, &pseudonym) {
+        let fixes = if collection == Collection::Paused {
+            // Acknowledged as usual (the device drops them), never stored.
+            metrics::counter!(m::FIXES_NOT_STORED, "reason" => "paused")
+                .increment(msg.fixes.len() as u64);
+            Ok(Vec::new())
+        } else {
+            self.stored_fixes(&msg, &pseudonym)
+        };
+        let fixes = match fixes {
             Ok(fixes) => fixes,
             Err(e) => {
                 // No data key for this month or a later one (the key file was not extended
@@ -627,13 +655,19 @@ impl Conn {
         })))
     }
 
-    /// One lookup of the retention of the device with these pseudonyms; `None` (counted)
-    /// if Redis failed or did not answer within `retention.lookup_timeout_ms`.
-    async fn lookup_ttl(&self, owners: &[Pseudonym]) -> Option<Duration> {
+    /// One lookup of the retention and the collection state of the device with these
+    /// pseudonyms; `None` (counted) if Redis failed or did not answer within
+    /// `retention.lookup_timeout_ms`.
+    async fn lookup_ttl(&self, owners: &[Pseudonym]) -> Option<(Duration, Collection)> {
         let wait = Duration::from_millis(self.shared.config.retention.lookup_timeout_ms);
         let mut redis = self.shared.redis.clone();
-        match tokio::time::timeout(wait, self.shared.retention.ttl_for(&mut redis, owners)).await {
-            Ok(Ok(ttl)) => Some(ttl),
+        let both = async {
+            let ttl = self.shared.retention.ttl_for(&mut redis, owners).await?;
+            let state = crate::collection::state_of(&mut redis, owners).await?;
+            redis::RedisResult::Ok((ttl, state))
+        };
+        match tokio::time::timeout(wait, both).await {
+            Ok(Ok(found)) => Some(found),
             _ => {
                 metrics::counter!(m::RETENTION_LOOKUP_FAILURES).increment(1);
                 None
@@ -674,11 +708,15 @@ impl Conn {
             return;
         };
         d.next_lookup = next;
-        if let Some(ttl) = fresh {
+        if let Some((ttl, collection)) = fresh {
             if ttl != d.ttl {
                 tracing::info!(device = %d.pseudonym, ttl_s = ttl.as_secs(), "device retention changed");
             }
+            if collection != d.collection {
+                tracing::info!(device = %d.pseudonym, state = collection.as_str(), "device collection state changed");
+            }
             d.ttl = ttl;
+            d.collection = collection;
         }
     }
 

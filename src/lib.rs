@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth_limit;
 pub mod calendar;
 pub mod cli;
+pub mod collection;
 pub mod compact;
 pub mod config;
 pub mod connection;

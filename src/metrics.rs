@@ -68,6 +68,8 @@ pub const COMPACTION_CONFLICTS: &str = "trackgate_compaction_conflicts_total";
 /// retention): tail entries (`trackgate_tail_entry_errors_total`) and history chunks.
 pub const TAIL_ENTRY_ERRORS: &str = "trackgate_tail_entry_errors_total";
 pub const CHUNK_ERRORS: &str = "trackgate_chunk_errors_total";
+/// Connections closed because their device is blocked (`crate::collection`).
+pub const CONNECTIONS_BLOCKED: &str = "trackgate_connections_blocked_total";
 /// Rewrites of Redis' files after purges, by `outcome` (done, failed), and the ticks
 /// skipped because another gateway held the lease.
 pub const DISK_REWRITES: &str = "trackgate_disk_rewrites_total";

@@ -253,6 +253,48 @@ async fn no_route_lets_a_customer_see_or_touch_another_customers_data() {
         ("/v1/admin/owners/unassign", Some(json!({"imei": nobody}))),
     )
     .await;
+    for state in ["active", "paused", "blocked"] {
+        p.same_refusal(
+            ("POST", "/v1/admin/devices/state"),
+            &a,
+            (
+                "/v1/admin/devices/state",
+                Some(json!({"imei": b_dev, "state": state})),
+            ),
+            (
+                "/v1/admin/devices/state",
+                Some(json!({"imei": nobody, "state": state})),
+            ),
+        )
+        .await;
+    }
+    // A pausing or resuming B's device: the same 404 as a device that does not exist.
+    for state in ["paused", "active"] {
+        let s = p
+            .same_refusal(
+                ("POST", "/v1/devices/state"),
+                &a,
+                (
+                    "/v1/devices/state",
+                    Some(json!({"imei": b_dev, "state": state})),
+                ),
+                (
+                    "/v1/devices/state",
+                    Some(json!({"imei": nobody, "state": state})),
+                ),
+            )
+            .await;
+        assert_eq!(s, 404);
+    }
+    let s = p
+        .same_refusal(
+            ("POST", "/v1/purges"),
+            &a,
+            ("/v1/purges", Some(json!({"imei": b_dev, "pause": true}))),
+            ("/v1/purges", Some(json!({"imei": nobody, "pause": true}))),
+        )
+        .await;
+    assert_eq!(s, 404);
 
     // Every documented route has a case.
     let documented = documented_routes();
@@ -265,6 +307,13 @@ async fn no_route_lets_a_customer_see_or_touch_another_customers_data() {
     // Nothing of B's changed: data, owner, token, purge receipt.
     let mut conn = redis.conn().await;
     assert_eq!(stream_len(&mut conn, &pseudonym(&keys, &b_dev)).await, 2);
+    assert_eq!(
+        trackgate::collection::state_of(&mut conn, &[pseudonym(&keys, &b_dev)])
+            .await
+            .unwrap(),
+        trackgate::collection::Collection::Active,
+        "A could not pause or block B's device"
+    );
     let (status, body) = http(
         api,
         "POST",

@@ -44,6 +44,12 @@ pub fn meta_key(p: &Pseudonym) -> String {
     format!("tg:{{{p}}}:meta")
 }
 
+/// `tg:{P}:state`, the device's collection state (`crate::collection`): `paused` or
+/// `blocked`; absent = active. No TTL.
+pub fn state_key(p: &Pseudonym) -> String {
+    format!("tg:{{{p}}}:state")
+}
+
 /// `tg:{P}:tomb`, purge cutoffs (issue 5).
 pub fn tomb_key(p: &Pseudonym) -> String {
     format!("tg:{{{p}}}:tomb")
