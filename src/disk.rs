@@ -1,12 +1,16 @@
 //! Purges reach Redis' own files (DESIGN §7, issue 17 item 3). A purge removes fixes from
 //! memory, but the AOF keeps the writes that made them until its next rewrite, and the
-//! last RDB snapshot keeps them until the next one. So a completed purge marks the
-//! primaries' files dirty (`dirty_ms` in [`PURGE_DISK_KEY`]). At most every
-//! `purge.disk_rewrite_interval_s`, one gateway (lease) rewrites them: `BGREWRITEAOF`
-//! where the AOF is on, `BGSAVE` where snapshots are configured, on every primary, and it
-//! waits until each has finished. The rewrite's start and end go into the same hash. A
-//! purge completed before a rewrite started is gone from the files when that rewrite
-//! ends: its receipt says so (`disk_rewritten_at`).
+//! last RDB snapshot keeps them until the next one. So a completed purge marks the files
+//! dirty (`dirty_ms` in [`PURGE_DISK_KEY`]) and records the rewrite epoch it saw
+//! (`disk_epoch`). At most every `purge.disk_rewrite_interval_s` (failed attempts too),
+//! one gateway, holding a lease for the whole run, starts epoch `E + 1` and rewrites:
+//! `BGREWRITEAOF` where the AOF is on, `BGSAVE` where snapshots are configured, on every
+//! primary and replica, one fresh rewrite each (one already running copied the data
+//! before the purge: it is waited out), waiting until each has finished. Then it records
+//! `done_epoch` and `done_ms`. A purge whose `disk_epoch` is below `done_epoch` completed
+//! before that rewrite started: it is gone from the files, and its receipt says when
+//! (`disk_rewritten_at`, kept in the purge's record once seen). Epochs, not clocks, order
+//! the two, so gateways' clocks do not matter.
 //!
 //! Replicas keep files of their own: each primary's connected replicas (`INFO
 //! replication`) are reached directly, with the same credentials and TLS settings as the
@@ -16,6 +20,7 @@
 use std::time::Duration;
 
 use redis::AsyncCommands;
+use redis::aio::ConnectionLike;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisConfig;
@@ -25,19 +30,57 @@ use crate::store::keys::{PURGE_DISK_KEY, PURGE_DISK_LEASE_KEY};
 
 /// Hash fields of [`PURGE_DISK_KEY`].
 pub const F_DIRTY: &str = "dirty_ms";
-pub const F_STARTED: &str = "started_ms";
+pub const F_EPOCH: &str = "epoch";
+pub const F_DONE_EPOCH: &str = "done_epoch";
 pub const F_DONE: &str = "done_ms";
+pub const F_FAILED: &str = "failed_ms";
 
-/// When the rewrite that covers a purge completed at `completed_ms` ended, if one has:
-/// from the fields of [`PURGE_DISK_KEY`].
-pub fn rewritten_at(
-    completed_ms: i64,
-    started_ms: Option<i64>,
-    done_ms: Option<i64>,
-) -> Option<i64> {
-    match (started_ms, done_ms) {
-        (Some(s), Some(d)) if completed_ms <= s && d >= s => Some(d),
-        _ => None,
+/// Whether the files were rewritten after a purge that saw rewrite epoch `seen`: a
+/// rewrite that started later (epoch above it) has ended.
+pub fn covers(seen_epoch: i64, done_epoch: Option<i64>) -> bool {
+    done_epoch.is_some_and(|d| d > seen_epoch)
+}
+
+/// After a purge completed: the files owe a rewrite, and the purge remembers the epoch it
+/// saw (its record's `disk_epoch`).
+pub async fn purge_completed<C: ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    record_key: &str,
+    now_ms: i64,
+) -> redis::RedisResult<()> {
+    let epoch: i64 = conn.hincr(PURGE_DISK_KEY, F_EPOCH, 0).await?;
+    let _: () = conn.hset(record_key, "disk_epoch", epoch).await?;
+    // Again: a rewrite that started between the completion and the read cleared it.
+    let _: () = conn.hset(PURGE_DISK_KEY, F_DIRTY, now_ms).await?;
+    Ok(())
+}
+
+/// When the purge whose record holds `disk_epoch` (and maybe already `disk_ms`) was gone
+/// from Redis' files, if it is yet; the first answer is kept in the record.
+pub async fn rewritten_at<C: ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    record_key: &str,
+    record: &std::collections::HashMap<String, String>,
+) -> redis::RedisResult<Option<i64>> {
+    let num = |k: &str| record.get(k).and_then(|v| v.parse::<i64>().ok());
+    if let Some(ms) = num("disk_ms") {
+        return Ok(Some(ms));
+    }
+    let Some(seen) = num("disk_epoch") else {
+        return Ok(None);
+    };
+    let (done_epoch, done_ms): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+        .arg(PURGE_DISK_KEY)
+        .arg(F_DONE_EPOCH)
+        .arg(F_DONE)
+        .query_async(conn)
+        .await?;
+    match (covers(seen, done_epoch), done_ms) {
+        (true, Some(ms)) => {
+            let _: () = conn.hset(record_key, "disk_ms", ms).await?;
+            Ok(Some(ms))
+        }
+        _ => Ok(None),
     }
 }
 
@@ -147,80 +190,126 @@ pub fn with_address(url: &str, host: &str, port: u16) -> String {
     format!("{scheme}://{auth}{host}:{port}{tail}")
 }
 
-/// Rewrite one server's files and wait (at most `wait`) until it has.
-async fn rewrite_one(node: &Node<'_>, wait: Duration) -> Result<(), String> {
-    let (aof, rdb) = node.persistence().await;
-    if aof {
-        let r = node.query(redis::cmd("BGREWRITEAOF")).await;
-        // One already running started before this purge finished: schedule another.
-        if let Err(e) = r {
-            if !e.to_string().contains("already in progress") {
-                return Err(format!("BGREWRITEAOF: {e}"));
-            }
-            let mut again = redis::cmd("BGREWRITEAOF");
-            again.arg("SCHEDULE");
-            let _ = node.query(again).await;
-        }
-    }
-    if rdb {
-        let mut cmd = redis::cmd("BGSAVE");
-        cmd.arg("SCHEDULE");
-        node.query(cmd).await.map_err(|e| format!("BGSAVE: {e}"))?;
-    }
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let i = node.info("persistence").await.map_err(|e| e.to_string())?;
-        let get = |k: &str| i.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        let busy = [
-            "aof_rewrite_in_progress",
-            "aof_rewrite_scheduled",
-            "rdb_bgsave_in_progress",
-        ]
+/// Whether any of `fields` is `1` in `INFO persistence` pairs.
+fn any_busy(i: &[(String, String)], fields: &[&str]) -> bool {
+    fields
         .iter()
-        .any(|k| get(k) == Some("1"));
-        if !busy {
-            for k in ["aof_last_bgrewrite_status", "rdb_last_bgsave_status"] {
-                if get(k).is_some_and(|v| v != "ok") {
-                    return Err(format!("{k}: {}", get(k).unwrap_or_default()));
-                }
-            }
-            return Ok(());
+        .any(|k| i.iter().any(|(n, v)| n == k && v == "1"))
+}
+
+/// Start one background rewrite (`cmd`: `BGREWRITEAOF` or `BGSAVE`) that begins after
+/// now. One already running (Redis's own, or the other kind) copied the data before the
+/// purge, and Redis refuses a second meanwhile: wait for it to end and start ours (at
+/// most until `deadline`).
+async fn start_fresh(
+    node: &Node<'_>,
+    cmd: &'static str,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    loop {
+        match node.query(redis::cmd(cmd)).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.to_string().contains("in progress") => {}
+            Err(e) => return Err(format!("{cmd}: {e}")),
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err("rewrite still running".into());
+            return Err(format!("{cmd}: another rewrite still running"));
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// Rewrite every primary's files if a purge completed since the last rewrite started and
-/// the last one ended more than `interval` ago. Returns the end time (ms) of a rewrite
-/// done now.
+/// Rewrite one server's files and wait (at most `wait`) until it has.
+async fn rewrite_one(node: &Node<'_>, wait: Duration) -> Result<(), String> {
+    let (aof, rdb) = node.persistence().await;
+    let deadline = tokio::time::Instant::now() + wait;
+    // One after the other: Redis runs one background rewrite at a time.
+    for (on, cmd) in [(aof, "BGREWRITEAOF"), (rdb, "BGSAVE")] {
+        if !on {
+            continue;
+        }
+        start_fresh(node, cmd, deadline).await?;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let i = node.info("persistence").await.map_err(|e| e.to_string())?;
+            let busy = any_busy(
+                &i,
+                &[
+                    "aof_rewrite_in_progress",
+                    "aof_rewrite_scheduled",
+                    "rdb_bgsave_in_progress",
+                ],
+            );
+            if !busy {
+                let status = if cmd == "BGSAVE" {
+                    "rdb_last_bgsave_status"
+                } else {
+                    "aof_last_bgrewrite_status"
+                };
+                let get = |k: &str| i.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+                if get(status).is_some_and(|v| v != "ok") {
+                    return Err(format!("{status}: {}", get(status).unwrap_or_default()));
+                }
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("{cmd} still running"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rewrite every primary's and replica's files if a purge completed since the last
+/// rewrite started and the last attempt (done or failed) was more than `interval` ago,
+/// holding the lease (as `instance`) for the whole run. Returns the end time (ms) of a
+/// rewrite done now.
 pub async fn rewrite_if_due(
     conn: &RedisConn,
     config: &RedisConfig,
     interval: Duration,
     wait: Duration,
+    instance: &str,
 ) -> redis::RedisResult<Option<i64>> {
     let mut c = conn.clone();
-    let (dirty, done): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+    let (dirty, done, failed): (Option<i64>, Option<i64>, Option<i64>) = redis::cmd("HMGET")
         .arg(PURGE_DISK_KEY)
         .arg(F_DIRTY)
         .arg(F_DONE)
+        .arg(F_FAILED)
         .query_async(&mut c)
         .await?;
     let now = jiff::Timestamp::now().as_millisecond();
     let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
-    if dirty.is_none() || done.is_some_and(|d| now - d < interval_ms) {
+    let recent = |t: Option<i64>| t.is_some_and(|t| now - t < interval_ms);
+    if dirty.is_none() || recent(done) || recent(failed) {
         return Ok(None);
     }
+    // Every node may take `wait`, one after the other: the lease covers a generous run,
+    // and is given back at the end.
+    let hold = wait.saturating_mul(16).max(Duration::from_secs(60));
+    if !crate::retention::try_lease(&mut c, PURGE_DISK_LEASE_KEY, instance, hold).await? {
+        metrics::counter!(m::DISK_REWRITES_SKIPPED).increment(1);
+        return Ok(None);
+    }
+    let outcome = rewrite_all(conn, config, wait).await;
+    let _ = crate::store::scripts::lease_release(&mut c, PURGE_DISK_LEASE_KEY, instance).await;
+    outcome
+}
+
+async fn rewrite_all(
+    conn: &RedisConn,
+    config: &RedisConfig,
+    wait: Duration,
+) -> redis::RedisResult<Option<i64>> {
+    let mut c = conn.clone();
+    let now = jiff::Timestamp::now().as_millisecond();
     // Purges completing from here on need the next rewrite: they mark it dirty again.
-    let _: () = redis::pipe()
+    let (epoch,): (i64,) = redis::pipe()
         .atomic()
         .hdel(PURGE_DISK_KEY, F_DIRTY)
         .ignore()
-        .hset(PURGE_DISK_KEY, F_STARTED, now)
-        .ignore()
+        .hincr(PURGE_DISK_KEY, F_EPOCH, 1)
         .query_async(&mut c)
         .await?;
     let mut failed = Vec::new();
@@ -247,20 +336,22 @@ pub async fn rewrite_if_due(
         }
     }
     if !failed.is_empty() {
-        // Still dirty: the next tick tries again (the receipts wait).
-        let _: () = c.hset(PURGE_DISK_KEY, F_DIRTY, now).await?;
+        // Still dirty: tried again after the interval (the receipts wait).
+        let _: () = c
+            .hset_multiple(PURGE_DISK_KEY, &[(F_DIRTY, now), (F_FAILED, now)])
+            .await?;
         metrics::counter!(m::DISK_REWRITES, "outcome" => "failed").increment(1);
-        tracing::warn!(errors = %failed.join("; "), "rewriting Redis' files after purges failed; retrying");
+        tracing::warn!(errors = %failed.join("; "), "rewriting Redis' files after purges failed; retrying after purge.disk_rewrite_interval_s");
         return Ok(None);
     }
     let end = jiff::Timestamp::now().as_millisecond();
-    let _: () = c.hset(PURGE_DISK_KEY, F_DONE, end).await?;
+    crate::store::scripts::disk_done(&mut c, epoch, end).await?;
     metrics::counter!(m::DISK_REWRITES, "outcome" => "done").increment(1);
     tracing::info!(took_ms = end - now, "Redis' files rewritten after purges");
     Ok(Some(end))
 }
 
-/// Check every `tick` until `stop`, when this gateway (`instance`) holds the lease.
+/// Check every `tick` until `stop` (the lease is taken only when a rewrite is due).
 pub async fn run(
     conn: RedisConn,
     config: RedisConfig,
@@ -273,19 +364,9 @@ pub async fn run(
     let instance = instance.as_str();
     let config = &config;
     crate::periodic::every(tick, stop, || {
-        let mut conn = conn.clone();
+        let conn = conn.clone();
         async move {
-            let lease = crate::retention::Lease {
-                key: PURGE_DISK_LEASE_KEY,
-                skipped: m::DISK_REWRITES_SKIPPED,
-                job: "disk rewrite",
-            };
-            // A lease per tick, like the sweeper's: a gateway that finds the files clean
-            // (or another one rewriting: `dirty_ms` is gone) does nothing.
-            if !lease.take(&mut conn, instance, tick).await {
-                return;
-            }
-            if let Err(e) = rewrite_if_due(&conn, config, interval, wait).await {
+            if let Err(e) = rewrite_if_due(&conn, config, interval, wait, instance).await {
                 tracing::warn!(error = %e, "disk rewrite check failed; will retry");
             }
         }
@@ -315,20 +396,9 @@ mod tests {
     }
 
     #[test]
-    fn a_purge_is_on_disk_only_once_a_rewrite_that_started_after_it_ended() {
-        assert_eq!(rewritten_at(100, None, None), None);
-        assert_eq!(rewritten_at(100, Some(150), None), None, "running");
-        assert_eq!(
-            rewritten_at(100, Some(150), Some(90)),
-            None,
-            "the previous one's end"
-        );
-        assert_eq!(rewritten_at(100, Some(150), Some(200)), Some(200));
-        assert_eq!(rewritten_at(100, Some(100), Some(200)), Some(200));
-        assert_eq!(
-            rewritten_at(160, Some(150), Some(200)),
-            None,
-            "completed after the start"
-        );
+    fn a_purge_is_on_disk_once_a_rewrite_of_a_later_epoch_ended() {
+        assert!(!covers(0, None));
+        assert!(!covers(3, Some(3)), "the rewrite it saw may have copied it");
+        assert!(covers(3, Some(4)));
     }
 }

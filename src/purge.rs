@@ -333,18 +333,9 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
                 .and_then(|v| Timestamp::from_second(v).ok())
         };
         let from = s("from_s");
-        let disk_rewritten_at = match ms("completed_ms") {
-            Some(done) => {
-                let (started, ended): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
-                    .arg(PURGE_DISK_KEY)
-                    .arg(crate::disk::F_STARTED)
-                    .arg(crate::disk::F_DONE)
-                    .query_async(&mut conn)
-                    .await?;
-                crate::disk::rewritten_at(done, started, ended).map(ts_ms)
-            }
-            None => None,
-        };
+        let disk_rewritten_at = crate::disk::rewritten_at(&mut conn, &record_key(id), &h)
+            .await?
+            .map(ts_ms);
         Ok(Some(Receipt {
             id: id.into(),
             state: h.get("state").cloned().unwrap_or_default(),
@@ -429,6 +420,13 @@ impl<C: ConnectionLike + Clone + Send + Sync> Purger<C> {
             .ignore();
         let _: () = tx.query_async(&mut conn).await?;
         metrics::counter!(crate::metrics::PURGES_COMPLETED).increment(1);
+        // Which rewrite of Redis' files covers it (`crate::disk`); without this (a crash
+        // right here) the receipt never claims the files were rewritten.
+        if let Err(e) =
+            crate::disk::purge_completed(&mut conn, &record_key(id), now.as_millisecond()).await
+        {
+            tracing::warn!(purge = %id, error = %e, "purge's disk-rewrite epoch not recorded");
+        }
         self.write_audit_line(&mut conn, id, AuditLine::Completed)
             .await
     }

@@ -718,3 +718,28 @@ async fn an_audit_line_is_appended_only_onto_the_hash_it_was_chained_to() {
         Some("admin")
     );
 }
+
+#[tokio::test]
+async fn a_lease_is_released_by_its_holder_only_and_a_rewrite_end_only_moves_forward() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let _: () = conn.set("lease", "gw-a").await.unwrap();
+    assert!(!scripts::lease_release(&mut conn, "lease", "gw-b").await.unwrap());
+    assert!(scripts::lease_release(&mut conn, "lease", "gw-a").await.unwrap());
+    let held: bool = conn.exists("lease").await.unwrap();
+    assert!(!held);
+
+    assert!(scripts::disk_done(&mut conn, 2, 200).await.unwrap());
+    assert!(
+        !scripts::disk_done(&mut conn, 1, 300).await.unwrap(),
+        "an older rewrite ending late does not claim newer purges"
+    );
+    let (epoch, ms): (i64, i64) = redis::cmd("HMGET")
+        .arg(trackgate::store::keys::PURGE_DISK_KEY)
+        .arg("done_epoch")
+        .arg("done_ms")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((epoch, ms), (2, 200));
+}

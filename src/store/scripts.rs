@@ -39,6 +39,38 @@ static ASSIGN: Lua = lua!("scripts/assign.lua");
 static UNASSIGN: Lua = lua!("scripts/unassign.lua");
 static DROP_EMPTY_STREAM: Lua = lua!("scripts/drop_empty_stream.lua");
 static AUDIT_APPEND: Lua = lua!("scripts/audit_append.lua");
+static LEASE_RELEASE: Lua = lua!("scripts/lease_release.lua");
+static DISK_DONE: Lua = lua!("scripts/disk_done.lua");
+
+/// Give up lease `key` if `holder` still holds it (see `scripts/lease_release.lua`).
+pub async fn lease_release<C: ConnectionLike + Send>(
+    conn: &mut C,
+    key: &str,
+    holder: &str,
+) -> redis::RedisResult<bool> {
+    let n: i64 = LEASE_RELEASE
+        .key(key)
+        .arg(holder)
+        .invoke_async(conn)
+        .await?;
+    Ok(n == 1)
+}
+
+/// Record that the rewrite of Redis' files started at `epoch` ended at `end_ms`, unless a
+/// later one is recorded (see `scripts/disk_done.lua`).
+pub async fn disk_done<C: ConnectionLike + Send>(
+    conn: &mut C,
+    epoch: i64,
+    end_ms: i64,
+) -> redis::RedisResult<bool> {
+    let n: i64 = DISK_DONE
+        .key(super::keys::PURGE_DISK_KEY)
+        .arg(epoch)
+        .arg(end_ms)
+        .invoke_async(conn)
+        .await?;
+    Ok(n == 1)
+}
 
 /// Append an audit line with hash `h` chained to `prev` (see `scripts/audit_append.lua`)
 /// if the stream's last line still has hash `prev`; false when another line came first.
