@@ -250,12 +250,15 @@ pub async fn seal_device<C: ConnectionLike + Send>(
         }
     }
     // Every entry read became a row, and they are the tail's oldest: the seal trims that
-    // prefix (`XTRIM MINID`) if nothing was removed from the tail since `info`, instead
+    // prefix (`XTRIM MINID`) if none of them was removed since (the script checks), instead
     // of deleting the entries one id at a time (`XDEL`, ~2 µs an entry).
     if rows_read == entries.len() {
-        swap.prefix = info
-            .removed
-            .zip(entries.last().and_then(|e| tail::Info::id_after(&e.0)));
+        swap.prefix = entries
+            .last()
+            .and_then(|e| tail::Info::id_after(&e.0))
+            // `max-deleted-entry-id`, which the script checks, came with entries-added
+            // (Redis 7.0).
+            .filter(|_| info.removed.is_some());
     }
     let fixes = swap.tail_ids.len() as u64;
     if !scripts::swap(conn, p, &swap).await? {
@@ -397,7 +400,9 @@ pub async fn seal_clear_chunks(conn: &RedisConn, s: &Compaction) -> redis::Redis
         return Ok(0);
     }
     let mut sealed = 0u64;
-    let mut left = 0u64;
+    // Chunks that changed meanwhile (tried again next run) and chunks that cannot be
+    // decoded (never will be: they do not keep the marker from being set).
+    let (mut left, mut damaged) = (0u64, 0u64);
     for target in conn.scan_targets().await? {
         let mut cursor = 0u64;
         loop {
@@ -416,7 +421,7 @@ pub async fn seal_clear_chunks(conn: &RedisConn, s: &Compaction) -> redis::Redis
                         .collect();
                 for c in clear {
                     let Ok(rows) = c.rows(&s.vault, "compaction") else {
-                        left += 1;
+                        damaged += 1;
                         continue;
                     };
                     let Ok(new_chunks) =
@@ -446,11 +451,12 @@ pub async fn seal_clear_chunks(conn: &RedisConn, s: &Compaction) -> redis::Redis
     if left == 0 {
         let _: () = keyed.set(CLEAR_CHUNKS_SEALED_KEY, 1).await?;
     }
-    if sealed > 0 || left > 0 {
+    if sealed > 0 || left > 0 || damaged > 0 {
         tracing::info!(
             sealed,
             left,
-            "history chunks written in clear sealed at rest"
+            damaged,
+            "history chunks written in clear sealed at rest (damaged ones stay as they are)"
         );
     }
     Ok(sealed)

@@ -120,13 +120,12 @@ async fn a_seal_whose_inputs_changed_does_nothing() {
     assert_eq!(chunks, [b"survivors".to_vec()]);
 }
 
-/// A seal of the tail's oldest entries `ids`, in prefix mode, read when `removed` entries
-/// had ever been removed from the tail.
-fn prefix_swap(ids: &[String], removed: u64) -> Swap {
+/// A seal of the tail's oldest entries `ids`, in prefix mode.
+fn prefix_swap(ids: &[String]) -> Swap {
     Swap {
         tail_ids: ids.to_vec(),
         new_chunks: vec![(1, format!("chunk-{}", ids.len()).into_bytes())],
-        prefix: Some((removed, tail::Info::id_after(ids.last().unwrap()).unwrap())),
+        prefix: Some(tail::Info::id_after(ids.last().unwrap()).unwrap()),
         ..Swap::default()
     }
 }
@@ -149,7 +148,7 @@ async fn a_prefix_seal_trims_exactly_the_entries_read_and_nothing_after() {
     );
     // Written after the read: they stay.
     let later = tail_ids(&mut conn, &p, 2).await;
-    let s = prefix_swap(&ids[..3], 0);
+    let s = prefix_swap(&ids[..3]);
     assert!(swap(&mut conn, &p, &s).await.unwrap());
     let left: Vec<String> = tail::range(&mut conn, &p, "-", "+", 100)
         .await
@@ -179,17 +178,17 @@ async fn a_prefix_seal_after_any_removal_or_a_new_stream_does_nothing() {
     let ids = tail_ids(&mut conn, &p, 4).await;
     // A purge removed an entry in the middle of the prefix after it was read.
     let _: () = conn.xdel(fixes_key(&p), &[&ids[1]]).await.unwrap();
-    let s = prefix_swap(&ids[..3], 0);
+    let s = prefix_swap(&ids[..3]);
     assert!(!swap(&mut conn, &p, &s).await.unwrap());
     // The sweeper trimmed the first one.
-    let s = prefix_swap(&ids[..3], 1);
+    let s = prefix_swap(&ids[..3]);
     let _: () = conn.xdel(fixes_key(&p), &[&ids[0]]).await.unwrap();
     assert!(!swap(&mut conn, &p, &s).await.unwrap());
     // A complete purge deleted the stream and the device wrote a new one: its removed
     // count starts again at 0, but its first id is newer.
     let _: () = conn.del(fixes_key(&p)).await.unwrap();
     let _new = tail_ids(&mut conn, &p, 4).await;
-    let s = prefix_swap(&ids[..3], 0);
+    let s = prefix_swap(&ids[..3]);
     assert!(!swap(&mut conn, &p, &s).await.unwrap());
     let left: u64 = conn.xlen(fixes_key(&p)).await.unwrap();
     let chunks: u64 = conn.zcard(hist_key(&p)).await.unwrap();

@@ -104,11 +104,11 @@ pub struct Swap {
     pub old_chunks: Vec<Vec<u8>>,
     /// New chunks: (score = first row's time, chunk).
     pub new_chunks: Vec<(i64, Vec<u8>)>,
-    /// When `tail_ids` are the tail's oldest entries, all of them: the count of entries
-    /// removed from the tail before they were read ([`super::tail::Info::removed`]) and
-    /// the id after the last of them. The script then checks that count and the first id
-    /// and trims the prefix, instead of checking and deleting every id.
-    pub prefix: Option<(u64, String)>,
+    /// When `tail_ids` are the tail's oldest entries, all of them: the id after the last
+    /// of them. The script then checks that the first id is still first and that no
+    /// entry at or after it was ever removed, and trims the prefix, instead of checking
+    /// and deleting every id (Redis ≥ 7.0).
+    pub prefix: Option<String>,
 }
 
 /// Apply `swap` to `p`'s tail and history if everything it removes is still there; false
@@ -121,7 +121,7 @@ pub async fn swap<C: ConnectionLike + Send>(
     let mut call = SEAL.key(fixes_key(p));
     call.key(hist_key(p)).key(late_key(p)).key(seen_key(p));
     match &swap.prefix {
-        Some((removed, after)) => call.arg(*removed).arg(after.as_str()),
+        Some(after) => call.arg("1").arg(after.as_str()),
         None => call.arg("").arg(""),
     };
     call.arg(swap.tail_ids.len()).arg(&swap.tail_ids);

@@ -4,31 +4,37 @@
 -- caller reads again. Sealing (tail entries into chunks) and rewriting chunks (purge
 -- inside a chunk, retention across a chunk boundary) both go through here.
 -- KEYS: tail stream, history set, late index, resend digests.
--- ARGV: removed, after (both '' unless the tail entries are the tail's oldest, all of
+-- ARGV: prefix, after (both '' unless the tail entries are the tail's oldest, all of
 -- them: see below); k, k tail entry ids to delete (ascending); g, g resend digests of
 -- those entries to forget; m, m chunks to remove; then (score, chunk) pairs to add.
 -- Returns 1 when applied, 0 on a conflict.
 --
--- Prefix mode (removed, after given): the entries were read as the tail's first k, when
--- `removed` entries had ever been removed from the stream (XINFO: entries-added −
--- length). If that count is unchanged and the first entry is still the first id, none
--- of them has gone (appends only come after them; a stream deleted and made again starts
--- with newer ids), so `XTRIM MINID after` removes exactly them, far cheaper than a check
--- and an `XDEL` per id.
+-- Prefix mode (prefix = '1', after = the id after the last entry): the entries were read
+-- as the tail's first k. If the stream's first entry is still the first of them and no
+-- entry at or after it was ever removed (XINFO: max-deleted-entry-id below it), none of
+-- them has gone: appends only come after them, and a stream deleted and made again
+-- starts with newer ids. Then `XTRIM MINID after` removes exactly them, far cheaper than
+-- a check and an `XDEL` per id.
+local function id_before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if am == nil or bm == nil then return false end
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
 local k = tonumber(ARGV[3])
 local prefix = ARGV[1] ~= ''
 if k > 0 and prefix then
   if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  local len, added, first
+  local maxdel, first
   for i = 1, #info, 2 do
     local f = info[i]
-    if f == 'length' then len = info[i + 1]
-    elseif f == 'entries-added' then added = info[i + 1]
+    if f == 'max-deleted-entry-id' then maxdel = info[i + 1]
     elseif f == 'first-entry' then first = info[i + 1] and info[i + 1][1]
     end
   end
-  if added == nil or added - len ~= tonumber(ARGV[1]) or first ~= ARGV[4] then return 0 end
+  if maxdel == nil or first ~= ARGV[4] or not id_before(maxdel, ARGV[4]) then return 0 end
 elseif k > 0 then
   -- One range read over the entries (ids ascending) instead of a lookup per id.
   local present = {}
