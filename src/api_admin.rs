@@ -396,9 +396,14 @@ async fn set_device_state(
     }
     let pseudonyms = s.v1.keys.all_pseudonyms(&imei);
     let mut conn = s.v1.audit_conn.clone();
-    if crate::collection::set(&mut conn, &pseudonyms, body.state)
-        .await
-        .is_err()
+    if crate::collection::set(
+        &mut conn,
+        &pseudonyms,
+        body.state,
+        crate::collection::By::Operator,
+    )
+    .await
+    .is_err()
     {
         return crate::api_v1::unavailable_response("Redis unreachable");
     }

@@ -317,13 +317,17 @@ async fn set_device_state(
     if audit::append(&mut conn, &event).await.is_err() {
         return unavailable("audit trail unreachable; nothing changed");
     }
-    if collection::set(&mut conn, &pseudonyms, body.state)
-        .await
-        .is_err()
-    {
-        return unavailable("Redis unreachable");
+    match collection::set(&mut conn, &pseudonyms, body.state, collection::By::Customer).await {
+        Ok(true) => (StatusCode::OK, Json(body)).into_response(),
+        // Blocked meanwhile: the block stands.
+        Ok(false) => problem(
+            StatusCode::FORBIDDEN,
+            "blocked_by_admin",
+            "Blocking is set and lifted by the operator only",
+            None,
+        ),
+        Err(_) => unavailable("Redis unreachable"),
     }
-    (StatusCode::OK, Json(body)).into_response()
 }
 
 /// `POST /v1/purges` body.
@@ -417,14 +421,14 @@ async fn create_purge(
         let paused = match crate::collection::state_of(&mut conn, &pseudonyms).await {
             Ok(crate::collection::Collection::Active) => {
                 match audit::append(&mut conn, &event).await {
-                    Ok(()) => {
-                        crate::collection::set(
-                            &mut conn,
-                            &pseudonyms,
-                            crate::collection::Collection::Paused,
-                        )
-                        .await
-                    }
+                    Ok(()) => crate::collection::set(
+                        &mut conn,
+                        &pseudonyms,
+                        crate::collection::Collection::Paused,
+                        crate::collection::By::Customer,
+                    )
+                    .await
+                    .map(|_| ()),
                     Err(e) => Err(e),
                 }
             }

@@ -76,19 +76,28 @@ pub async fn state_of<C: ConnectionLike + Send + Sync>(
     Ok(out)
 }
 
-/// Set the state of the device with these pseudonyms (`active` removes the key).
+/// Who changes a state: a customer cannot change a blocked device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum By {
+    Customer,
+    Operator,
+}
+
+/// Set the state of the device with these pseudonyms (`active` removes the key). For a
+/// customer, a blocked device stays blocked: false (checked and set in one step per key,
+/// so a block landing meanwhile wins).
 pub async fn set<C: ConnectionLike + Send + Sync>(
     conn: &mut C,
     pseudonyms: &[Pseudonym],
     state: Collection,
-) -> redis::RedisResult<()> {
+    by: By,
+) -> redis::RedisResult<bool> {
+    let mut all = true;
     for p in pseudonyms {
-        let () = match state {
-            Collection::Active => conn.del(state_key(p)).await?,
-            s => conn.set(state_key(p), s.as_str()).await?,
-        };
+        all &= crate::store::scripts::collection_set(conn, p, state.as_str(), by == By::Operator)
+            .await?;
     }
-    Ok(())
+    Ok(all)
 }
 
 #[cfg(test)]

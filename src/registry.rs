@@ -271,8 +271,21 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         // Setting them is idempotent; a failure half-way is reported and simply redone.
         let mut conn = self.conn.clone();
         let change = self.owner_change();
-        for p in keys.all_pseudonyms(imei) {
-            scripts::assign_owner(&mut conn, &p, customer, change).await?;
+        let pseudonyms = keys.all_pseudonyms(imei);
+        let before = self.ownership(imei, keys).await?.map(|(owner, _)| owner);
+        for p in &pseudonyms {
+            scripts::assign_owner(&mut conn, p, customer, change).await?;
+        }
+        if before.as_deref() != Some(customer) {
+            // A pause was the previous owner's decision, not the new one's (a block, the
+            // operator's, stays).
+            crate::collection::set(
+                &mut conn,
+                &pseudonyms,
+                crate::collection::Collection::Active,
+                crate::collection::By::Customer,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -280,9 +293,18 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
     pub async fn unassign(&self, imei: &Imei, keys: &KeyRing) -> Result<(), RegistryError> {
         let mut conn = self.conn.clone();
         let change = self.owner_change();
-        for p in keys.all_pseudonyms(imei) {
-            scripts::unassign_owner(&mut conn, &p, change).await?;
+        let pseudonyms = keys.all_pseudonyms(imei);
+        for p in &pseudonyms {
+            scripts::unassign_owner(&mut conn, p, change).await?;
         }
+        // The owner's pause leaves with it (an operator's block stays).
+        crate::collection::set(
+            &mut conn,
+            &pseudonyms,
+            crate::collection::Collection::Active,
+            crate::collection::By::Customer,
+        )
+        .await?;
         Ok(())
     }
 

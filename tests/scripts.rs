@@ -723,8 +723,16 @@ async fn a_lease_is_released_by_its_holder_only_and_a_rewrite_end_only_moves_for
     let redis = RedisServer::start();
     let mut conn = redis.conn().await;
     let _: () = conn.set("lease", "gw-a").await.unwrap();
-    assert!(!scripts::lease_release(&mut conn, "lease", "gw-b").await.unwrap());
-    assert!(scripts::lease_release(&mut conn, "lease", "gw-a").await.unwrap());
+    assert!(
+        !scripts::lease_release(&mut conn, "lease", "gw-b")
+            .await
+            .unwrap()
+    );
+    assert!(
+        scripts::lease_release(&mut conn, "lease", "gw-a")
+            .await
+            .unwrap()
+    );
     let held: bool = conn.exists("lease").await.unwrap();
     assert!(!held);
 
@@ -741,4 +749,40 @@ async fn a_lease_is_released_by_its_holder_only_and_a_rewrite_end_only_moves_for
         .await
         .unwrap();
     assert_eq!((epoch, ms), (2, 200));
+}
+
+#[tokio::test]
+async fn a_customer_cannot_change_a_blocked_device_and_the_operator_can() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let p = device();
+    let key = trackgate::store::keys::state_key(&p);
+    assert!(
+        scripts::collection_set(&mut conn, &p, "paused", false)
+            .await
+            .unwrap()
+    );
+    let v: Option<String> = conn.get(&key).await.unwrap();
+    assert_eq!(v.as_deref(), Some("paused"));
+    assert!(
+        scripts::collection_set(&mut conn, &p, "blocked", true)
+            .await
+            .unwrap()
+    );
+    for state in ["active", "paused"] {
+        assert!(
+            !scripts::collection_set(&mut conn, &p, state, false)
+                .await
+                .unwrap()
+        );
+    }
+    let v: Option<String> = conn.get(&key).await.unwrap();
+    assert_eq!(v.as_deref(), Some("blocked"), "the block stands");
+    assert!(
+        scripts::collection_set(&mut conn, &p, "active", true)
+            .await
+            .unwrap()
+    );
+    let gone: bool = conn.exists(&key).await.unwrap();
+    assert!(!gone, "active is the absence of the key");
 }

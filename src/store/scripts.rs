@@ -40,6 +40,25 @@ static UNASSIGN: Lua = lua!("scripts/unassign.lua");
 static DROP_EMPTY_STREAM: Lua = lua!("scripts/drop_empty_stream.lua");
 static AUDIT_APPEND: Lua = lua!("scripts/audit_append.lua");
 static LEASE_RELEASE: Lua = lua!("scripts/lease_release.lua");
+static COLLECTION_SET: Lua = lua!("scripts/collection_set.lua");
+
+/// Set `p`'s collection state to `state` (`active`, `paused`, `blocked`); unless
+/// `override_block`, a blocked device stays blocked (false). See
+/// `scripts/collection_set.lua`.
+pub async fn collection_set<C: ConnectionLike + Send>(
+    conn: &mut C,
+    p: &Pseudonym,
+    state: &str,
+    override_block: bool,
+) -> redis::RedisResult<bool> {
+    let n: i64 = COLLECTION_SET
+        .key(super::keys::state_key(p))
+        .arg(state)
+        .arg(if override_block { "1" } else { "0" })
+        .invoke_async(conn)
+        .await?;
+    Ok(n == 1)
+}
 static DISK_DONE: Lua = lua!("scripts/disk_done.lua");
 
 /// Give up lease `key` if `holder` still holds it (see `scripts/lease_release.lua`).
