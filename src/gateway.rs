@@ -227,6 +227,14 @@ impl Gateway {
                 move || {
                     let keys = keys.clone();
                     async move {
+                        // This gateway reads its key file at start only: past the last month it
+                        // holds, nothing can be sealed (and so nothing is stored).
+                        let missing = keys.check_data_months(crate::store::vault::Month::now());
+                        ::metrics::gauge!(crate::metrics::DATA_KEYS_MISSING)
+                            .set(f64::from(u8::from(missing.is_err())));
+                        if let Err(e) = missing {
+                            tracing::error!("{e}; then restart this gateway");
+                        }
                         let overdue = keys.overdue_months(jiff::Timestamp::now().as_second(), keep);
                         ::metrics::gauge!(crate::metrics::DATA_KEYS_OVERDUE)
                             .set(overdue.len() as f64);

@@ -77,6 +77,9 @@ pub const DISK_REWRITES_SKIPPED: &str = "trackgate_disk_rewrites_skipped_total";
 /// Data-key months the key file still holds past the longest retention (each should have
 /// been destroyed with `trackgate keys prune`).
 pub const DATA_KEYS_OVERDUE: &str = "trackgate_data_keys_overdue";
+/// 1 while this gateway lacks the data key of this month or the next (it reads its key
+/// file at start: run `trackgate keys months` and restart it).
+pub const DATA_KEYS_MISSING: &str = "trackgate_data_keys_missing";
 
 /// Command labels of [`FRAMES`] and [`ACKS_SENT`]: the commands we model, and `other`
 /// (device-chosen strings must not mint series).
