@@ -143,6 +143,9 @@ impl Purpose {
 /// Bytes an envelope adds to its plaintext.
 pub const OVERHEAD: usize = HEAD + 16;
 
+/// A subkey's month, key version and salt.
+type SubkeyId = (Month, u8, [u8; 8]);
+
 /// The data keys of one key file. Cheap to share behind an `Arc`.
 pub struct Vault {
     /// Per (month, version): the HKDF pseudo-random key made from the month's secret.
@@ -151,7 +154,7 @@ pub struct Vault {
     salt: [u8; 8],
     counter: AtomicU64,
     /// Subkeys by (month, version, salt): this process's for sealing, others' for opening.
-    subkeys: Mutex<HashMap<(Month, u8, [u8; 8]), Arc<LessSafeKey>>>,
+    subkeys: Mutex<HashMap<SubkeyId, Arc<LessSafeKey>>>,
 }
 
 impl fmt::Debug for Vault {
