@@ -59,25 +59,15 @@ pub async fn append<C: ConnectionLike + Send>(
     event: &AuditEvent<'_>,
 ) -> redis::RedisResult<()> {
     for _ in 0..APPEND_ATTEMPTS {
-        let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        let raw: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
             .arg(AUDIT_KEY)
             .arg("+")
             .arg("-")
             .arg("COUNT")
             .arg(1)
             .query_async(conn)
-            .await
-            .map(|v: Vec<(String, Vec<String>)>| {
-                v.into_iter()
-                    .map(|(id, flat)| {
-                        let pairs = flat
-                            .chunks_exact(2)
-                            .map(|kv| (kv[0].clone(), kv[1].clone()))
-                            .collect();
-                        (id, pairs)
-                    })
-                    .collect()
-            })?;
+            .await?;
+        let last = lines_of(raw);
         let prev = last
             .first()
             .and_then(|(_, f)| f.iter().find(|(k, _)| k == "h"))
@@ -168,8 +158,12 @@ pub async fn page<C: ConnectionLike + Send>(
         .arg(count)
         .query_async(conn)
         .await?;
-    Ok(raw
-        .into_iter()
+    Ok(lines_of(raw))
+}
+
+/// Stream entries (id, flat field/value list) as lines.
+fn lines_of(raw: Vec<(String, Vec<String>)>) -> Vec<Line> {
+    raw.into_iter()
         .map(|(id, flat)| {
             let pairs = flat
                 .chunks_exact(2)
@@ -177,7 +171,7 @@ pub async fn page<C: ConnectionLike + Send>(
                 .collect();
             (id, pairs)
         })
-        .collect())
+        .collect()
 }
 
 /// Remove lines older than `retention` (`XTRIM MINID`, exact); returns how many.

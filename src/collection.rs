@@ -100,6 +100,17 @@ pub async fn set<C: ConnectionLike + Send + Sync>(
     Ok(all)
 }
 
+/// The device changed hands (or has no owner any more): a pause was the previous owner's
+/// decision and goes; a block, the operator's, stays.
+pub async fn owner_changed<C: ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    pseudonyms: &[Pseudonym],
+) -> redis::RedisResult<()> {
+    set(conn, pseudonyms, Collection::Active, By::Customer)
+        .await
+        .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -277,15 +277,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
             scripts::assign_owner(&mut conn, p, customer, change).await?;
         }
         if before.as_deref() != Some(customer) {
-            // A pause was the previous owner's decision, not the new one's (a block, the
-            // operator's, stays).
-            crate::collection::set(
-                &mut conn,
-                &pseudonyms,
-                crate::collection::Collection::Active,
-                crate::collection::By::Customer,
-            )
-            .await?;
+            crate::collection::owner_changed(&mut conn, &pseudonyms).await?;
         }
         Ok(())
     }
@@ -297,14 +289,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> Registry<C> {
         for p in &pseudonyms {
             scripts::unassign_owner(&mut conn, p, change).await?;
         }
-        // The owner's pause leaves with it (an operator's block stays).
-        crate::collection::set(
-            &mut conn,
-            &pseudonyms,
-            crate::collection::Collection::Active,
-            crate::collection::By::Customer,
-        )
-        .await?;
+        crate::collection::owner_changed(&mut conn, &pseudonyms).await?;
         Ok(())
     }
 

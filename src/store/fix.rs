@@ -317,6 +317,18 @@ impl StoredFix {
         }
     }
 
+    /// The bytes of field `name` as stored (none for an integer field).
+    fn field_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| match v {
+                FieldValue::Bytes(b) => b.as_slice(),
+                FieldValue::Text(t) => t.as_bytes(),
+                FieldValue::Int(_) => &[][..],
+            })
+    }
+
     /// Seal the payload (`d`, `x`) for device `p` with the data key of `month` (the month
     /// it is received in; see [`crate::store::vault`]): the entry keeps `t` in clear (the
     /// scripts trim and purge by it) and gets `e`. Its resend digest is kept first.
@@ -327,17 +339,10 @@ impl StoredFix {
         month: crate::store::vault::Month,
     ) -> Result<StoredFix, crate::store::vault::VaultError> {
         let digest = self.resend_digest();
-        let field = |name: &str| {
-            self.fields
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| match v {
-                    FieldValue::Bytes(b) => b.as_slice(),
-                    FieldValue::Text(t) => t.as_bytes(),
-                    FieldValue::Int(_) => &[][..],
-                })
-        };
-        let plain = sealed_plaintext(field(F_PACKED).unwrap_or_default(), field(F_EXTRAS));
+        let plain = sealed_plaintext(
+            self.field_bytes(F_PACKED).unwrap_or_default(),
+            self.field_bytes(F_EXTRAS),
+        );
         let mut envelope = Vec::with_capacity(plain.len() + crate::store::vault::OVERHEAD);
         vault.seal_into(
             crate::store::vault::Purpose::Tail,
@@ -393,20 +398,10 @@ impl StoredFix {
             return self.digest;
         }
         let t = self.fix_time_s?;
-        let field = |name: &str| {
-            self.fields
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| match v {
-                    FieldValue::Bytes(b) => b.as_slice(),
-                    FieldValue::Text(t) => t.as_bytes(),
-                    FieldValue::Int(_) => &[][..],
-                })
-        };
         Some(resend_digest(
             t,
-            field(F_PACKED).unwrap_or_default(),
-            field(F_EXTRAS),
+            self.field_bytes(F_PACKED).unwrap_or_default(),
+            self.field_bytes(F_EXTRAS),
         ))
     }
 

@@ -415,9 +415,12 @@ mod tests {
         let (a, b) = (vault(&[(m, 1)]), vault(&[(m, 1)]));
         let dev = p("p1_aaaaaaaaaaaaaaaaaaaaaaaaaa");
         let (mut x, mut y, mut z) = (Vec::new(), Vec::new(), Vec::new());
-        a.seal_into(Purpose::Tail, &dev, b"1", m, b"fix", &mut x).unwrap();
-        a.seal_into(Purpose::Tail, &dev, b"1", m, b"fix", &mut y).unwrap();
-        b.seal_into(Purpose::Tail, &dev, b"1", m, b"fix", &mut z).unwrap();
+        a.seal_into(Purpose::Tail, &dev, b"1", m, b"fix", &mut x)
+            .unwrap();
+        a.seal_into(Purpose::Tail, &dev, b"1", m, b"fix", &mut y)
+            .unwrap();
+        b.seal_into(Purpose::Tail, &dev, b"1", m, b"fix", &mut z)
+            .unwrap();
         assert_eq!(x[3..11], y[3..11], "one salt per process");
         assert_ne!(x[11..19], y[11..19], "a new nonce per envelope");
         assert_ne!(x[3..11], z[3..11], "another process, another salt");
