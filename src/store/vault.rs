@@ -115,6 +115,13 @@ impl VaultError {
     }
 }
 
+/// The subkey HKDF-Expand(`prk`, "subkey" ‖ `salt`).
+fn derive(prk: &hkdf::Prk, salt: [u8; 8]) -> Option<LessSafeKey> {
+    let info: [&[u8]; 2] = [b"subkey", &salt];
+    let okm = prk.expand(&info, &AES_256_GCM).ok()?;
+    Some(LessSafeKey::new(UnboundKey::from(okm)))
+}
+
 /// The GCM nonce of counter `n`: 4 zero bytes, then `n` big-endian.
 fn nonce_of(n: u64) -> Nonce {
     let mut b = [0u8; NONCE_LEN];
@@ -153,8 +160,10 @@ pub struct Vault {
     /// This process's salt and nonce counter.
     salt: [u8; 8],
     counter: AtomicU64,
-    /// Subkeys by (month, version, salt): this process's for sealing, others' for opening.
-    subkeys: Mutex<HashMap<SubkeyId, Arc<LessSafeKey>>>,
+    /// This process's subkeys (its salt), made once: sealing takes no lock.
+    own: BTreeMap<(Month, u8), Arc<LessSafeKey>>,
+    /// Other processes' subkeys by (month, version, salt), made when first opened.
+    others: Mutex<HashMap<SubkeyId, Arc<LessSafeKey>>>,
 }
 
 impl fmt::Debug for Vault {
@@ -185,11 +194,17 @@ impl Vault {
     }
 
     fn with_keys(keys: BTreeMap<(Month, u8), hkdf::Prk>) -> Vault {
+        let salt: [u8; 8] = rand::random();
+        let own = keys
+            .iter()
+            .filter_map(|(id, prk)| Some((*id, Arc::new(derive(prk, salt)?))))
+            .collect();
         Vault {
             keys,
-            salt: rand::random(),
+            salt,
             counter: AtomicU64::new(0),
-            subkeys: Mutex::new(HashMap::new()),
+            own,
+            others: Mutex::new(HashMap::new()),
         }
     }
 
@@ -198,16 +213,17 @@ impl Vault {
         Vault::with_keys(BTreeMap::new())
     }
 
-    /// The subkey of (month, version) for `salt`, made once and kept.
+    /// The subkey of (month, version) for `salt`: this process's, or another's, made
+    /// once and kept.
     fn subkey(&self, month: Month, version: u8, salt: [u8; 8]) -> Option<Arc<LessSafeKey>> {
-        let mut cache = self.subkeys.lock().unwrap_or_else(|e| e.into_inner());
+        if salt == self.salt {
+            return self.own.get(&(month, version)).cloned();
+        }
+        let mut cache = self.others.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = cache.get(&(month, version, salt)) {
             return Some(k.clone());
         }
-        let prk = self.keys.get(&(month, version))?;
-        let info: [&[u8]; 2] = [b"subkey", &salt];
-        let okm = prk.expand(&info, &AES_256_GCM).ok()?;
-        let key = Arc::new(LessSafeKey::new(UnboundKey::from(okm)));
+        let key = Arc::new(derive(self.keys.get(&(month, version))?, salt)?);
         if cache.len() >= OPEN_CACHE {
             cache.clear();
         }
