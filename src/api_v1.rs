@@ -305,28 +305,61 @@ async fn set_device_state(
             None,
         );
     }
-    let devices: Vec<&str> = pseudonyms.iter().map(|p| p.as_str()).collect();
-    let event = AuditEvent {
-        actor: &format!("customer:{customer_id}"),
+    let change = CustomerStateChange {
+        customer_id: &customer_id,
+        pseudonyms: &pseudonyms,
+        to: body.state,
         action,
-        devices: &devices.join(","),
-        outcome: "ok",
         detail: body.state.as_str(),
     };
-    // Audited first: a change that cannot be audited is not made.
-    if audit::append(&mut conn, &event).await.is_err() {
-        return unavailable("audit trail unreachable; nothing changed");
-    }
-    match collection::set(&mut conn, &pseudonyms, body.state, collection::By::Customer).await {
-        Ok(true) => (StatusCode::OK, Json(body)).into_response(),
+    match change.apply(&mut conn).await {
+        Ok(Some(true)) => (StatusCode::OK, Json(body)).into_response(),
         // Blocked meanwhile: the block stands.
-        Ok(false) => problem(
+        Ok(Some(false)) => problem(
             StatusCode::FORBIDDEN,
             "blocked_by_admin",
             "Blocking is set and lifted by the operator only",
             None,
         ),
+        Ok(None) => unavailable("audit trail unreachable; nothing changed"),
         Err(_) => unavailable("Redis unreachable"),
+    }
+}
+
+/// A customer's change of its device's collection state, audited before it is made.
+struct CustomerStateChange<'a> {
+    customer_id: &'a str,
+    pseudonyms: &'a [Pseudonym],
+    to: crate::collection::Collection,
+    action: &'a str,
+    detail: &'a str,
+}
+
+impl CustomerStateChange<'_> {
+    /// Audit, then set: `None` when the audit line could not be written (nothing
+    /// changed), `Some(false)` when the device is blocked (the block stands).
+    async fn apply(
+        &self,
+        conn: &mut crate::redis_conn::RedisConn,
+    ) -> redis::RedisResult<Option<bool>> {
+        let devices: Vec<&str> = self.pseudonyms.iter().map(|p| p.as_str()).collect();
+        let event = AuditEvent {
+            actor: &format!("customer:{}", self.customer_id),
+            action: self.action,
+            devices: &devices.join(","),
+            outcome: "ok",
+            detail: self.detail,
+        };
+        if audit::append(conn, &event).await.is_err() {
+            return Ok(None);
+        }
+        let set = crate::collection::set(
+            conn,
+            self.pseudonyms,
+            self.to,
+            crate::collection::By::Customer,
+        );
+        set.await.map(Some)
     }
 }
 
@@ -409,33 +442,21 @@ async fn create_purge(
     };
     if body.pause {
         let mut conn = state.audit_conn.clone();
-        let devices: Vec<&str> = pseudonyms.iter().map(|p| p.as_str()).collect();
-        let event = AuditEvent {
-            actor: &format!("customer:{customer_id}"),
+        let change = CustomerStateChange {
+            customer_id: &customer_id,
+            pseudonyms: &pseudonyms,
+            to: crate::collection::Collection::Paused,
             action: "device.pause",
-            devices: &devices.join(","),
-            outcome: "ok",
             detail: "with a purge request",
         };
-        // A blocked device stays blocked (only the operator lifts that).
+        // Only an active device is paused: a paused one already is, and a blocked one
+        // stays blocked (only the operator lifts that).
         let paused = match crate::collection::state_of(&mut conn, &pseudonyms).await {
-            Ok(crate::collection::Collection::Active) => {
-                match audit::append(&mut conn, &event).await {
-                    Ok(()) => crate::collection::set(
-                        &mut conn,
-                        &pseudonyms,
-                        crate::collection::Collection::Paused,
-                        crate::collection::By::Customer,
-                    )
-                    .await
-                    .map(|_| ()),
-                    Err(e) => Err(e),
-                }
-            }
-            Ok(_) => Ok(()),
+            Ok(crate::collection::Collection::Active) => change.apply(&mut conn).await,
+            Ok(_) => Ok(Some(true)),
             Err(e) => Err(e),
         };
-        if paused.is_err() {
+        if !matches!(paused, Ok(Some(_))) {
             return unavailable("could not pause the device; nothing was done");
         }
     }
