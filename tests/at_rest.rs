@@ -41,13 +41,7 @@ async fn stored_device(
         f.lon_e6 = Some(LON0 - i as i32 * 5);
         t.send(&aaa_frame(&id, &f)).await;
     }
-    let key = fixes_key(&p);
-    eventually(Duration::from_secs(10), "all fixes stored", || {
-        let mut conn = conn.clone();
-        let key = key.clone();
-        async move { conn.xlen::<_, u64>(&key).await.unwrap() == 40 }
-    })
-    .await;
+    wait_tail_len(conn, &p, 40, Duration::from_secs(10), "all fixes stored").await;
     p
 }
 
@@ -122,20 +116,7 @@ async fn sealed_history_holds_no_coordinate_and_dies_with_its_month_key() {
     // DUMP and RDB compress long strings (LZF), which would hide clear bytes from a scan;
     // the AOF records every write from the gateway's start on (after the scratch entry
     // below).
-    let admin = c.clone();
-    let config_set = |name: &'static str, value: &'static str| {
-        let mut c = admin.clone();
-        async move {
-            let _: () = redis::cmd("CONFIG")
-                .arg("SET")
-                .arg(name)
-                .arg(value)
-                .query_async(&mut c)
-                .await
-                .unwrap();
-        }
-    };
-    config_set("rdbcompression", "no").await;
+    config_set(&mut c, "rdbcompression", "no").await;
     let (gw, keys) = start_gateway(test_config(&redis)).await;
     let conn = trackgate::redis_conn::connect(&test_config(&redis).redis).unwrap();
     let lats: Vec<i32> = (0..40).map(|i| LAT0 + i * 7).collect();
@@ -165,7 +146,7 @@ async fn sealed_history_holds_no_coordinate_and_dies_with_its_month_key() {
         "the scan sees a DUMP's clear values"
     );
     let _: () = c.del("scratch").await.unwrap();
-    config_set("appendonly", "yes").await;
+    config_set(&mut c, "appendonly", "yes").await;
 
     // Every key's DUMP while the fixes are in the live tail, then once they are sealed.
     let p = stored_device(&gw, &conn, &keys, 1).await;
@@ -322,6 +303,17 @@ fn trackgate(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `trackgate keys prune KEY_FILE --config CONFIG`.
+fn keys_prune(key_file: &std::path::Path, config: &std::path::Path) -> std::process::Output {
+    trackgate(&[
+        "keys",
+        "prune",
+        key_file.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+}
+
 fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -387,13 +379,7 @@ fn data_keys_are_made_ahead_required_to_serve_and_pruned_past_the_retention() {
         listed.contains("2020-01") && !listed.contains(&"cd".repeat(32)),
         "{listed}"
     );
-    let o = trackgate(&[
-        "keys",
-        "prune",
-        keys.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let o = keys_prune(&keys, &cfg);
     assert!(
         o.status.success() && text(&o).contains("2020-01"),
         "{}",
@@ -450,13 +436,7 @@ async fn a_completed_purge_leaves_the_aof_and_rdb_and_its_receipt_says_when() {
             ("appendonly", "yes"),
             ("save", "3600 1"),
         ] {
-            let _: () = redis::cmd("CONFIG")
-                .arg("SET")
-                .arg(name)
-                .arg(value)
-                .query_async(&mut c)
-                .await
-                .unwrap();
+            config_set(&mut c, name, value).await;
         }
     }
     let mut cfg = test_config(&redis);
@@ -739,14 +719,8 @@ async fn after_keys_prune_an_rdb_copy_of_a_past_month_cannot_be_read() {
         let f = fix_at(jiff::Timestamp::from_second(*s).unwrap(), i as i32);
         t.send(&aaa_frame(&id, &f)).await;
     }
-    let key = fixes_key(&p);
     let n = times.len() as u64;
-    eventually(Duration::from_secs(10), "all fixes stored", || {
-        let mut conn = conn.clone();
-        let key = key.clone();
-        async move { conn.xlen::<_, u64>(&key).await.unwrap() == n }
-    })
-    .await;
+    wait_tail_len(&conn, &p, n, Duration::from_secs(10), "all fixes stored").await;
     seal(&conn, keys.vault().clone()).await;
     let in_last = times.iter().filter(|s| **s < this_start).count();
     assert_eq!(
@@ -771,13 +745,7 @@ async fn after_keys_prune_an_rdb_copy_of_a_past_month_cannot_be_read() {
         ),
     )
     .unwrap();
-    let o = trackgate(&[
-        "keys",
-        "prune",
-        key_file.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let o = keys_prune(&key_file, &cfg);
     assert!(
         o.status.success() && text(&o).contains(&last.to_string()),
         "{}",

@@ -25,26 +25,63 @@ async fn stored(redis: &RedisServer, p: &trackgate::pseudonym::Pseudonym) -> usi
     stream_len(&mut c, p).await
 }
 
+/// A gateway (owners and states looked up every second, an admin token) and customer
+/// `acme` owning device `imei(n)`.
+struct Acme {
+    redis: RedisServer,
+    gw: trackgate::gateway::Gateway,
+    keys: std::sync::Arc<trackgate::pseudonym::KeyRing>,
+    api: std::net::SocketAddr,
+    reg: Registry<redis::aio::MultiplexedConnection>,
+    token: String,
+    id: String,
+    p: trackgate::pseudonym::Pseudonym,
+}
+
+impl Acme {
+    async fn start(n: u32) -> Acme {
+        let redis = RedisServer::start();
+        let mut config = test_config(&redis);
+        config.retention.owner_refresh_s = 1;
+        config.apply_env(|k| (k == "TRACKGATE_ADMIN_TOKEN").then(|| ADMIN.into()));
+        let (gw, keys) = start_gateway(config).await;
+        let api = gw.http_addr.unwrap();
+        let reg = Registry::new(redis.conn().await, 365 * 86400);
+        reg.add_customer(&Customer::new("acme", "ACME", "UTC"))
+            .await
+            .unwrap();
+        let (_, token) = reg.issue_token("acme").await.unwrap();
+        let id = imei(n);
+        reg.assign(&Imei::new(&id).unwrap(), "acme", &keys)
+            .await
+            .unwrap();
+        let p = pseudonym(&keys, &id);
+        Acme {
+            redis,
+            gw,
+            keys,
+            api,
+            reg,
+            token,
+            id,
+            p,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_device_is_acknowledged_not_stored_and_a_blocked_one_is_cut_off() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
-    config.retention.owner_refresh_s = 1;
-    config.apply_env(|k| (k == "TRACKGATE_ADMIN_TOKEN").then(|| ADMIN.into()));
-    let (gw, keys) = start_gateway(config).await;
-    let api = gw.http_addr.unwrap();
-    let reg = Registry::new(redis.conn().await, 365 * 86400);
-    reg.add_customer(&Customer::new("acme", "ACME", "UTC"))
-        .await
-        .unwrap();
-    let (_, token) = reg.issue_token("acme").await.unwrap();
+    let Acme {
+        redis,
+        gw,
+        api,
+        token,
+        id,
+        p,
+        ..
+    } = Acme::start(1300).await;
     let auth = format!("Bearer {token}");
     let admin = format!("Bearer {ADMIN}");
-    let id = imei(1300);
-    reg.assign(&Imei::new(&id).unwrap(), "acme", &keys)
-        .await
-        .unwrap();
-    let p = pseudonym(&keys, &id);
     let set = |who: String, path: &'static str, state: &'static str| {
         let id = id.clone();
         async move {
@@ -139,21 +176,16 @@ async fn a_paused_device_is_acknowledged_not_stored_and_a_blocked_one_is_cut_off
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_request_can_pause_the_device() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
-    config.retention.owner_refresh_s = 1;
-    let (gw, keys) = start_gateway(config).await;
-    let api = gw.http_addr.unwrap();
-    let reg = Registry::new(redis.conn().await, 365 * 86400);
-    reg.add_customer(&Customer::new("acme", "ACME", "UTC"))
-        .await
-        .unwrap();
-    let (_, token) = reg.issue_token("acme").await.unwrap();
-    let id = imei(1301);
-    reg.assign(&Imei::new(&id).unwrap(), "acme", &keys)
-        .await
-        .unwrap();
-    let p = pseudonym(&keys, &id);
+    let Acme {
+        redis,
+        gw,
+        keys,
+        api,
+        reg,
+        token,
+        id,
+        p,
+    } = Acme::start(1301).await;
     let mut t = Tracker::connect(gw.tracker_addrs[0]).await;
     t.send(&cce_frame(&id, &[fix_at(now_s(), 0)])).await;
     assert!(t.reply(Duration::from_secs(10)).await.is_some());
@@ -179,6 +211,17 @@ async fn a_purge_request_can_pause_the_device() {
         0,
         "and not stored: the device is paused"
     );
+    // The pause was this owner's: for a new owner the device is collected again.
+    reg.add_customer(&Customer::new("newco", "NewCo", "UTC"))
+        .await
+        .unwrap();
+    reg.assign(&Imei::new(&id).unwrap(), "newco", &keys)
+        .await
+        .unwrap();
+    tokio::time::sleep(REFRESH).await;
+    t.send(&cce_frame(&id, &[fix_at(now_s(), 2)])).await;
+    assert!(t.reply(Duration::from_secs(10)).await.is_some());
+    assert_eq!(stored(&redis, &p).await, 1, "stored for the new owner");
     gw.shutdown();
     gw.wait().await;
 }

@@ -106,13 +106,7 @@ async fn send_all(
     for f in frames {
         t.send(f).await;
     }
-    let key = fixes_key(p);
-    eventually(Duration::from_secs(10), "all fixes stored", || {
-        let mut conn = conn.clone();
-        let key = key.clone();
-        async move { conn.xlen::<_, u64>(&key).await.unwrap() == expect }
-    })
-    .await;
+    wait_tail_len(conn, p, expect, Duration::from_secs(10), "all fixes stored").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -483,13 +477,7 @@ async fn a_store_written_by_the_previous_version_is_sealed_by_a_new_gateway() {
     let gw = trackgate::gateway::Gateway::start(cfg, keys.clone())
         .await
         .unwrap();
-    let key = fixes_key(&p);
-    eventually(Duration::from_secs(15), "the old tail sealed", || {
-        let mut conn = conn.clone();
-        let key = key.clone();
-        async move { conn.xlen::<_, u64>(&key).await.unwrap() == 0 }
-    })
-    .await;
+    wait_tail_len(&conn, &p, 0, Duration::from_secs(15), "the old tail sealed").await;
     assert!(conn.exists::<_, bool>(hist_key(&p)).await.unwrap());
     assert_eq!(
         export(&conn, &keys, &p).await,

@@ -414,6 +414,23 @@ pub async fn stored_mileages<C: redis::aio::ConnectionLike + Send + Sync>(
         .collect()
 }
 
+/// Wait (at most `wait`) until `p`'s live tail holds `n` entries.
+pub async fn wait_tail_len(
+    conn: &trackgate::redis_conn::RedisConn,
+    p: &Pseudonym,
+    n: u64,
+    wait: Duration,
+    what: &str,
+) {
+    let key = trackgate::store::fixes_key(p);
+    eventually(wait, what, || {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move { conn.xlen::<_, u64>(&key).await.unwrap() == n }
+    })
+    .await;
+}
+
 /// `CONFIG SET name value` (e.g. `maxmemory`, `maxmemory-policy`) on a running server.
 pub async fn config_set<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
